@@ -1,0 +1,24 @@
+"""Task graph of the Flask deploy toolkit. `doit list` shows the tasks; `doit help TASK` their options.
+
+Task creators only wire things together: every connection, file read and remote command happens
+inside actions (scripts/), so `doit list` is instant and never touches a server."""
+
+from scripts import tasks
+
+DOIT_CONFIG = {
+    "default_tasks": ["build"],
+    "verbosity": 2,
+    "backend": "json",
+    "dep_file": ".doit.db",
+}
+
+
+def task_sandbox():
+    """Local sandbox servers: `doit sandbox [up|down|status] [-n N]` (default: up)."""
+    return {
+        "actions": [tasks.sandbox_action],
+        "params": [{"name": "servers", "short": "n", "long": "servers", "type": int,
+                    "default": 0, "help": "how many servers (default: SANDBOX_SERVERS, 1)"}],
+        "pos_arg": "command",
+        "uptodate": [False],
+    }

@@ -1,0 +1,243 @@
+"""Settings: `.env` (python-dotenv), overridden by real environment variables, validated into
+one typed, frozen object. Every problem becomes one line naming the setting and what to do."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Mapping
+
+from dotenv import dotenv_values
+
+from scripts.errors import SettingsError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# DEPLOY_SERVER left unset (or set to this word) targets the local sandbox server.
+SANDBOX_TARGET = "sandbox"
+
+_SAFE_REMOTE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9_.@\\:-]{1,250}$")
+_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_IPV6 = re.compile(r"^\[?[0-9A-Fa-f:.]+\]?$")
+_PYTHON_VERSION = re.compile(r"^3\.\d{1,2}$")
+_PLATFORM_TAG = re.compile(r"^[a-z0-9_]+$")
+
+
+class _Invalid(ValueError):
+    """Raised by a parser; the loader prefixes the setting's name and value."""
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise _Invalid("is empty")
+    return raw.strip()
+
+
+def _servers(raw: str) -> tuple[str, ...]:
+    hosts = tuple(part.strip() for part in raw.split(","))
+    if not raw.strip() or any(not host for host in hosts):
+        raise _Invalid(f"is empty; set it to your server's address, or leave it unset to use the "
+                       f"local sandbox ({SANDBOX_TARGET})")
+    if hosts == (SANDBOX_TARGET,):
+        return ()
+    for host in hosts:
+        name = host.rsplit("@", 1)[-1]
+        if not (_HOST_NAME.match(name) or (":" in name and _IPV6.match(name))):
+            raise _Invalid(f"has {host!r}, which is not a host name or IP address")
+    return hosts
+
+
+def _user(raw: str) -> str:
+    if not _USER_NAME.match(raw):
+        raise _Invalid("must be a Linux user name: lowercase letters, digits, '_' or '-'")
+    return raw
+
+
+def _remote_path(raw: str) -> PurePosixPath:
+    if not raw.startswith("/"):
+        raise _Invalid("must be an absolute path such as /var/www/flask_helpdesk")
+    if raw.rstrip("/") == "":
+        raise _Invalid("must not be the root directory /")
+    if not _SAFE_REMOTE_PATH.match(raw):
+        raise _Invalid("may hold only letters, digits, '.', '_', '-' and '/' (no spaces, quotes, "
+                       "';' or '$')")
+    if ".." in PurePosixPath(raw).parts:
+        raise _Invalid("must not contain '..'")
+    return PurePosixPath(raw)
+
+
+def _unit_name(raw: str) -> str:
+    name = raw.removesuffix(".service")
+    if not _UNIT_NAME.match(name) or name.startswith("-"):
+        raise _Invalid("is not a valid systemd unit name (letters, digits, ':', '_', '.', '-')")
+    return name
+
+
+def _port(raw: str) -> int:
+    if not raw.isdigit():
+        raise _Invalid("must be a port number from 1 to 65535")
+    port = int(raw)
+    if not 1 <= port <= 65535:
+        raise _Invalid("must be a port number from 1 to 65535")
+    return port
+
+
+def _positive_int(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise _Invalid("must be a whole number of 1 or more")
+    return int(raw)
+
+
+def _megabytes(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _Invalid("must be a number of megabytes, such as 20") from None
+    if value <= 0:
+        raise _Invalid("must be more than 0")
+    return value
+
+
+def _local_path(raw: str) -> Path:
+    path = Path(_text(raw)).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _optional_local_path(raw: str) -> Path | None:
+    return _local_path(raw) if raw.strip() else None
+
+
+def _python_version(raw: str) -> str:
+    if not _PYTHON_VERSION.match(raw):
+        raise _Invalid("must be a Python version such as 3.11")
+    return raw
+
+
+def _platform_tag(raw: str) -> str:
+    if not _PLATFORM_TAG.match(raw):
+        raise _Invalid("must be a wheel platform tag such as manylinux_2_36_x86_64")
+    return raw
+
+
+def _flag(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise _Invalid("must be 1 or 0")
+
+
+def _default_platform() -> str:
+    # Debian 12 ships glibc 2.36; wheels for older manylinux levels also match (pip expands it).
+    return f"manylinux_2_36_{platform.machine()}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[str], object]
+    default: str | Callable[[], str] | None
+    help: str
+    secret: bool = False
+    attr: str = ""  # the Settings field, when it is not the lowercase name
+
+    @property
+    def field_name(self) -> str:
+        return self.attr or self.name.lower()
+
+
+# The table every loader, document and test reads. Defaults are the user's guide's values.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("DEPLOY_SERVER", _servers, SANDBOX_TARGET,
+            "server address(es), comma-separated; unset or 'sandbox' means the local sandbox",
+            attr="deploy_servers"),
+    Setting("DEPLOY_USER", _user, "deploy", "SSH user that deploys and owns the releases"),
+    Setting("DEPLOY_PATH", _remote_path, "/var/www/flask_helpdesk", "where releases live"),
+    Setting("BACKUP_PATH", _remote_path, "/var/backups/flask_helpdesk", "database backups"),
+    Setting("SERVICE_NAME", _unit_name, "flask-helpdesk", "systemd service of the app"),
+    Setting("APP_PORT", _port, "5000", "port gunicorn listens on, on 127.0.0.1 only"),
+    Setting("SSH_PORT", _port, "22", "SSH port of the server(s)"),
+    Setting("SSH_KEY_FILE", _optional_local_path, "", "private key for SSH (else ssh-agent)"),
+    Setting("SSH_KNOWN_HOSTS_FILE", _optional_local_path, "",
+            "known_hosts file that holds the servers' host keys (else ~/.ssh/known_hosts)"),
+    Setting("APP_DIR", _local_path, "examples/helpdesk", "the Flask app to package"),
+    Setting("DIST_DIR", _local_path, "dist", "where packages are written"),
+    Setting("PACKAGE_MAX_MB", _megabytes, "20", "largest package allowed, in MB"),
+    Setting("TARGET_PYTHON", _python_version, "3.11", "the server's Python (Debian 12: 3.11)"),
+    Setting("TARGET_PLATFORM", _platform_tag, _default_platform, "wheel platform of the server"),
+    Setting("WHEEL_CACHE", _local_path, "~/.cache/flask-deploy/wheels",
+            "local cache of downloaded wheels"),
+    Setting("SANDBOX_DIR", _local_path, ".sandbox", "state of the local sandbox servers"),
+    Setting("SANDBOX_CACHE", _local_path, "/var/cache/flask-deploy",
+            "cached Debian image and .deb files for sandbox servers"),
+    Setting("SANDBOX_SERVERS", _positive_int, "1", "how many sandbox servers `doit sandbox` boots"),
+    Setting("SANDBOX_MIRROR", _text, "http://deb.debian.org/debian", "Debian mirror for sandboxes"),
+    Setting("DRY_RUN", _flag, "0", "print steps and commands without running them"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    deploy_servers: tuple[str, ...]
+    deploy_user: str
+    deploy_path: PurePosixPath
+    backup_path: PurePosixPath
+    service_name: str
+    app_port: int
+    ssh_port: int
+    ssh_key_file: Path | None
+    ssh_known_hosts_file: Path | None
+    app_dir: Path
+    dist_dir: Path
+    package_max_mb: float
+    target_python: str
+    target_platform: str
+    wheel_cache: Path
+    sandbox_dir: Path
+    sandbox_cache: Path
+    sandbox_servers: int
+    sandbox_mirror: str
+    dry_run: bool
+
+    @property
+    def uses_sandbox(self) -> bool:
+        return not self.deploy_servers
+
+
+def read_raw(env_file: Path | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The raw values: `.env` first, then the real environment wins (as CI variables must)."""
+    env_file = REPO_ROOT / ".env" if env_file is None else env_file
+    environ = os.environ if environ is None else environ
+    raw: dict[str, str] = {}
+    if env_file.is_file():
+        raw.update({key: value or "" for key, value in dotenv_values(env_file).items()})
+    raw.update({s.name: environ[s.name] for s in SETTINGS if s.name in environ})
+    return raw
+
+
+def load_settings(env_file: Path | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Validated settings, or a SettingsError listing one line per bad setting."""
+    raw = read_raw(env_file, environ)
+    values: dict[str, object] = {}
+    problems: list[str] = []
+    for setting in SETTINGS:
+        if setting.name in raw:
+            text = raw[setting.name]
+        else:
+            text = setting.default() if callable(setting.default) else setting.default
+        try:
+            values[setting.field_name] = setting.parse(text)
+        except _Invalid as invalid:
+            shown = "***" if setting.secret else repr(text)
+            problems.append(f"setting {setting.name}={shown} {invalid}; fix it in .env or the "
+                            f"environment")
+    if problems:
+        raise SettingsError("\n".join(problems))
+    return Settings(**values)

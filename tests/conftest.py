@@ -1,0 +1,42 @@
+"""Shared fixtures. Integration tests run against real Debian 12 servers booted with
+systemd-nspawn; the image is built once per machine and every server boots from a copy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from scripts.sandbox import Sandbox, root_target
+from scripts.settings import REPO_ROOT, load_settings
+
+# A sandbox of its own, so tests never touch the servers of a user's demo.
+TEST_SANDBOX_DIR = Path(os.environ.get("TEST_SANDBOX_DIR", REPO_ROOT / ".sandbox-test"))
+
+
+def _new_sandbox(state_dir: Path) -> Sandbox:
+    settings = load_settings(env_file=Path("/nonexistent"))
+    return Sandbox(state_dir, settings.sandbox_cache, settings.sandbox_mirror)
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """Two bare servers, booted in parallel, shared by the session, torn down at its end."""
+    box = _new_sandbox(TEST_SANDBOX_DIR)
+    box.up(2)
+    yield box
+    box.down()
+
+
+@pytest.fixture()
+def fresh_sandbox(tmp_path):
+    """A sandbox of its own for one test; whatever it leaves is torn down afterwards."""
+    box = _new_sandbox(tmp_path / "sandbox")
+    yield box
+    box.down()
+
+
+@pytest.fixture(scope="session")
+def root_targets(sandbox):
+    return [root_target(sandbox, server) for server in sandbox.servers()]

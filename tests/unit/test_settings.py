@@ -1,0 +1,110 @@
+"""Settings: `.env` parsing, the environment overriding `.env`, one clear line per bad setting."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from scripts.errors import SettingsError
+from scripts.settings import SETTINGS, Settings, load_settings
+from dataclasses import fields
+
+
+def write_env(tmp_path: Path, text: str) -> Path:
+    env_file = tmp_path / ".env"
+    env_file.write_text(text)
+    return env_file
+
+
+def test_defaults_are_the_guides_values(tmp_path):
+    settings = load_settings(tmp_path / "missing.env", environ={})
+    assert settings.deploy_user == "deploy"
+    assert settings.deploy_path == PurePosixPath("/var/www/flask_helpdesk")
+    assert settings.backup_path == PurePosixPath("/var/backups/flask_helpdesk")
+    assert settings.service_name == "flask-helpdesk"
+    assert settings.app_port == 5000
+    assert settings.package_max_mb == 20
+    assert settings.uses_sandbox
+
+
+def test_env_file_is_parsed(tmp_path):
+    env_file = write_env(tmp_path, """
+# a comment
+DEPLOY_SERVER=helpdesk.example.com
+DEPLOY_USER="release"
+DEPLOY_PATH='/srv/helpdesk'
+SERVICE_NAME=helpdesk.service
+PACKAGE_MAX_MB=12.5
+SSH_KEY_FILE=~/.ssh/flask_helpdesk_deploy
+""")
+    settings = load_settings(env_file, environ={})
+    assert settings.deploy_servers == ("helpdesk.example.com",)
+    assert not settings.uses_sandbox
+    assert settings.deploy_user == "release"
+    assert settings.deploy_path == PurePosixPath("/srv/helpdesk")
+    assert settings.service_name == "helpdesk"
+    assert settings.package_max_mb == 12.5
+    assert settings.ssh_key_file == Path("~/.ssh/flask_helpdesk_deploy").expanduser()
+
+
+def test_environment_overrides_env_file(tmp_path):
+    env_file = write_env(tmp_path, "DEPLOY_SERVER=from-file.example.com\nDEPLOY_USER=fileuser\n")
+    settings = load_settings(env_file, environ={"DEPLOY_SERVER": "from-env.example.com"})
+    assert settings.deploy_servers == ("from-env.example.com",)
+    assert settings.deploy_user == "fileuser"
+
+
+def test_several_servers_and_the_sandbox_word(tmp_path):
+    many = load_settings(tmp_path / "none", environ={"DEPLOY_SERVER": "a.example.com, 10.0.0.5"})
+    assert many.deploy_servers == ("a.example.com", "10.0.0.5")
+    assert load_settings(tmp_path / "none", environ={"DEPLOY_SERVER": "sandbox"}).uses_sandbox
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("DEPLOY_SERVER", "", "DEPLOY_SERVER='' is empty"),
+    ("DEPLOY_SERVER", "bad host;rm", "not a host name"),
+    ("DEPLOY_USER", "", "DEPLOY_USER='' must be a Linux user name"),
+    ("DEPLOY_USER", "Root User", "must be a Linux user name"),
+    ("DEPLOY_PATH", "", "DEPLOY_PATH='' must be an absolute path"),
+    ("DEPLOY_PATH", "/", "must not be the root directory"),
+    ("DEPLOY_PATH", "var/www", "must be an absolute path"),
+    ("DEPLOY_PATH", "/var/www/../etc", "must not contain '..'"),
+    ("DEPLOY_PATH", "/var/my app", "no spaces, quotes"),
+    ("BACKUP_PATH", "/var/b'k", "no spaces, quotes"),
+    ("BACKUP_PATH", "/var/bk;rm -rf", "no spaces, quotes"),
+    ("BACKUP_PATH", "/var/$(reboot)", "no spaces, quotes"),
+    ("SERVICE_NAME", "flask helpdesk", "not a valid systemd unit name"),
+    ("SERVICE_NAME", "-x", "not a valid systemd unit name"),
+    ("APP_PORT", "http", "must be a port number from 1 to 65535"),
+    ("APP_PORT", "70000", "must be a port number from 1 to 65535"),
+    ("SSH_PORT", "0", "must be a port number from 1 to 65535"),
+    ("PACKAGE_MAX_MB", "big", "must be a number of megabytes"),
+    ("TARGET_PYTHON", "three", "must be a Python version"),
+    ("DRY_RUN", "maybe", "must be 1 or 0"),
+])
+def test_each_bad_setting_gets_one_clear_line(tmp_path, name, value, expected):
+    with pytest.raises(SettingsError) as caught:
+        load_settings(tmp_path / "none", environ={name: value})
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"setting {name}=")
+    assert expected in message
+    assert "fix it in .env or the environment" in message
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    with pytest.raises(SettingsError) as caught:
+        load_settings(tmp_path / "none", environ={"APP_PORT": "x", "DEPLOY_PATH": "/"})
+    lines = str(caught.value).splitlines()
+    assert [line.split("=")[0] for line in lines] == ["setting DEPLOY_PATH", "setting APP_PORT"]
+
+
+def test_settings_table_matches_the_settings_object():
+    assert [s.field_name for s in SETTINGS] == [f.name for f in fields(Settings)]
+
+
+def test_env_example_documents_every_setting():
+    example = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    for setting in SETTINGS:
+        assert setting.name in example, setting.name
