@@ -3,6 +3,8 @@
 Task creators only wire things together: every connection, file read and remote command happens
 inside actions (scripts/), so `doit list` is instant and never touches a server."""
 
+import sys
+
 from scripts import tasks
 
 DOIT_CONFIG = {
@@ -22,3 +24,14 @@ def task_sandbox():
         "pos_arg": "command",
         "uptodate": [False],
     }
+
+
+def task_build():
+    """Build dist/<app>-<release>.tar.gz from APP_DIR: sources, wheels, manifest (only on change)."""
+    return tasks.build_task()
+
+
+def task_benchmark():
+    """Measure build, sandbox (and later deploy) times; prints a table, writes bench-results.json."""
+    return {"actions": [f"{sys.executable} -m scripts.benchmark"], "uptodate": [False],
+            "verbosity": 2}

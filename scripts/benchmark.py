@@ -1,0 +1,141 @@
+"""Benchmark: wall times and sizes of what users wait for, as a table and as JSON.
+
+    python -m scripts.benchmark [--only build,sandbox] [--json bench-results.json]
+
+Targets (goals) sit beside each number; they are measured here, never asserted in tests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from scripts.settings import REPO_ROOT, load_settings
+
+DOIT = [sys.executable, "-m", "doit", "-f", str(REPO_ROOT / "dodo.py")]
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    value: float
+    unit: str
+    goal: str = ""
+
+
+def _timed(argv: list[str], env: dict, cwd: Path | None = None) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stdout}\n{result.stderr}")
+    return elapsed
+
+
+def bench_build(work: Path) -> list[Row]:
+    app_dir = work / "helpdesk"
+    shutil.copytree(REPO_ROOT / "examples" / "helpdesk", app_dir,
+                    ignore=shutil.ignore_patterns("__pycache__", "instance", "tests"))
+    env = {**os.environ, "APP_DIR": str(app_dir), "DIST_DIR": str(work / "dist"),
+           "WHEEL_CACHE": str(work / "wheels"), "PYTHONPATH": str(REPO_ROOT)}
+    build = [*DOIT, "--dir", str(work), "build"]
+    cold = _timed(build, env)  # empty wheel cache: downloads wheels
+    full = []
+    for _ in range(3):  # wheels cached, doit state and dist/ gone: a full package build
+        shutil.rmtree(work / "dist")
+        (work / ".doit.db").unlink()
+        full.append(_timed(build, env))
+    noop = [_timed(build, env) for _ in range(5)]
+    record = json.loads((work / "dist" / "helpdesk.json").read_text())
+    manifest_sizes = _package_sizes(work / "dist" / record["package"])
+    return [
+        Row("build", "no-op `doit build` (median of 5)", statistics.median(noop), "s", "< 0.5 s"),
+        Row("build", "full build, wheels cached (median of 3)", statistics.median(full), "s"),
+        Row("build", "first build, wheels downloaded", cold, "s"),
+        Row("build", "package size", record["size"] / 1e6, "MB", "< 20 MB"),
+        Row("build", "app files without wheels (uncompressed)", manifest_sizes["app"] / 1e6,
+            "MB", "< 1 MB"),
+        Row("build", "wheels (uncompressed)", manifest_sizes["wheels"] / 1e6, "MB"),
+    ]
+
+
+def _package_sizes(package: Path) -> dict:
+    from scripts.build.package import verify_package
+    manifest = verify_package(package)
+    return {"app": sum(e["size"] for e in manifest["files"]),
+            "wheels": sum(e["size"] for e in manifest["wheels"])}
+
+
+def bench_sandbox(work: Path) -> list[Row]:
+    from scripts.sandbox import Sandbox
+    from scripts.sandbox.image import ensure_image
+
+    settings = load_settings()
+    started = time.perf_counter()
+    ensure_image(settings.sandbox_cache, settings.sandbox_mirror)
+    image = time.perf_counter() - started
+    sandbox = Sandbox(work / "sandbox", settings.sandbox_cache, settings.sandbox_mirror,
+                      log=lambda *_: None)
+    try:
+        started = time.perf_counter()
+        sandbox.up(1)
+        boot_one = time.perf_counter() - started
+        started = time.perf_counter()
+        sandbox.up(1)
+        reuse = time.perf_counter() - started
+        started = time.perf_counter()
+        sandbox.up(3)
+        boot_two_more = time.perf_counter() - started
+    finally:
+        started = time.perf_counter()
+        sandbox.down()
+        down = time.perf_counter() - started
+    return [
+        Row("sandbox", "image ready (cached after the first run: ~70-95 s)", image, "s"),
+        Row("sandbox", "boot 1 server", boot_one, "s", "< 15 s"),
+        Row("sandbox", "`up` again, server reused", reuse, "s", "< 2 s"),
+        Row("sandbox", "boot 2 more servers in parallel", boot_two_more, "s"),
+        Row("sandbox", "down 3 servers", down, "s"),
+    ]
+
+
+SECTIONS = {"build": bench_build, "sandbox": bench_sandbox}
+
+
+def print_table(rows: list[Row]) -> None:
+    width = max(len(row.name) for row in rows)
+    print(f"{'section':8}  {'measure':{width}}  {'value':>9}  unit  goal")
+    for row in rows:
+        print(f"{row.section:8}  {row.name:{width}}  {row.value:9.3f}  {row.unit:4}  {row.goal}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--json", default=str(REPO_ROOT / "bench-results.json"))
+    args = parser.parse_args(argv)
+    rows: list[Row] = []
+    for section in args.only.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"bench-{section}-") as work:
+            rows += SECTIONS[section](Path(work))
+    print_table(rows)
+    meta = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
+            "python": sys.version.split()[0]}
+    Path(args.json).write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]},
+                                          indent=2) + "\n")
+    print(f"written: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

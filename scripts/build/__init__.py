@@ -1,0 +1,1 @@
+"""Building the deployment package: what ships, the wheels it carries, the tarball itself."""
