@@ -31,6 +31,23 @@ def task_build():
     return tasks.build_task()
 
 
+def task_setup():
+    """Provision the server(s): server_setup.sh over SSH with the settings (`--check`: dry run)."""
+    return {
+        "actions": [tasks.setup_action],
+        "params": [{"name": "check", "long": "check", "type": bool, "default": False,
+                    "help": "report what would change, change nothing"}],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
+def task_setup_if_needed():
+    """Provision only when the script, templates, settings or servers changed (deploy uses it)."""
+    return {"actions": [tasks.setup_action], "uptodate": [tasks.setup_is_current],
+            "verbosity": 2}
+
+
 def task_benchmark():
     """Measure build, sandbox (and later deploy) times; prints a table, writes bench-results.json."""
     return {"actions": [f"{sys.executable} -m scripts.benchmark"], "uptodate": [False],

@@ -108,7 +108,34 @@ def bench_sandbox(work: Path) -> list[Row]:
     ]
 
 
-SECTIONS = {"build": bench_build, "sandbox": bench_sandbox}
+def _doit_in_sandbox(work: Path, sandbox_dir: Path) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "DEPLOY_SERVER"}
+    return {**env, "ENV_FILE": os.devnull, "SANDBOX_DIR": str(sandbox_dir),
+            "PYTHONPATH": str(REPO_ROOT)}
+
+
+def bench_setup(work: Path) -> list[Row]:
+    from scripts.sandbox import Sandbox
+
+    settings = load_settings()
+    sandbox = Sandbox(work / "sandbox", settings.sandbox_cache, settings.sandbox_mirror,
+                      log=lambda *_: None)
+    env = _doit_in_sandbox(work, sandbox.state_dir)
+    setup = [*DOIT, "--dir", str(work), "setup"]
+    try:
+        sandbox.up(1)
+        first = _timed(setup, env)
+        again = [_timed(setup, env) for _ in range(3)]
+    finally:
+        sandbox.down()
+    return [
+        Row("setup", "first `doit setup` on a bare server (.debs cached)", first, "s"),
+        Row("setup", "`doit setup` again, nothing to do (median of 3)",
+            statistics.median(again), "s"),
+    ]
+
+
+SECTIONS = {"build": bench_build, "sandbox": bench_sandbox, "setup": bench_setup}
 
 
 def print_table(rows: list[Row]) -> None:

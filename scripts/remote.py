@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plumbum import SshMachine
+from plumbum.commands.processes import ProcessExecutionError
+
+from scripts.errors import ToolkitError
 
 CONNECT_TIMEOUT_S = 10
 
@@ -20,9 +23,14 @@ class Target:
     user: str
     key_file: Path | None = None
     known_hosts_file: Path | None = None
+    name: str = ""  # how output names the server (sandbox name or host)
 
     def label(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
+
+    @property
+    def display(self) -> str:
+        return self.name or self.host
 
 
 def ssh_options(target: Target) -> list[str]:
@@ -39,7 +47,44 @@ def ssh_options(target: Target) -> list[str]:
 
 
 def connect(target: Target) -> SshMachine:
-    return SshMachine(target.host, user=target.user, port=target.port,
-                      keyfile=str(target.key_file) if target.key_file else None,
-                      ssh_opts=ssh_options(target), scp_opts=ssh_options(target),
-                      connect_timeout=CONNECT_TIMEOUT_S)
+    """An open connection, or a ToolkitError that says in one line what went wrong."""
+    try:
+        return SshMachine(target.host, user=target.user, port=target.port,
+                          keyfile=str(target.key_file) if target.key_file else None,
+                          ssh_opts=ssh_options(target), scp_opts=ssh_options(target),
+                          connect_timeout=CONNECT_TIMEOUT_S)
+    except ProcessExecutionError as error:
+        raise ToolkitError(explain_ssh_failure(target, str(error.stderr or ""))) from None
+    except (EOFError, OSError) as error:
+        raise ToolkitError(f"SSH to {target.label()} failed: {error}") from None
+
+
+def explain_ssh_failure(target: Target, stderr: str) -> str:
+    """ssh's own words, turned into what to check."""
+    where = f"SSH to {target.label()}"
+    known_hosts = target.known_hosts_file or "~/.ssh/known_hosts"
+    key = target.key_file or "ssh-agent"
+    if "IDENTIFICATION HAS CHANGED" in stderr or "has changed" in stderr:
+        return (f"{where}: the server's host key CHANGED since it was recorded in {known_hosts}; "
+                f"if the server was really reinstalled, verify its new fingerprint and replace "
+                f"the entry, else stop: someone may be in between")
+    if "host key is known" in stderr or "Host key verification failed" in stderr:
+        return (f"{where}: its host key is not in {known_hosts}; check its fingerprint, then add "
+                f"it with `ssh-keyscan -p {target.port} {target.host} >> {known_hosts}` "
+                f"(SSH_KNOWN_HOSTS_FILE / SSH_KNOWN_HOSTS)")
+    if "Load key" in stderr or "invalid format" in stderr or "passphrase" in stderr:
+        return (f"{where}: the private key {key} cannot be used (malformed, or protected by a "
+                f"passphrase with no ssh-agent holding it); check SSH_KEY_FILE")
+    if "Permission denied" in stderr:
+        return (f"{where}: the server refused the key {key}; check SSH_KEY_FILE and that its "
+                f"public key is in ~{target.user}/.ssh/authorized_keys (`doit setup` installs it)")
+    if "Connection refused" in stderr:
+        return (f"{where}: connection refused; is the server up, with SSH on port {target.port} "
+                f"(SSH_PORT)?")
+    if "timed out" in stderr or "Operation timed out" in stderr:
+        return (f"{where}: no answer within {CONNECT_TIMEOUT_S} s; check DEPLOY_SERVER, SSH_PORT "
+                f"and the firewall")
+    if "Could not resolve hostname" in stderr:
+        return f"{where}: cannot resolve {target.host}; check DEPLOY_SERVER"
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else "no error text"
+    return f"{where} failed: {last}"

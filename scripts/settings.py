@@ -71,6 +71,22 @@ def _remote_path(raw: str) -> PurePosixPath:
     return PurePosixPath(raw)
 
 
+def _optional_user(raw: str) -> str:
+    return _user(raw) if raw.strip() else ""
+
+
+def _server_name(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.* -]{1,250}", raw):
+        raise _Invalid("must be domain names separated by spaces, or _ for any")
+    return raw
+
+
+def _command(raw: str) -> str:
+    if raw.strip() and not re.fullmatch(r"[A-Za-z0-9_ ./:=-]{1,250}", raw):
+        raise _Invalid("may hold only letters, digits, spaces and _ . / : = -")
+    return raw.strip()
+
+
 def _unit_name(raw: str) -> str:
     name = raw.removesuffix(".service")
     if not _UNIT_NAME.match(name) or name.startswith("-"):
@@ -166,6 +182,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SSH_KEY_FILE", _optional_local_path, "", "private key for SSH (else ssh-agent)"),
     Setting("SSH_KNOWN_HOSTS_FILE", _optional_local_path, "",
             "known_hosts file that holds the servers' host keys (else ~/.ssh/known_hosts)"),
+    Setting("SETUP_USER", _optional_user, "",
+            "account with sudo that provisions (default: root; admin on sandbox servers)"),
+    Setting("DEPLOY_PUBLIC_KEY_FILE", _optional_local_path, "",
+            "public key installed for DEPLOY_USER by `doit setup` (default: SSH_KEY_FILE.pub)"),
+    Setting("SERVER_NAME", _server_name, "_", "nginx server_name: your domain (_ = any)"),
+    Setting("MIGRATE_COMMAND", _command, "flask --app wsgi migrate",
+            "migrations, run in the release with its venv on PATH (empty: none)"),
+    Setting("GUNICORN_WORKERS", _positive_int, "2", "gunicorn worker processes"),
     Setting("APP_DIR", _local_path, "examples/helpdesk", "the Flask app to package"),
     Setting("DIST_DIR", _local_path, "dist", "where packages are written"),
     Setting("PACKAGE_MAX_MB", _megabytes, "20", "largest package allowed, in MB"),
@@ -193,6 +217,11 @@ class Settings:
     ssh_port: int
     ssh_key_file: Path | None
     ssh_known_hosts_file: Path | None
+    setup_user: str
+    deploy_public_key_file: Path | None
+    server_name: str
+    migrate_command: str
+    gunicorn_workers: int
     app_dir: Path
     dist_dir: Path
     package_max_mb: float
@@ -212,8 +241,9 @@ class Settings:
 
 def read_raw(env_file: Path | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The raw values: `.env` first, then the real environment wins (as CI variables must)."""
-    env_file = REPO_ROOT / ".env" if env_file is None else env_file
     environ = os.environ if environ is None else environ
+    if env_file is None:  # ENV_FILE points elsewhere (tests use it to ignore a user's .env)
+        env_file = Path(environ.get("ENV_FILE") or REPO_ROOT / ".env")
     raw: dict[str, str] = {}
     if env_file.is_file():
         raw.update({key: value or "" for key, value in dotenv_values(env_file).items()})

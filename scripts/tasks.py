@@ -95,3 +95,55 @@ def build_action():
     record = build_package(load_settings())
     print(f"build: release {record.release_id} -> dist/{record.package} (sha256 "
           f"{record.sha256[:12]}…)")
+
+
+def _setup_plan(settings):
+    """(setup target, deploy target) pairs and the flags for server_setup.sh."""
+    from scripts.provision import setup_flags
+    from scripts.targets import deploy_public_key, deploy_targets, setup_targets
+
+    pairs = list(zip(setup_targets(settings), deploy_targets(settings)))
+    inside_ssh_port = 22 if settings.uses_sandbox else settings.ssh_port
+    return pairs, setup_flags(settings, deploy_public_key(settings), inside_ssh_port)
+
+
+def setup_fingerprint(settings) -> str:
+    """What a provisioned server depends on: script, templates, settings, which servers."""
+    import hashlib
+
+    from scripts.provision import script_fingerprint
+    from scripts.sandbox import sandbox_from_settings
+
+    pairs, flags = _setup_plan(settings)
+    identity = [script_fingerprint(), *flags, *(t.label() for t, _ in pairs)]
+    if settings.uses_sandbox:  # a rebooted sandbox server is a new, bare server
+        identity += [s.host_key for s in sandbox_from_settings(settings).servers()]
+    return hashlib.sha256("\0".join(identity).encode()).hexdigest()
+
+
+@user_errors_fail_task
+def setup_action(check=False):
+    import time
+
+    from scripts.provision import provision
+
+    started = time.monotonic()
+    settings = load_settings()
+    pairs, flags = _setup_plan(settings)
+    changed = 0
+    for setup_target, deploy_target in pairs:
+        prefix = f"{setup_target.display}: " if len(pairs) > 1 else ""
+        print(f"setup: {setup_target.display} as {setup_target.user}"
+              f"{' (check only)' if check else ''}")
+        changed += provision(setup_target, deploy_target, flags, check, prefix).changed
+    verb = "would change" if check else "changed"
+    print(f"setup: {len(pairs)} server(s), {changed} {verb} in "
+          f"{time.monotonic() - started:.1f} s")
+    return {} if check else {"fingerprint": setup_fingerprint(settings)}
+
+
+def setup_is_current(task, values) -> bool:
+    try:
+        return values.get("fingerprint") == setup_fingerprint(load_settings())
+    except ToolkitError:
+        return False

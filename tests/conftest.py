@@ -15,7 +15,7 @@ from scripts.settings import REPO_ROOT, load_settings
 TEST_SANDBOX_DIR = Path(os.environ.get("TEST_SANDBOX_DIR", REPO_ROOT / ".sandbox-test"))
 
 
-def _new_sandbox(state_dir: Path) -> Sandbox:
+def new_sandbox(state_dir: Path) -> Sandbox:
     settings = load_settings(env_file=Path("/nonexistent"))
     return Sandbox(state_dir, settings.sandbox_cache, settings.sandbox_mirror)
 
@@ -23,7 +23,7 @@ def _new_sandbox(state_dir: Path) -> Sandbox:
 @pytest.fixture(scope="session")
 def sandbox():
     """Two bare servers, booted in parallel, shared by the session, torn down at its end."""
-    box = _new_sandbox(TEST_SANDBOX_DIR)
+    box = new_sandbox(TEST_SANDBOX_DIR)
     box.up(2)
     yield box
     box.down()
@@ -32,7 +32,7 @@ def sandbox():
 @pytest.fixture()
 def fresh_sandbox(tmp_path):
     """A sandbox of its own for one test; whatever it leaves is torn down afterwards."""
-    box = _new_sandbox(tmp_path / "sandbox")
+    box = new_sandbox(tmp_path / "sandbox")
     yield box
     box.down()
 

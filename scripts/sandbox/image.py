@@ -20,6 +20,8 @@ PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "sudo", "ca-cer
 # apt inside a server reaches the mirror through a socat bridge on this loopback port.
 APT_PROXY_PORT = 3142
 COMPLETE_MARKER = ".sandbox-image-complete"
+# Like a cloud image's default user: full sudo without a password, the provider's SSH key.
+ADMIN_USER = "admin"
 
 SOURCES_LIST = """\
 deb http://deb.debian.org/debian bookworm main
@@ -31,7 +33,7 @@ APT_PROXY_CONF = f'Acquire::http::Proxy "http://127.0.0.1:{APT_PROXY_PORT}";\n'
 
 def image_name(mirror: str) -> str:
     """Name of the image folder: changes whenever the recipe changes, so a stale image is never used."""
-    recipe = "|".join([SUITE, mirror, *PACKAGES, SOURCES_LIST, APT_PROXY_CONF, "v1"])
+    recipe = "|".join([SUITE, mirror, *PACKAGES, SOURCES_LIST, APT_PROXY_CONF, ADMIN_USER, "v2"])
     return f"debian-{SUITE}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
 
 
@@ -78,3 +80,8 @@ def _customise(root: Path) -> None:
     (root / "etc/machine-id").write_text("")
     for host_key in (root / "etc/ssh").glob("ssh_host_*"):
         host_key.unlink()
+    subprocess.run(["chroot", str(root), "useradd", "--create-home", "--shell", "/bin/bash",
+                    "--groups", "sudo", ADMIN_USER], check=True)
+    sudoers = root / "etc/sudoers.d/90-sandbox-admin"
+    sudoers.write_text(f"{ADMIN_USER} ALL=(ALL) NOPASSWD:ALL\n")
+    sudoers.chmod(0o440)

@@ -7,6 +7,7 @@ read to find ports, keys and known_hosts."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from scripts.errors import ToolkitError
 from scripts.sandbox import processes
-from scripts.sandbox.image import APT_PROXY_PORT, ensure_image
+from scripts.sandbox.image import ADMIN_USER, APT_PROXY_PORT, ensure_image
 
 BOOT_TIMEOUT_S = 60
 SHUTDOWN_GRACE_S = 10
@@ -103,7 +104,9 @@ class Sandbox:
 
     @property
     def key_file(self) -> Path:
-        return self.state_dir / "id_ed25519"
+        """Root's and the admin user's key. Keys live beside the image, shared by every
+        sandbox on this machine, so a provisioned snapshot boots with keys that work."""
+        return self.cache_dir / "keys" / "admin_ed25519"
 
     @property
     def known_hosts_file(self) -> Path:
@@ -125,8 +128,9 @@ class Sandbox:
                           "".join(s.known_hosts_line() + "\n" for s in servers))
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def up(self, count: int) -> list[SandboxServer]:
-        """Ensure servers 1..count run; reuse healthy ones, replace broken ones."""
+    def up(self, count: int, layer: Path | None = None) -> list[SandboxServer]:
+        """Ensure servers 1..count run; reuse healthy ones, replace broken ones. New servers
+        boot from `layer` (a saved server, see save_layer) on top of the image, if given."""
         check_host_ready()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._ensure_key()
@@ -145,7 +149,8 @@ class Sandbox:
         image_dir = ensure_image(self.cache_dir, self.mirror, self.log)
         planned = self._plan(missing, kept)
         with ThreadPoolExecutor(max_workers=len(planned)) as pool:
-            outcomes = list(pool.map(lambda server: self._boot_or_clean(server, image_dir),
+            lower = f"{layer}:{image_dir}" if layer else str(image_dir)
+            outcomes = list(pool.map(lambda server: self._boot_or_clean(server, lower),
                                      planned))
         booted = [outcome for outcome in outcomes if isinstance(outcome, SandboxServer)]
         self._save(kept + booted)
@@ -166,15 +171,42 @@ class Sandbox:
         self.known_hosts_file.unlink(missing_ok=True)
         return [s.name for s in servers]
 
+    def save_layer(self, server: SandboxServer, destination: Path) -> None:
+        """Power the server off and keep what it changed as a layer new servers boot from
+        (e.g. a provisioned server: tests then skip provisioning). Removes the server."""
+        if processes.is_ours(server.nspawn_pid, server.nspawn_marker):
+            os.kill(server.nspawn_pid, signal.SIGTERM)
+            if not processes.wait_gone([server.nspawn_pid], SHUTDOWN_GRACE_S):
+                self._kill_container(server)
+        saving = destination.with_name(destination.name + ".saving")
+        shutil.rmtree(saving, ignore_errors=True)
+        saving.parent.mkdir(parents=True, exist_ok=True)
+        # cp -a keeps owners, modes and xattrs, overlay whiteouts and opaque folders included.
+        _run(["cp", "-a", str(Path(server.root_dir).parent / "upper"), str(saving)])
+        shutil.rmtree(destination, ignore_errors=True)
+        saving.rename(destination)
+        self._destroy(server)
+        self._save([s for s in self.servers() if s.name != server.name])
+
     def is_healthy(self, server: SandboxServer) -> bool:
         return (processes.is_ours(server.nspawn_pid, server.nspawn_marker)
                 and _ssh_banner(server.ssh_port, timeout=2.0))
 
     # -- internals ----------------------------------------------------------------------------
+    @property
+    def deploy_key_file(self) -> Path:
+        """The deploy user's key for sandbox servers (installed by `doit setup`)."""
+        return self.cache_dir / "keys" / "deploy_ed25519"
+
     def _ensure_key(self) -> None:
-        if not self.key_file.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sandbox-root",
-                            "-f", str(self.key_file)], check=True)
+        self.key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.key_file.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test runs share these keys
+            for key_file, comment in ((self.key_file, "sandbox-admin"),
+                                      (self.deploy_key_file, "sandbox-deploy")):
+                if not key_file.exists():
+                    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                                    comment, "-f", str(key_file)], check=True)
 
     def _plan(self, names: list[str], kept: list[SandboxServer]) -> list[SandboxServer]:
         taken = {p for s in kept for p in (s.ssh_port, s.http_port)}
@@ -189,22 +221,22 @@ class Sandbox:
             planned.append(SandboxServer(name, ssh_port, http_port, str(root_dir)))
         return planned
 
-    def _boot_or_clean(self, server: SandboxServer, image_dir: Path) -> SandboxServer | Exception:
+    def _boot_or_clean(self, server: SandboxServer, lower: str) -> SandboxServer | Exception:
         """Boot one server; on failure remove whatever it had started and return the error."""
         try:
-            return self._boot(server, image_dir)
+            return self._boot(server, lower)
         except Exception as error:  # noqa: BLE001 - reported after the other boots finish
             self._destroy(server)
             return error
 
-    def _boot(self, server: SandboxServer, image_dir: Path) -> SandboxServer:
+    def _boot(self, server: SandboxServer, lower: str) -> SandboxServer:
         started = time.monotonic()
         server_dir = Path(server.root_dir).parent
         shutil.rmtree(server_dir, ignore_errors=True)
         for sub in ("upper", "work", "root"):
             (server_dir / sub).mkdir(parents=True)
         _run(["mount", "-t", "overlay", "overlay", "-o",
-              f"lowerdir={image_dir},upperdir={server_dir / 'upper'},workdir={server_dir / 'work'}",
+              f"lowerdir={lower},upperdir={server_dir / 'upper'},workdir={server_dir / 'work'}",
               server.root_dir])
         self._personalise(server)
         apt_archives = self.cache_dir / "apt-archives"
@@ -226,14 +258,21 @@ class Sandbox:
     def _personalise(self, server: SandboxServer) -> None:
         root = Path(server.root_dir)
         (root / "etc/hostname").write_text(server.name + "\n")
+        (root / "etc/hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{server.name}\n"
+                                        f"::1\tlocalhost ip6-localhost ip6-loopback\n")
+        for host_key in (root / "etc/ssh").glob("ssh_host_*"):  # from a provisioned layer
+            host_key.unlink()
         _run(["chroot", str(root), "ssh-keygen", "-A"])
         server.host_key = " ".join(
             (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2])
-        ssh_dir = root / "root/.ssh"
-        ssh_dir.mkdir(mode=0o700, exist_ok=True)
-        authorized = ssh_dir / "authorized_keys"
-        authorized.write_text(Path(f"{self.key_file}.pub").read_text())
-        authorized.chmod(0o600)
+        public_key = Path(f"{self.key_file}.pub").read_text()
+        for home, owner in ((root / "root", "root"), (root / "home" / ADMIN_USER, ADMIN_USER)):
+            ssh_dir = home / ".ssh"
+            ssh_dir.mkdir(mode=0o700, exist_ok=True)
+            (ssh_dir / "authorized_keys").write_text(public_key)
+            (ssh_dir / "authorized_keys").chmod(0o600)
+            _run(["chroot", str(root), "chown", "-R", f"{owner}:{owner}",
+                  str(Path("/") / ssh_dir.relative_to(root))])
 
     def _wait_for_init(self, server: SandboxServer) -> int:
         deadline = time.monotonic() + 10

@@ -20,7 +20,7 @@ def create_app(config: dict | None = None) -> Flask:
         SECRET_KEY=os.environ.get("HELPDESK_SECRET_KEY", "dev-only-secret"),
         DATABASE=str(Path(app.instance_path) / "helpdesk.sqlite3"),
         RELEASE_ID=os.environ.get("RELEASE_ID") or _release_from_manifest(),
-        LOG_DIR=os.environ.get("HELPDESK_LOG_DIR", ""),
+        LOG_DIR=os.environ.get("APP_LOG_DIR", ""),
     )
     if config:
         app.config.update(config)

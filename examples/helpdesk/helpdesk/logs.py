@@ -1,4 +1,4 @@
-"""When HELPDESK_LOG_DIR is set (as it is on a server), write app.log and error.log there.
+"""When APP_LOG_DIR is set (as it is on a server), write app.log and error.log there.
 
 WatchedFileHandler reopens a file that logrotate moved away, so rotation needs no restart."""
 

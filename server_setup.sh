@@ -1,0 +1,559 @@
+#!/usr/bin/env bash
+# Turns a bare Debian 12 / Ubuntu 22.04+ server into a deploy target for a Flask app, as the
+# deployment guide's step 1 and security section describe. Idempotent: every step checks first
+# and prints `ok:` (nothing to do) or `changed:`; with --check it prints `would change:` and
+# changes nothing. Run it as a user with sudo (it re-runs itself with sudo), not as root.
+#
+# Usage: ./server_setup.sh [options]    (./server_setup.sh --help lists them)
+
+# -- settings: flag > environment variable > the guide's default -----------------------------
+DEPLOY_USER="${DEPLOY_USER:-deploy}"
+APP_USER="${APP_USER:-www-data}"
+DEPLOY_PATH="${DEPLOY_PATH:-/var/www/flask_helpdesk}"
+BACKUP_PATH="${BACKUP_PATH:-/var/backups/flask_helpdesk}"
+LOG_PATH="${LOG_PATH:-/var/log/flask_helpdesk}"
+SERVICE_NAME="${SERVICE_NAME:-flask-helpdesk}"
+APP_PORT="${APP_PORT:-5000}"
+PREFLIGHT_PORT="${PREFLIGHT_PORT:-}"
+SSH_PORT="${SSH_PORT:-22}"
+SERVER_NAME="${SERVER_NAME:-_}"
+SITE_NAME="${SITE_NAME:-}"
+WORKERS="${WORKERS:-2}"
+MIGRATE_COMMAND="${MIGRATE_COMMAND:-flask --app wsgi migrate}"
+DEPLOY_PUBLIC_KEY="${DEPLOY_PUBLIC_KEY:-}"
+CONF_DIR="${CONF_DIR:-}"
+MODE="apply"
+UPGRADE=0
+ALLOW_ROOT=0
+DEPLOY_KEY_VERIFIED=0
+
+readonly PACKAGES=(python3 python3-venv python3-systemd nginx supervisor ufw fail2ban logrotate
+  curl htop)
+readonly SSH_HARDENING_FILE=/etc/ssh/sshd_config.d/10-flask-deploy-hardening.conf
+
+# Filled in by the steps that need them; templates read them through render_values.
+SUDOERS_NAME=""
+PERMIT_ROOT_LOGIN="no"
+
+CHANGES=0
+UNCHANGED=0
+FILE_CHANGED=0
+
+err() { echo "error: $*" >&2; }
+die() { err "$@"; exit 1; }
+
+usage() {
+  cat <<'USAGE'
+Usage: server_setup.sh [options]
+  --deploy-user NAME      user that deploys and owns releases (DEPLOY_USER, default deploy)
+  --app-user NAME         user the app runs as (APP_USER, default www-data)
+  --deploy-path PATH      releases live here (DEPLOY_PATH, default /var/www/flask_helpdesk)
+  --backup-path PATH      database backups (BACKUP_PATH, default /var/backups/flask_helpdesk)
+  --log-path PATH         app logs (LOG_PATH, default /var/log/flask_helpdesk)
+  --service-name NAME     systemd service (SERVICE_NAME, default flask-helpdesk)
+  --app-port PORT         gunicorn port on 127.0.0.1 (APP_PORT, default 5000)
+  --preflight-port PORT   port for a new release's health check (PREFLIGHT_PORT, APP_PORT+1)
+  --ssh-port PORT         SSH port kept open in the firewall (SSH_PORT, default 22)
+  --server-name NAME      nginx server_name, your domain (SERVER_NAME, default _ = any)
+  --site-name NAME        nginx site and log name (SITE_NAME, default: DEPLOY_PATH's last part)
+  --workers N             gunicorn workers (WORKERS, default 2)
+  --migrate-command CMD   migrations, run in the release (MIGRATE_COMMAND)
+  --deploy-key KEY        the deploy user's SSH public key (DEPLOY_PUBLIC_KEY)
+  --deploy-key-file FILE  ... or read it from a file
+  --deploy-key-verified   the deploy key was seen to work: SSH hardening may be applied
+  --conf-dir DIR          templates (CONF_DIR, default: conf/ beside this script)
+  --upgrade               also run apt-get upgrade
+  --check                 dry run: report what would change, change nothing
+  --allow-root            run as root without sudo (the guide advises against it)
+  -h, --help              this text
+USAGE
+}
+
+# -- argument parsing and validation ----------------------------------------------------------
+need_value() {
+  [[ $# -ge 2 && -n "$2" ]] || die "option $1 needs a value; see --help"
+}
+
+parse_args() {
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --deploy-user) need_value "$@"; DEPLOY_USER="$2"; shift ;;
+      --app-user) need_value "$@"; APP_USER="$2"; shift ;;
+      --deploy-path) need_value "$@"; DEPLOY_PATH="$2"; shift ;;
+      --backup-path) need_value "$@"; BACKUP_PATH="$2"; shift ;;
+      --log-path) need_value "$@"; LOG_PATH="$2"; shift ;;
+      --service-name) need_value "$@"; SERVICE_NAME="$2"; shift ;;
+      --app-port) need_value "$@"; APP_PORT="$2"; shift ;;
+      --preflight-port) need_value "$@"; PREFLIGHT_PORT="$2"; shift ;;
+      --ssh-port) need_value "$@"; SSH_PORT="$2"; shift ;;
+      --server-name) need_value "$@"; SERVER_NAME="$2"; shift ;;
+      --site-name) need_value "$@"; SITE_NAME="$2"; shift ;;
+      --workers) need_value "$@"; WORKERS="$2"; shift ;;
+      --migrate-command) need_value "$@"; MIGRATE_COMMAND="$2"; shift ;;
+      --deploy-key) need_value "$@"; DEPLOY_PUBLIC_KEY="$2"; shift ;;
+      --deploy-key-file)
+        need_value "$@"
+        [[ -r "$2" ]] || die "--deploy-key-file $2: cannot read it"
+        DEPLOY_PUBLIC_KEY="$(<"$2")"
+        shift ;;
+      --deploy-key-verified) DEPLOY_KEY_VERIFIED=1 ;;
+      --conf-dir) need_value "$@"; CONF_DIR="$2"; shift ;;
+      --upgrade) UPGRADE=1 ;;
+      --check) MODE="check" ;;
+      --allow-root) ALLOW_ROOT=1 ;;
+      -h|--help) usage; exit 0 ;;
+      *) die "unknown option $1; see --help" ;;
+    esac
+    shift
+  done
+  PREFLIGHT_PORT="${PREFLIGHT_PORT:-$((APP_PORT + 1))}"
+  SITE_NAME="${SITE_NAME:-${DEPLOY_PATH##*/}}"
+  SUDOERS_NAME="${SERVICE_NAME//./_}-deploy"  # sudo skips files in sudoers.d with a dot
+  CONF_DIR="${CONF_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/conf}"
+}
+
+validate_path() {
+  local name="$1" value="$2"
+  [[ "${value}" == /* ]] || die "${name}=${value} must be an absolute path"
+  [[ "${value}" != "/" ]] || die "${name} must not be /"
+  [[ "${value}" =~ ^/[A-Za-z0-9._/-]+$ ]] \
+    || die "${name}=${value} may hold only letters, digits, '.', '_', '-' and '/'"
+  [[ "/${value}/" != *"/../"* ]] || die "${name}=${value} must not contain '..'"
+}
+
+validate_port() {
+  local name="$1" value="$2"
+  if [[ ! "${value}" =~ ^[0-9]+$ ]] || (( value < 1 || value > 65535 )); then
+    die "${name}=${value} must be a port number from 1 to 65535"
+  fi
+}
+
+validate_name() {
+  local name="$1" value="$2" pattern="$3"
+  [[ "${value}" =~ ${pattern} ]] || die "${name}=${value} is not a valid name"
+}
+
+validate_settings() {
+  validate_name DEPLOY_USER "${DEPLOY_USER}" '^[a-z_][a-z0-9_-]{0,31}$'
+  validate_name APP_USER "${APP_USER}" '^[a-z_][a-z0-9_-]{0,31}$'
+  validate_name SERVICE_NAME "${SERVICE_NAME}" '^[A-Za-z0-9_.:-]{1,200}$'
+  validate_name SITE_NAME "${SITE_NAME}" '^[A-Za-z0-9_.-]{1,100}$'
+  validate_name SERVER_NAME "${SERVER_NAME}" '^[A-Za-z0-9_.* -]{1,250}$'
+  validate_name MIGRATE_COMMAND "${MIGRATE_COMMAND}" '^[A-Za-z0-9_ ./:=-]{1,250}$'
+  validate_name WORKERS "${WORKERS}" '^[1-9][0-9]?$'
+  validate_path DEPLOY_PATH "${DEPLOY_PATH}"
+  validate_path BACKUP_PATH "${BACKUP_PATH}"
+  validate_path LOG_PATH "${LOG_PATH}"
+  validate_port APP_PORT "${APP_PORT}"
+  validate_port PREFLIGHT_PORT "${PREFLIGHT_PORT}"
+  validate_port SSH_PORT "${SSH_PORT}"
+  [[ "${APP_PORT}" != "${PREFLIGHT_PORT}" ]] || die "PREFLIGHT_PORT must differ from APP_PORT"
+  if [[ -n "${DEPLOY_PUBLIC_KEY}" && ! "${DEPLOY_PUBLIC_KEY}" =~ ^(ssh-|ecdsa-|sk-) ]]; then
+    die "the deploy key is not an SSH public key (it should start with ssh-ed25519, ssh-rsa...)"
+  fi
+  [[ -d "${CONF_DIR}" ]] || die "templates not found in ${CONF_DIR}; pass --conf-dir"
+}
+
+# -- privileges: refuse plain root, re-run with sudo otherwise --------------------------------
+current_uid() { id -u; }
+
+settings_as_flags() {
+  local flags=(--deploy-user "${DEPLOY_USER}" --app-user "${APP_USER}"
+    --deploy-path "${DEPLOY_PATH}" --backup-path "${BACKUP_PATH}" --log-path "${LOG_PATH}"
+    --service-name "${SERVICE_NAME}" --app-port "${APP_PORT}"
+    --preflight-port "${PREFLIGHT_PORT}" --ssh-port "${SSH_PORT}"
+    --server-name "${SERVER_NAME}" --site-name "${SITE_NAME}" --workers "${WORKERS}"
+    --migrate-command "${MIGRATE_COMMAND}" --conf-dir "${CONF_DIR}")
+  [[ -z "${DEPLOY_PUBLIC_KEY}" ]] || flags+=(--deploy-key "${DEPLOY_PUBLIC_KEY}")
+  [[ "${DEPLOY_KEY_VERIFIED}" -eq 0 ]] || flags+=(--deploy-key-verified)
+  [[ "${UPGRADE}" -eq 0 ]] || flags+=(--upgrade)
+  [[ "${MODE}" != "check" ]] || flags+=(--check)
+  printf '%s\0' "${flags[@]}"
+}
+
+ensure_privileges() {
+  if [[ "$(current_uid)" -ne 0 ]]; then
+    command -v sudo >/dev/null || die "not root and sudo is missing; run it as a user with sudo"
+    local flags=()
+    mapfile -d '' flags < <(settings_as_flags)
+    echo "setup: re-running with sudo"
+    exec sudo bash "${BASH_SOURCE[0]}" "${flags[@]}"
+  fi
+  if [[ -z "${SUDO_USER:-}" && "${ALLOW_ROOT}" -ne 1 ]]; then
+    die "refusing to run as root (the guide runs it as a user with sudo); pass --allow-root" \
+      "to run it as root anyway"
+  fi
+}
+
+# -- reporting --------------------------------------------------------------------------------
+report_ok() {
+  echo "ok: $*"
+  UNCHANGED=$((UNCHANGED + 1))
+}
+
+# Returns 0 when the caller should act (apply mode), 1 in check mode (nothing may change).
+report_change() {
+  CHANGES=$((CHANGES + 1))
+  if [[ "${MODE}" == "check" ]]; then
+    echo "would change: $*"
+    return 1
+  fi
+  echo "changed: $*"
+}
+
+# -- generic ensure_* helpers -----------------------------------------------------------------
+render_template() {
+  local template="$1" hardening
+  hardening="$(mktemp)"
+  render_values "${CONF_DIR}/hardening.conf" > "${hardening}"
+  render_values "${CONF_DIR}/${template}" \
+    | sed -e "/^@HARDENING@\$/{r ${hardening}" -e 'd;}'
+  rm -f "${hardening}"
+}
+
+render_values() {
+  local escaped=() pair name value
+  local pairs=("DEPLOY_USER=${DEPLOY_USER}" "APP_USER=${APP_USER}" "DEPLOY_PATH=${DEPLOY_PATH}"
+    "BACKUP_PATH=${BACKUP_PATH}" "LOG_PATH=${LOG_PATH}" "SERVICE_NAME=${SERVICE_NAME}"
+    "APP_PORT=${APP_PORT}" "PREFLIGHT_PORT=${PREFLIGHT_PORT}" "SSH_PORT=${SSH_PORT}"
+    "SERVER_NAME=${SERVER_NAME}" "SITE_NAME=${SITE_NAME}" "WORKERS=${WORKERS}"
+    "MIGRATE_COMMAND=${MIGRATE_COMMAND}" "SUDOERS_NAME=${SUDOERS_NAME}"
+    "PERMIT_ROOT_LOGIN=${PERMIT_ROOT_LOGIN}")
+  for pair in "${pairs[@]}"; do
+    name="${pair%%=*}"
+    value="${pair#*=}"
+    value="${value//\\/\\\\}"
+    value="${value//|/\\|}"
+    value="${value//&/\\&}"
+    escaped+=(-e "s|@${name}@|${value}|g")
+  done
+  sed "${escaped[@]}" "$1"
+}
+
+# ensure_file DEST MODE OWNER GROUP SOURCE [VALIDATOR...]: DEST gets SOURCE's content, mode and
+# owner. The validator runs on the new content (its path appended) before it is installed.
+# Sets FILE_CHANGED=1 when DEST was (or in check mode would be) changed.
+ensure_file() {
+  local dest="$1" mode="$2" owner="$3" group="$4" source="$5"
+  shift 5
+  FILE_CHANGED=0
+  if [[ -f "${dest}" ]] && cmp -s "${source}" "${dest}" \
+    && [[ "$(stat -c '%a %U %G' "${dest}")" == "${mode} ${owner} ${group}" ]]; then
+    report_ok "${dest}"
+    return 0
+  fi
+  FILE_CHANGED=1
+  report_change "${dest}" || return 0
+  if [[ $# -gt 0 ]] && ! "$@" "${source}" >/dev/null 2>&1; then
+    die "${dest}: the new content fails validation ($*); nothing was installed"
+  fi
+  local staged
+  staged="$(dirname "${dest}")/.$(basename "${dest}").new"
+  install -m "${mode}" -o "${owner}" -g "${group}" "${source}" "${staged}"
+  mv -f "${staged}" "${dest}"
+}
+
+# ensure_template TEMPLATE DEST MODE OWNER GROUP [VALIDATOR...]
+ensure_template() {
+  local template="$1" dest="$2" mode="$3" owner="$4" group="$5"
+  shift 5
+  local rendered
+  rendered="$(mktemp)"
+  render_template "${template}" > "${rendered}"
+  ensure_file "${dest}" "${mode}" "${owner}" "${group}" "${rendered}" "$@"
+  rm -f "${rendered}"
+}
+
+ensure_dir() {
+  local path="$1" owner="$2" group="$3" mode="$4"
+  if [[ -d "${path}" && "$(stat -c '%a %U %G' "${path}")" == "${mode} ${owner} ${group}" ]]; then
+    report_ok "${path}/"
+    return 0
+  fi
+  report_change "${path}/ (${owner}:${group} ${mode})" || return 0
+  install -d -m "${mode}" -o "${owner}" -g "${group}" "${path}"
+  chmod "${mode}" "${path}"  # install -d leaves the mode of an existing folder alone
+}
+
+package_installed() {
+  [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
+}
+
+ensure_packages() {
+  local missing=() package
+  for package in "$@"; do
+    package_installed "${package}" || missing+=("${package}")
+  done
+  if [[ "${#missing[@]}" -eq 0 ]]; then
+    report_ok "packages $*"
+    return 0
+  fi
+  report_change "install ${missing[*]}" || return 0
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${missing[@]}" >/dev/null
+}
+
+ensure_upgraded() {
+  [[ "${UPGRADE}" -eq 1 ]] || return 0
+  report_change "apt-get upgrade" || return 0
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -q >/dev/null
+}
+
+ensure_service_active() {
+  local unit="$1"
+  if systemctl is-active --quiet "${unit}" && systemctl is-enabled --quiet "${unit}"; then
+    report_ok "${unit} active and enabled"
+    return 0
+  fi
+  report_change "${unit} enabled and started" || return 0
+  systemctl enable --now --quiet "${unit}"
+}
+
+# -- the deploy target ------------------------------------------------------------------------
+ensure_deploy_user() {
+  if id "${DEPLOY_USER}" >/dev/null 2>&1; then
+    report_ok "user ${DEPLOY_USER}"
+  elif report_change "user ${DEPLOY_USER} created"; then
+    useradd --create-home --shell /bin/bash "${DEPLOY_USER}"
+  fi
+  # Reads the app's database and logs for backups, through the app user's group.
+  if id -nG "${DEPLOY_USER}" 2>/dev/null | tr ' ' '\n' | grep -qx "${APP_USER}"; then
+    report_ok "${DEPLOY_USER} in group ${APP_USER}"
+  elif report_change "${DEPLOY_USER} added to group ${APP_USER}"; then
+    usermod -aG "${APP_USER}" "${DEPLOY_USER}"
+  fi
+}
+
+deploy_home() {
+  if id "${DEPLOY_USER}" >/dev/null 2>&1; then
+    getent passwd "${DEPLOY_USER}" | cut -d: -f6
+  else
+    echo "/home/${DEPLOY_USER}"
+  fi
+}
+
+ensure_deploy_key() {
+  local home keys
+  home="$(deploy_home)"
+  keys="${home}/.ssh/authorized_keys"
+  if [[ -z "${DEPLOY_PUBLIC_KEY}" ]]; then
+    if [[ -s "${keys}" ]]; then
+      report_ok "${keys} (no new key given)"
+    else
+      echo "note: no deploy key given; add one with --deploy-key-file (see README, SSH keys)"
+    fi
+    return 0
+  fi
+  ensure_dir "${home}/.ssh" "${DEPLOY_USER}" "${DEPLOY_USER}" 700
+  if [[ -f "${keys}" ]] && grep -qxF "${DEPLOY_PUBLIC_KEY}" "${keys}"; then
+    report_ok "deploy key in ${keys}"
+  elif report_change "deploy key added to ${keys}"; then
+    printf '%s\n' "${DEPLOY_PUBLIC_KEY}" >> "${keys}"
+    chown "${DEPLOY_USER}:${DEPLOY_USER}" "${keys}"
+    chmod 600 "${keys}"
+  fi
+}
+
+ensure_sudoers() {
+  ensure_template sudoers "/etc/sudoers.d/${SUDOERS_NAME}" 440 root root visudo -cqf
+}
+
+ensure_directories() {
+  ensure_dir "${DEPLOY_PATH}" "${DEPLOY_USER}" "${APP_USER}" 750
+  ensure_dir "${DEPLOY_PATH}/releases" "${DEPLOY_USER}" "${APP_USER}" 750
+  ensure_dir "${DEPLOY_PATH}/shared" "${DEPLOY_USER}" "${APP_USER}" 750
+  ensure_dir "${DEPLOY_PATH}/shared/venvs" "${DEPLOY_USER}" "${APP_USER}" 750
+  # The app writes only here: its database and uploads (setgid keeps the group on new files).
+  ensure_dir "${DEPLOY_PATH}/shared/instance" "${APP_USER}" "${APP_USER}" 2770
+  ensure_dir "${DEPLOY_PATH}/shared/uploads" "${APP_USER}" "${APP_USER}" 2770
+  ensure_dir "${BACKUP_PATH}" "${DEPLOY_USER}" "${DEPLOY_USER}" 750
+  ensure_dir "${LOG_PATH}" "${APP_USER}" "${APP_USER}" 2770
+  ensure_venv_link
+}
+
+# The guide's troubleshooting runs DEPLOY_PATH/venv/bin/python: venv -> current/.venv.
+ensure_venv_link() {
+  local link="${DEPLOY_PATH}/venv"
+  if [[ -L "${link}" && "$(readlink "${link}")" == "current/.venv" ]]; then
+    report_ok "${link} -> current/.venv"
+  elif report_change "${link} -> current/.venv"; then
+    ln -sfn current/.venv "${link}"
+    chown -h "${DEPLOY_USER}:${APP_USER}" "${link}"
+  fi
+}
+
+ensure_app_units() {
+  local changed=0 unit
+  for unit in "app.service:${SERVICE_NAME}.service" "app.socket:${SERVICE_NAME}.socket" \
+    "app-migrate.service:${SERVICE_NAME}-migrate.service" \
+    "app-preflight.service:${SERVICE_NAME}-preflight.service"; do
+    ensure_template "${unit%%:*}" "/etc/systemd/system/${unit#*:}" 644 root root
+    changed=$((changed + FILE_CHANGED))
+  done
+  ensure_dir "/etc/${SERVICE_NAME}" root root 755
+  ensure_template gunicorn.conf.py "/etc/${SERVICE_NAME}/gunicorn.conf.py" 644 root root
+  changed=$((changed + FILE_CHANGED))
+  if [[ "${changed}" -gt 0 && "${MODE}" == "apply" ]]; then
+    systemctl daemon-reload
+  fi
+  if systemctl is-enabled --quiet "${SERVICE_NAME}.socket" \
+    && systemctl is-enabled --quiet "${SERVICE_NAME}.service"; then
+    report_ok "${SERVICE_NAME}.socket and .service enabled"
+  elif report_change "${SERVICE_NAME}.socket and .service enabled"; then
+    systemctl enable --quiet "${SERVICE_NAME}.socket" "${SERVICE_NAME}.service"
+  fi
+  # Until the first deploy there is nothing to serve; deploys start the service themselves.
+  if [[ -e "${DEPLOY_PATH}/current" && "${changed}" -gt 0 && "${MODE}" == "apply" ]]; then
+    systemctl restart "${SERVICE_NAME}.service"
+  fi
+}
+
+ensure_nginx_site() {
+  local available="/etc/nginx/sites-available/${SITE_NAME}"
+  local enabled="/etc/nginx/sites-enabled/${SITE_NAME}"
+  local changed=0 previous=""
+  if [[ -f "${available}" ]]; then
+    previous="$(mktemp)"
+    cp -p "${available}" "${previous}"
+  fi
+  ensure_template nginx-site.conf "${available}" 644 root root
+  changed=$((changed + FILE_CHANGED))
+  if [[ -L "${enabled}" && "$(readlink "${enabled}")" == "${available}" ]]; then
+    report_ok "${enabled} enabled"
+  elif report_change "${enabled} enabled"; then
+    ln -sfn "${available}" "${enabled}"
+    changed=1
+  fi
+  # Debian's default site also claims default_server on port 80.
+  if [[ -e /etc/nginx/sites-enabled/default ]]; then
+    if report_change "nginx default site disabled"; then
+      rm -f /etc/nginx/sites-enabled/default
+      changed=1
+    fi
+  else
+    report_ok "nginx default site disabled"
+  fi
+  if [[ "${changed}" -gt 0 && "${MODE}" == "apply" ]]; then
+    if ! nginx -t >/dev/null 2>&1; then
+      if [[ -n "${previous}" ]]; then
+        cp -p "${previous}" "${available}"
+      else
+        rm -f "${enabled}"
+      fi
+      die "nginx -t fails with the new site; the previous configuration was restored" \
+        "(run nginx -t to see why)"
+    fi
+    systemctl reload-or-restart nginx
+  fi
+  rm -f "${previous}"
+  ensure_service_active nginx
+}
+
+ensure_logrotate() {
+  ensure_template logrotate.conf "/etc/logrotate.d/${SITE_NAME}" 644 root root \
+    logrotate --debug
+}
+
+ensure_fail2ban() {
+  ensure_template fail2ban-sshd.local /etc/fail2ban/jail.d/sshd-journald.local 644 root root
+  if [[ "${FILE_CHANGED}" -eq 1 && "${MODE}" == "apply" ]]; then
+    systemctl restart fail2ban
+  fi
+  ensure_service_active fail2ban
+}
+
+# ufw_has_rule PORT STATUS: STATUS is `ufw status verbose` output (ufw is slow to ask).
+ufw_has_rule() {
+  grep -Eq "^$1/tcp +ALLOW IN +Anywhere( |$)" <<<"$2"
+}
+
+ensure_firewall() {
+  local port verbose
+  verbose="$(ufw status verbose 2>/dev/null || true)"
+  for port in "${SSH_PORT}" 80 443; do
+    if ufw_has_rule "${port}" "${verbose}"; then
+      report_ok "ufw allows ${port}/tcp"
+    elif report_change "ufw allows ${port}/tcp"; then
+      ufw allow "${port}/tcp" >/dev/null
+    fi
+  done
+  if grep -q "^Status: active" <<<"${verbose}" \
+    && grep -q "Default: deny (incoming)" <<<"${verbose}"; then
+    report_ok "ufw active, incoming denied by default (${APP_PORT} stays closed)"
+  elif report_change "ufw active, incoming denied by default"; then
+    ufw default deny incoming >/dev/null
+    ufw default allow outgoing >/dev/null
+    ufw --force enable >/dev/null
+  fi
+}
+
+# The deploy key works when the caller says so (doit setup logs in with it first) or when sshd
+# logged a key login of the deploy user.
+deploy_key_proven() {
+  [[ "${DEPLOY_KEY_VERIFIED}" -eq 1 ]] && return 0
+  # grep reads all of it: with pipefail, grep -q would make journalctl die of SIGPIPE.
+  journalctl -u ssh -u sshd --no-pager -q 2>/dev/null \
+    | grep "Accepted publickey for ${DEPLOY_USER} from" >/dev/null
+}
+
+# Root login is closed only when another way in with sudo remains (an admin user with a key).
+admin_login_remains() {
+  local member home
+  for member in $(getent group sudo | cut -d: -f4 | tr ',' ' '); do
+    [[ "${member}" != "${DEPLOY_USER}" ]] || continue
+    home="$(getent passwd "${member}" | cut -d: -f6)"
+    [[ -s "${home}/.ssh/authorized_keys" ]] && return 0
+  done
+  return 1
+}
+
+ensure_ssh_hardening() {
+  if ! deploy_key_proven; then
+    echo "note: SSH hardening waits until the deploy key has logged in once (ssh" \
+      "${DEPLOY_USER}@this-server), then run this again; passwords stay allowed until then"
+    return 0
+  fi
+  PERMIT_ROOT_LOGIN="no"
+  if ! admin_login_remains; then
+    PERMIT_ROOT_LOGIN="prohibit-password"
+    echo "note: root keeps key-only login: no other user with sudo has an SSH key"
+  fi
+  ensure_template sshd-hardening.conf "${SSH_HARDENING_FILE}" 644 root root
+  if [[ "${FILE_CHANGED}" -eq 1 && "${MODE}" == "apply" ]]; then
+    if ! sshd -t; then
+      rm -f "${SSH_HARDENING_FILE}"
+      die "sshd -t fails with the hardening; it was removed again"
+    fi
+    systemctl reload ssh
+  fi
+}
+
+main() {
+  set -euo pipefail
+  parse_args "$@"
+  validate_settings
+  ensure_privileges
+  local started="${SECONDS}"
+  echo "setup: ${MODE} ${SERVICE_NAME} in ${DEPLOY_PATH} (deploy user ${DEPLOY_USER}," \
+    "app user ${APP_USER})"
+  ensure_packages "${PACKAGES[@]}"
+  ensure_upgraded
+  ensure_deploy_user
+  ensure_deploy_key
+  ensure_sudoers
+  ensure_directories
+  ensure_app_units
+  ensure_nginx_site
+  ensure_logrotate
+  ensure_fail2ban
+  ensure_firewall
+  ensure_service_active ssh
+  ensure_ssh_hardening
+  echo "setup: ${CHANGES} changed, ${UNCHANGED} ok in $((SECONDS - started)) s"
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi

@@ -1,0 +1,240 @@
+#!/usr/bin/env bats
+# shellcheck source-path=SCRIPTDIR
+# Unit tests of server_setup.sh: argument parsing, validation and the ensure_* helpers, with
+# the system commands they call replaced by stubs on PATH.
+
+setup() {
+  REPO="$(cd "$(dirname "${BATS_TEST_FILENAME}")/../.." && pwd)"
+  STUBS="${BATS_TEST_TMPDIR}/stubs"
+  CALLS="${BATS_TEST_TMPDIR}/calls"
+  mkdir -p "${STUBS}"
+  : > "${CALLS}"
+  PATH="${STUBS}:${PATH}"
+  unset DEPLOY_USER DEPLOY_PATH SERVICE_NAME APP_PORT SUDO_USER
+  # shellcheck source=../../server_setup.sh
+  source "${REPO}/server_setup.sh"
+  CONF_DIR="${REPO}/conf"
+  ME="$(id -un)"
+  MYGROUP="$(id -gn)"
+}
+
+# stub NAME [SCRIPT]: a command on PATH that records its arguments and runs SCRIPT.
+stub() {
+  printf '#!/usr/bin/env bash\necho "%s $*" >> "%s"\n%s\n' "$1" "${CALLS}" "${2:-exit 0}" \
+    > "${STUBS}/$1"
+  chmod +x "${STUBS}/$1"
+}
+
+# refute_called NAME: the stub NAME was never run (`! grep` would not fail a bats test).
+refute_called() {
+  if grep -q "^$1" "${CALLS}"; then
+    echo "$1 was called: $(cat "${CALLS}")"
+    return 1
+  fi
+}
+
+@test "defaults are the guide's values" {
+  parse_args
+  [ "${DEPLOY_USER}" = "deploy" ]
+  [ "${APP_USER}" = "www-data" ]
+  [ "${DEPLOY_PATH}" = "/var/www/flask_helpdesk" ]
+  [ "${BACKUP_PATH}" = "/var/backups/flask_helpdesk" ]
+  [ "${SERVICE_NAME}" = "flask-helpdesk" ]
+  [ "${APP_PORT}" = "5000" ]
+  [ "${PREFLIGHT_PORT}" = "5001" ]
+  [ "${SITE_NAME}" = "flask_helpdesk" ]
+  [ "${MODE}" = "apply" ]
+}
+
+@test "a flag wins over the environment, the environment over the default" {
+  DEPLOY_USER=fromenv
+  SERVICE_NAME=envservice
+  parse_args --deploy-user fromflag --check --app-port 8000
+  [ "${DEPLOY_USER}" = "fromflag" ]
+  [ "${SERVICE_NAME}" = "envservice" ]
+  [ "${MODE}" = "check" ]
+  [ "${PREFLIGHT_PORT}" = "8001" ]
+}
+
+@test "an unknown option is refused" {
+  run parse_args --frobnicate
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"unknown option --frobnicate"* ]]
+}
+
+@test "an option without its value is refused" {
+  run parse_args --deploy-path
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"--deploy-path needs a value"* ]]
+}
+
+@test "bad paths, ports and names are refused with the setting's name" {
+  parse_args
+  DEPLOY_PATH="relative/path" run validate_settings
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"DEPLOY_PATH=relative/path must be an absolute"* ]]
+  BACKUP_PATH="/" run validate_settings
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"BACKUP_PATH must not be /"* ]]
+  DEPLOY_PATH="/var/../etc" run validate_settings
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"must not contain '..'"* ]]
+  DEPLOY_PATH="/var/www/a;b" run validate_settings
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"may hold only letters"* ]]
+  APP_PORT="99999" run validate_settings
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"APP_PORT=99999 must be a port number"* ]]
+  SERVICE_NAME="bad name" run validate_settings
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"SERVICE_NAME=bad name is not a valid name"* ]]
+  DEPLOY_PUBLIC_KEY="-----BEGIN OPENSSH PRIVATE KEY-----" run validate_settings
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"not an SSH public key"* ]]
+}
+
+@test "valid settings pass validation" {
+  parse_args --deploy-key "ssh-ed25519 AAAAC3Nza test"
+  run validate_settings
+  [ "${status}" -eq 0 ]
+}
+
+@test "root without sudo or --allow-root is refused" {
+  stub id 'echo 0'
+  parse_args
+  run ensure_privileges
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"refusing to run as root"*"--allow-root"* ]]
+}
+
+@test "root with --allow-root, or through sudo, goes ahead" {
+  stub id 'echo 0'
+  parse_args --allow-root
+  run ensure_privileges
+  [ "${status}" -eq 0 ]
+  parse_args
+  export SUDO_USER="admin"
+  run ensure_privileges
+  [ "${status}" -eq 0 ]
+}
+
+@test "a non-root user re-runs the script with sudo, settings passed as flags" {
+  stub id 'echo 1000'
+  stub sudo 'exit 0'
+  DEPLOY_PATH=/srv/helpdesk
+  parse_args --check
+  run ensure_privileges
+  [ "${status}" -eq 0 ]
+  grep -q "^sudo bash .*server_setup.sh .*--deploy-path /srv/helpdesk .*--check" "${CALLS}"
+}
+
+@test "ensure_packages installs only what is missing" {
+  stub dpkg-query '[[ "$*" == *nginx* ]] && echo "install ok installed"; exit 0'
+  stub apt-get
+  run ensure_packages nginx ufw fail2ban
+  [ "${status}" -eq 0 ]
+  [[ "${output}" == "changed: install ufw fail2ban" ]]
+  grep -q "^apt-get update" "${CALLS}"
+  grep -q "^apt-get install -y -q --no-install-recommends ufw fail2ban$" "${CALLS}"
+}
+
+@test "ensure_packages with everything installed says ok and calls no apt-get" {
+  stub dpkg-query 'echo "install ok installed"'
+  stub apt-get
+  run ensure_packages nginx ufw
+  [ "${output}" = "ok: packages nginx ufw" ]
+  refute_called apt-get
+}
+
+@test "ensure_packages in check mode reports and installs nothing" {
+  stub dpkg-query 'exit 1'
+  stub apt-get
+  MODE=check
+  run ensure_packages nginx
+  [ "${output}" = "would change: install nginx" ]
+  refute_called apt-get
+}
+
+@test "ensure_file writes new content once, then says ok" {
+  local dest="${BATS_TEST_TMPDIR}/site.conf" source="${BATS_TEST_TMPDIR}/source"
+  echo "listen 80;" > "${source}"
+  run ensure_file "${dest}" 644 "${ME}" "${MYGROUP}" "${source}"
+  [ "${output}" = "changed: ${dest}" ]
+  cmp -s "${source}" "${dest}"
+  [ "$(stat -c %a "${dest}")" = "644" ]
+  run ensure_file "${dest}" 644 "${ME}" "${MYGROUP}" "${source}"
+  [ "${output}" = "ok: ${dest}" ]
+}
+
+@test "ensure_file fixes a wrong mode even when the content matches" {
+  local dest="${BATS_TEST_TMPDIR}/sudoers" source="${BATS_TEST_TMPDIR}/source"
+  echo "x" > "${source}"
+  cp "${source}" "${dest}"
+  chmod 666 "${dest}"
+  run ensure_file "${dest}" 440 "${ME}" "${MYGROUP}" "${source}"
+  [ "${output}" = "changed: ${dest}" ]
+  [ "$(stat -c %a "${dest}")" = "440" ]
+}
+
+@test "ensure_file in check mode changes nothing" {
+  local dest="${BATS_TEST_TMPDIR}/f" source="${BATS_TEST_TMPDIR}/source"
+  echo "old" > "${dest}"
+  echo "new" > "${source}"
+  MODE=check
+  run ensure_file "${dest}" 644 "${ME}" "${MYGROUP}" "${source}"
+  [ "${output}" = "would change: ${dest}" ]
+  [ "$(cat "${dest}")" = "old" ]
+}
+
+@test "ensure_file refuses content its validator rejects, leaving the old file" {
+  local dest="${BATS_TEST_TMPDIR}/f" source="${BATS_TEST_TMPDIR}/source"
+  echo "old" > "${dest}"
+  echo "broken" > "${source}"
+  run ensure_file "${dest}" 644 "${ME}" "${MYGROUP}" "${source}" false
+  [ "${status}" -eq 1 ]
+  [[ "${output}" == *"fails validation"* ]]
+  [ "$(cat "${dest}")" = "old" ]
+}
+
+@test "ensure_dir creates a folder with its owner and mode, then says ok" {
+  local dir="${BATS_TEST_TMPDIR}/releases"
+  run ensure_dir "${dir}" "${ME}" "${MYGROUP}" 750
+  [[ "${output}" == "changed: ${dir}/ (${ME}:${MYGROUP} 750)" ]]
+  [ "$(stat -c %a "${dir}")" = "750" ]
+  run ensure_dir "${dir}" "${ME}" "${MYGROUP}" 750
+  [ "${output}" = "ok: ${dir}/" ]
+}
+
+@test "templates render every value and carry the hardening block" {
+  parse_args --service-name helpdesk --deploy-path /srv/hd --app-port 5100
+  run render_template app.service
+  [ "${status}" -eq 0 ]
+  [[ "${output}" == *"ExecStart=/srv/hd/current/.venv/bin/gunicorn --config /etc/helpdesk/"* ]]
+  [[ "${output}" == *"ProtectSystem=strict"* ]]
+  [[ "${output}" == *"ReadWritePaths=/srv/hd/shared/instance"* ]]
+  run render_template app.socket
+  [[ "${output}" == *"ListenStream=127.0.0.1:5100"* ]]
+}
+
+@test "every template renders with no placeholder left" {
+  parse_args
+  local template
+  for template in "${CONF_DIR}"/*; do
+    run render_template "$(basename "${template}")"
+    [ "${status}" -eq 0 ]
+    if grep -Eq "@[A-Z_]+@" <<<"${output}"; then
+      echo "placeholder left in ${template}: ${output}"
+      return 1
+    fi
+  done
+}
+
+@test "ufw rules are read from one status listing" {
+  local listing=$'22/tcp                     ALLOW IN    Anywhere\n80/tcp                     ALLOW IN    Anywhere'
+  ufw_has_rule 22 "${listing}"
+  ufw_has_rule 80 "${listing}"
+  run ufw_has_rule 443 "${listing}"
+  [ "${status}" -ne 0 ]
+  run ufw_has_rule 2 "${listing}"
+  [ "${status}" -ne 0 ]
+}
