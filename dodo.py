@@ -6,6 +6,7 @@ inside actions (scripts/), so `doit list` is instant and never touches a server.
 import sys
 
 from scripts import tasks
+from scripts.deploy import actions
 
 DOIT_CONFIG = {
     "default_tasks": ["build"],
@@ -45,7 +46,60 @@ def task_setup():
 def task_setup_if_needed():
     """Provision only when the script, templates, settings or servers changed (deploy uses it)."""
     return {"actions": [tasks.setup_action], "uptodate": [tasks.setup_is_current],
+            "task_dep": ["sandbox_if_used"], "verbosity": 2}
+
+
+def task_sandbox_if_used():
+    """Start the sandbox server when DEPLOY_SERVER is unset (reuses a running one)."""
+    return {"actions": [tasks.sandbox_if_used_action], "uptodate": [False], "verbosity": 2}
+
+
+def task_check():
+    """pre_deploy_checks: package integrity, SSH and host key, sudo, disk, Python, nginx, lock."""
+    return {"actions": [actions.check_action], "task_dep": ["build", "setup_if_needed"],
+            "uptodate": [False], "verbosity": 2}
+
+
+def task_ship():
+    """deploy_to_server: upload, unpack, venv, migrate, preflight, switch, zero-downtime restart."""
+    return {"actions": [actions.ship_action], "task_dep": ["check"], "uptodate": [False],
             "verbosity": 2}
+
+
+def task_verify():
+    """post_deploy_verification: health, nginx, the guide's commands; rolls back on failure."""
+    return {"actions": [actions.verify_action], "task_dep": ["ship"], "uptodate": [False],
+            "verbosity": 2}
+
+
+def task_deploy():
+    """Build, provision if needed, check, ship and verify: the whole deploy in one command."""
+    return {"actions": None, "task_dep": ["verify"]}
+
+
+def task_rollback():
+    """rollback_deployment: back to the previous good release (RELEASE=<id> to choose one)."""
+    return {"actions": [actions.rollback_action], "uptodate": [False], "verbosity": 2}
+
+
+def task_status():
+    """Current and previous releases, service state, the last deploys."""
+    return {"actions": [actions.status_action], "uptodate": [False], "verbosity": 2}
+
+
+def task_logs():
+    """The app's and nginx's logs and the service journal (last lines)."""
+    return {"actions": [actions.logs_action], "uptodate": [False], "verbosity": 2}
+
+
+def task_unlock():
+    """Remove a deploy lock left by a deploy that died (prints who held it)."""
+    return {"actions": [actions.unlock_action], "uptodate": [False], "verbosity": 2}
+
+
+def task_backups():
+    """List the database backups on the server(s), newest last."""
+    return {"actions": [actions.backups_action], "uptodate": [False], "verbosity": 2}
 
 
 def task_benchmark():

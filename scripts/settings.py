@@ -87,6 +87,24 @@ def _command(raw: str) -> str:
     return raw.strip()
 
 
+def _url_path(raw: str) -> str:
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", raw):
+        raise _Invalid("must be a URL path such as /healthz")
+    return raw
+
+
+def _release_id(raw: str) -> str:
+    if raw and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", raw):
+        raise _Invalid("must be a release id as `doit status` lists them")
+    return raw
+
+
+def _backup_name(raw: str) -> str:
+    if raw and not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", raw):
+        raise _Invalid("must be a backup name as `doit backups` lists them")
+    return raw
+
+
 def _unit_name(raw: str) -> str:
     name = raw.removesuffix(".service")
     if not _UNIT_NAME.match(name) or name.startswith("-"):
@@ -190,6 +208,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MIGRATE_COMMAND", _command, "flask --app wsgi migrate",
             "migrations, run in the release with its venv on PATH (empty: none)"),
     Setting("GUNICORN_WORKERS", _positive_int, "2", "gunicorn worker processes"),
+    Setting("HEALTH_PATH", _url_path, "/healthz",
+            "health URL path; a JSON answer with `release` is checked against the release id"),
+    Setting("APP_ENV_FILE", _optional_local_path, "",
+            "local file uploaded as the app's shared/.env (0600); unset: keep the server's"),
+    Setting("KEEP_RELEASES", _positive_int, "5", "good releases kept on the server"),
+    Setting("BACKUPS_KEEP", _positive_int, "10", "database backups kept in BACKUP_PATH"),
+    Setting("MIN_FREE_MB", _positive_int, "200", "free disk `check` requires beyond the release"),
+    Setting("AUTO_ROLLBACK", _flag, "1", "verify rolls back by itself when it fails"),
+    Setting("RELEASE", _release_id, "", "rollback target (default: the previous good release)"),
+    Setting("RESTORE_BACKUP", _backup_name, "",
+            "rollback also restores this database backup (a name from `doit backups`)"),
     Setting("APP_DIR", _local_path, "examples/helpdesk", "the Flask app to package"),
     Setting("DIST_DIR", _local_path, "dist", "where packages are written"),
     Setting("PACKAGE_MAX_MB", _megabytes, "20", "largest package allowed, in MB"),
@@ -222,6 +251,14 @@ class Settings:
     server_name: str
     migrate_command: str
     gunicorn_workers: int
+    health_path: str
+    app_env_file: Path | None
+    keep_releases: int
+    backups_keep: int
+    min_free_mb: int
+    auto_rollback: bool
+    release: str
+    restore_backup: str
     app_dir: Path
     dist_dir: Path
     package_max_mb: float

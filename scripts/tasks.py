@@ -23,7 +23,8 @@ def user_errors_fail_task(action):
             for line in str(error).splitlines():
                 print(f"error: {line}", file=sys.stderr)
             return False
-        return result is not False
+        # A dict is what doit saves as the task's values (read back by uptodate callables).
+        return result if isinstance(result, dict) else result is not False
     return wrapper
 
 
@@ -39,6 +40,16 @@ def sandbox_action(command, servers):
     settings = load_settings()
     return run_command(sandbox_from_settings(settings), words[0],
                        servers or settings.sandbox_servers) == 0
+
+
+@user_errors_fail_task
+def sandbox_if_used_action():
+    settings = load_settings()
+    if not settings.uses_sandbox:
+        return
+    from scripts.sandbox import sandbox_from_settings
+    from scripts.sandbox.commands import run_command
+    run_command(sandbox_from_settings(settings), "up", settings.sandbox_servers)
 
 
 def _failing_action(error: ToolkitError):

@@ -1,0 +1,74 @@
+"""pre_deploy_checks: everything a deploy needs, checked before anything changes. One line per
+check; a failure says what is wrong and what to do."""
+
+from __future__ import annotations
+
+import math
+
+from scripts.deploy import commands
+from scripts.deploy.lock import describe, holder_is_dead
+from scripts.deploy.server import Server
+from scripts.settings import Settings
+
+
+def required_sudo(settings: Settings) -> list[str]:
+    unit = commands.units(settings)
+    return [f"/usr/bin/systemctl restart {unit['app']}",
+            f"/usr/bin/systemctl start {unit['migrate']}",
+            f"/usr/bin/systemctl start {unit['preflight']}",
+            f"/usr/bin/systemctl stop {unit['preflight']}",
+            "/usr/sbin/nginx -t"]
+
+
+def needed_mb(manifest: dict, settings: Settings) -> int:
+    unpacked = sum(entry["size"] for entry in manifest["files"] + manifest["wheels"])
+    return math.ceil(unpacked * 3 / 1e6) + settings.min_free_mb  # package + release + venv
+
+
+def check_server(server: Server, settings: Settings, manifest: dict) -> list[tuple[bool, str]]:
+    results: list[tuple[bool, str]] = [(True, f"SSH as {server.target.user}, host key verified")]
+    path = str(server.deploy_path)
+    if not server.ensure_tool():
+        return results + [(False, f"{path} is not set up for deploys; run `doit setup`")]
+    state = server.tool_call("probe", path)
+    wanted = manifest["target"]["python"]
+    if state["python"] == wanted:
+        results.append((True, f"server Python {state['python']} matches the wheels"))
+    else:
+        results.append((False, f"server Python is {state['python']} but the package's wheels are "
+                               f"for {wanted}; set TARGET_PYTHON={state['python']} and rebuild"))
+    platform = manifest["target"]["platform"]
+    if platform.endswith(state["machine"]):
+        results.append((True, f"server architecture {state['machine']}"))
+    else:
+        results.append((False, f"server is {state['machine']}, the wheels are for {platform}; "
+                               f"set TARGET_PLATFORM and rebuild"))
+    listing = server.sudo(["-l"], check=False).stdout
+    missing = [command for command in required_sudo(settings) if command not in listing]
+    if missing:
+        results.append((False, f"{server.target.user} may not run `sudo {missing[0]}`; run `doit "
+                               f"setup` (it installs the sudoers rules)"))
+    else:
+        results.append((True, f"{server.target.user} has the sudo rights deploys need"))
+    nginx = server.sudo(["nginx", "-t"], check=False)
+    results.append((nginx.status == 0, "nginx configuration valid" if nginx.status == 0 else
+                    f"`nginx -t` fails: {nginx.error_line}; fix nginx before deploying"))
+    need = needed_mb(manifest, settings)
+    free = server.tool_call("disk", path, str(settings.backup_path))["free_mb"]
+    for folder, free_mb in free.items():
+        if free_mb >= need:
+            results.append((True, f"{folder}: {free_mb} MB free (needs {need})"))
+        else:
+            results.append((False, f"{folder} has {free_mb} MB free, a deploy needs {need} MB "
+                                   f"(release, venv and backup, plus MIN_FREE_MB); free some "
+                                   f"space first"))
+    lock = state.get("lock")
+    if not lock:
+        results.append((True, "no deploy lock held"))
+    elif holder_is_dead(lock):
+        results.append((True, f"stale lock of a dead deploy ({describe(lock)}); the next deploy "
+                              f"breaks it"))
+    else:
+        results.append((False, f"a deploy lock is held by {describe(lock)}; wait, or if that "
+                               f"deploy died run `doit unlock`"))
+    return results

@@ -1,0 +1,198 @@
+"""deploy_to_server: ship a built package to one server and switch to it with no failed request.
+
+lock -> upload -> unpack -> venv -> shared -> backup -> migrate -> preflight -> switch ->
+restart -> finish (mark good, prune) -> log -> unlock. Until `switch`, the old release serves
+and nothing it uses was touched (a failed migration is undone from the backup)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from scripts.build.package import BuildRecord
+from scripts.deploy import commands
+from scripts.deploy.lock import deploy_lock, who
+from scripts.deploy.report import Reporter
+from scripts.deploy.server import Server
+from scripts.errors import ToolkitError
+from scripts.settings import Settings
+
+HEALTH_TIMEOUT_S = 30
+
+
+@dataclass
+class DeployOutcome:
+    server: str
+    release: str
+    previous: str | None
+    changed: bool
+    seconds: float
+
+
+def log_entry(action: str, release: str, previous: str | None, started: float, result: str,
+              record: BuildRecord | None = None, step: str = "", error: str = "") -> dict:
+    entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "action": action, "who": who(), "release": release, "previous": previous,
+             "duration_s": round(time.monotonic() - started, 2), "result": result}
+    if record is not None:
+        entry["git_commit"] = record.git_commit
+    if step:
+        entry.update(step=step, error=error)
+    return entry
+
+
+def journal_tail(server: Server, unit: str) -> str:
+    lines = server.sudo(commands.journal(unit, 30), check=False).stdout.strip().splitlines()
+    return " | ".join(line.split(": ", 1)[-1] for line in lines[-4:])
+
+
+def start_preflight(server: Server, settings: Settings, release: str) -> None:
+    """Run `next` on the spare port and require its health check, then stop it again."""
+    unit = commands.units(settings)["preflight"]
+    server.sudo(commands.systemctl("stop", unit), check=False)  # a leftover of a killed deploy
+    try:
+        started = server.sudo(commands.systemctl("start", unit), check=False)
+        if started.status != 0:
+            raise ToolkitError(f"{server.name}: release {release} does not start: "
+                               f"{journal_tail(server, unit)}")
+        server.tool_call("health", commands.health_url(commands.preflight_port(settings),
+                                                       settings.health_path),
+                         release, HEALTH_TIMEOUT_S, what="health check of the new release")
+    finally:
+        server.sudo(commands.systemctl("stop", unit), check=False)
+
+
+def restart_and_check(server: Server, settings: Settings, release: str) -> None:
+    """Restart onto `current`: systemd holds the socket, so requests wait instead of failing."""
+    server.sudo(commands.systemctl("restart", commands.units(settings)["app"]),
+                what="restarting the service")
+    server.tool_call("health", commands.health_url(settings.app_port, settings.health_path),
+                     release, HEALTH_TIMEOUT_S, what="health check after the restart")
+
+
+def upload_package(server: Server, record: BuildRecord, package: Path) -> bool:
+    path = str(server.deploy_path)
+    if server.tool_call("has-package", path, record.package, record.sha256).get("present"):
+        return False
+    remote = commands.package_path(server.deploy_path, record.package)
+    server.run(["mkdir", "-p", str(remote.parent)])
+    server.put(package.read_bytes(), remote.with_name(remote.name + ".partial"))
+    server.tool_call("accept-package", path, record.package, record.sha256)
+    return True
+
+
+def migrate(server: Server, settings: Settings, release: str, backup: str | None) -> str:
+    path = str(server.deploy_path)
+    server.tool_call("set-next", path, release)
+    if not settings.migrate_command:
+        return "no MIGRATE_COMMAND"
+    unit = commands.units(settings)["migrate"]
+    if server.sudo(commands.systemctl("start", unit), check=False).status == 0:
+        return settings.migrate_command
+    reason = journal_tail(server, unit)
+    if backup:
+        server.tool_call("restore", path, backup, what="restoring the database backup")
+        raise ToolkitError(f"{server.name}: migrations of {release} failed ({reason}); the "
+                           f"database was restored from {backup}; the old release keeps serving")
+    raise ToolkitError(f"{server.name}: migrations of {release} failed ({reason}); the old "
+                       f"release keeps serving")
+
+
+def deploy_to_server(server: Server, settings: Settings, record: BuildRecord, package: Path,
+                     reporter: Reporter) -> DeployOutcome:
+    started = time.monotonic()
+    release = record.release_id
+    path = str(server.deploy_path)
+    if not server.ensure_tool():
+        raise ToolkitError(f"{server.name}: {path} is not set up for deploys; run `doit setup`")
+    state = server.tool_call("probe", path)
+    previous = state.get("current")
+    if previous == release and release in state.get("good", []) and not server.dry_run:
+        active = server.run(commands.systemctl("is-active", settings.service_name), check=False)
+        if active.stdout.strip() == "active":
+            reporter.line(f"ok: release {release} is already current and serving; nothing to do")
+            return DeployOutcome(server.name, release, previous, False,
+                                 time.monotonic() - started)
+    with deploy_lock(server, release, "deploy", log=reporter.line):
+        try:
+            _ship(server, settings, record, package, reporter, release)
+        except BaseException as error:
+            entry = log_entry("deploy", release, previous, started, "failed", record,
+                              reporter.failed_step, str(error) or type(error).__name__)
+            _log_quietly(server, entry)
+            raise
+        server.tool_call("log", path, json.dumps(log_entry("deploy", release, previous, started,
+                                                           "ok", record)))
+    return DeployOutcome(server.name, release, previous, True, time.monotonic() - started)
+
+
+def _ship(server, settings, record, package, reporter, release) -> None:
+    path = str(server.deploy_path)
+    with reporter.step("upload") as outcome:
+        outcome.changed = upload_package(server, record, package)
+        outcome.detail = (f"{record.package} ({record.size / 1e6:.2f} MB)" if outcome.changed
+                          else "package already on the server")
+    with reporter.step("unpack") as outcome:
+        outcome.changed = server.tool_call("unpack", path, record.package, release)["changed"] \
+            if not server.dry_run else True
+        outcome.detail = f"releases/{release}"
+    with reporter.step("venv") as outcome:
+        answer = server.tool_call("venv", path, release)
+        outcome.changed = bool(answer.get("changed"))
+        outcome.detail = (f"built shared/venvs/{answer.get('venv')} from wheels"
+                          if outcome.changed else
+                          f"reused shared/venvs/{answer.get('venv')} (same requirements)")
+    with reporter.step("shared") as outcome:
+        env_b64 = ""
+        if settings.app_env_file:
+            env_b64 = base64.b64encode(settings.app_env_file.read_bytes()).decode()
+        outcome.changed = bool(server.tool_call("link-shared", path, release, env_b64)
+                               .get("changed"))
+        outcome.detail = "instance/, uploads/ -> shared/; shared/.env 0600"
+    with reporter.step("backup") as outcome:
+        backup = server.tool_call("backup", path, str(settings.backup_path), release,
+                                  settings.backups_keep).get("backup")
+        outcome.changed = bool(backup)
+        outcome.detail = backup or "no database yet"
+    with reporter.step("migrate") as outcome:
+        outcome.detail = migrate(server, settings, release, backup)
+        outcome.changed = bool(settings.migrate_command)
+    with reporter.step("preflight") as outcome:
+        start_preflight(server, settings, release)
+        outcome.detail = (f"{release} healthy on 127.0.0.1:{commands.preflight_port(settings)}"
+                          f"{settings.health_path}")
+    with reporter.step("switch") as outcome:
+        answer = server.tool_call("switch", path, release)
+        outcome.changed = bool(answer.get("changed", True))
+        outcome.detail = f"current -> releases/{release} (was {answer.get('previous')})"
+    with reporter.step("restart") as outcome:
+        try:
+            restart_and_check(server, settings, release)
+        except ToolkitError:
+            _switch_back(server, settings, answer.get("previous"))
+            raise
+        outcome.changed = True
+        outcome.detail = f"{settings.service_name} serves {release}"
+    with reporter.step("finish") as outcome:
+        removed = server.tool_call("finish", path, release,
+                                   settings.keep_releases).get("removed", [])
+        outcome.changed = True
+        outcome.detail = f"marked good; removed {len(removed)} old release(s)"
+
+
+def _switch_back(server: Server, settings: Settings, previous: str | None) -> None:
+    if not previous:
+        return
+    server.tool_call("switch", str(server.deploy_path), previous)
+    server.sudo(commands.systemctl("restart", commands.units(settings)["app"]), check=False)
+
+
+def _log_quietly(server: Server, entry: dict) -> None:
+    try:
+        server.tool_call("log", str(server.deploy_path), json.dumps(entry))
+    except (ToolkitError, OSError, EOFError):
+        pass

@@ -1,0 +1,94 @@
+"""The deploy lock on a server: taken atomically (mkdir), records who, when and what, released
+on every exit (Ctrl-C and SIGTERM included). A lock left by a deploy that died on this machine
+is recognised safely (its process is gone) and broken; any other is reported with its holder."""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import json
+import os
+import secrets
+import signal
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+from scripts.errors import ToolkitError
+
+
+class Interrupted(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so `finally` blocks run."""
+
+
+def who() -> str:
+    user = os.environ.get("GITLAB_USER_LOGIN") or os.environ.get("GITHUB_ACTOR") or \
+        getpass.getuser()
+    return f"{user}@{socket.gethostname()}"
+
+
+def process_start_time(pid: int) -> str:
+    """Distinguishes a live process from a later one that reused its PID."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def lock_info(release: str, action: str) -> dict:
+    return {"token": secrets.token_hex(8), "who": who(), "host": socket.gethostname(),
+            "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "release": release, "action": action}
+
+
+def holder_is_dead(holder: dict) -> bool:
+    """Only provable on the machine that holds it: same host, and that process is gone."""
+    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+        return False
+    return process_start_time(int(holder["pid"])) != holder.get("pid_start")
+
+
+def describe(holder: dict) -> str:
+    if not holder or "who" not in holder:
+        return (holder or {}).get("holder", "an unknown holder")
+    return (f"{holder['who']} (pid {holder.get('pid')}) since {holder.get('started')}, "
+            f"{holder.get('action', 'deploy')} of release {holder.get('release')}")
+
+
+@contextmanager
+def sigterm_raises():
+    """Turn SIGTERM into an exception for the duration, so the lock is released."""
+    def handler(signum, frame):
+        raise Interrupted("terminated")
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def deploy_lock(server, release: str, action: str = "deploy", log=print):
+    info = lock_info(release, action)
+    path = str(server.deploy_path)
+    answer = server.tool_call("lock", path, json.dumps(info), what="taking the deploy lock")
+    if not server.dry_run and not answer.get("taken"):
+        holder = answer.get("holder") or {}
+        if not holder_is_dead(holder):
+            raise ToolkitError(f"{server.name}: another deploy holds the lock: "
+                               f"{describe(holder)}; wait for it, or if it died run "
+                               f"`doit unlock`")
+        log(f"{server.name}: note: breaking the lock of a deploy that died: {describe(holder)}")
+        server.tool_call("unlock", path, holder.get("token", ""))
+        if not server.tool_call("lock", path, json.dumps(info)).get("taken"):
+            raise ToolkitError(f"{server.name}: another deploy took the lock just now; try again")
+    try:
+        with sigterm_raises():
+            yield info
+    finally:
+        try:
+            server.tool_call("unlock", path, info["token"], what="releasing the deploy lock")
+        except (ToolkitError, OSError, EOFError) as error:
+            log(f"{server.name}: warning: could not release the deploy lock ({error}); "
+                f"run `doit unlock`")

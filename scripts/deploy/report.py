@@ -1,0 +1,47 @@
+"""Output a person can follow: one line per step with `changed` or `ok`, its time and what it
+did; a summary at the end. Every line names the server when there are several."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepOutcome:
+    changed: bool = False
+    detail: str = ""
+
+
+@dataclass
+class Reporter:
+    server: str = ""
+    show_server: bool = False
+    log: object = print
+    steps: list[tuple[str, StepOutcome, float]] = field(default_factory=list)
+    failed_step: str = ""
+
+    def line(self, text: str) -> None:
+        prefix = f"{self.server}: " if self.show_server else ""
+        self.log(f"{prefix}{text}")
+
+    @contextmanager
+    def step(self, name: str):
+        """`with reporter.step("upload") as outcome: ...; outcome.changed = True`"""
+        outcome = StepOutcome()
+        started = time.monotonic()
+        try:
+            yield outcome
+        except BaseException:
+            self.failed_step = name
+            self.line(f"{'FAILED':8} {name:10} {time.monotonic() - started:5.2f} s")
+            raise
+        elapsed = time.monotonic() - started
+        self.steps.append((name, outcome, elapsed))
+        verdict = "changed" if outcome.changed else "ok"
+        self.line(f"{verdict:8} {name:10} {elapsed:5.2f} s  {outcome.detail}".rstrip())
+
+    @property
+    def changed(self) -> int:
+        return sum(1 for _, outcome, _ in self.steps if outcome.changed)

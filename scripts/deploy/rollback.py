@@ -1,0 +1,63 @@
+"""rollback_deployment: back to the previous good release (by recorded order, not by mtime) or
+to RELEASE, health-gated like a deploy. The database stays as it is unless RESTORE_BACKUP
+names a backup to restore."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from scripts.deploy.deploy import (DeployOutcome, _log_quietly, _switch_back, log_entry,
+                                   restart_and_check, start_preflight)
+from scripts.deploy.lock import deploy_lock
+from scripts.deploy.report import Reporter
+from scripts.deploy.server import Server
+from scripts.errors import ToolkitError
+from scripts.settings import Settings
+
+
+def rollback_server(server: Server, settings: Settings, reporter: Reporter) -> DeployOutcome:
+    started = time.monotonic()
+    path = str(server.deploy_path)
+    if not server.ensure_tool():
+        raise ToolkitError(f"{server.name}: {path} is not set up for deploys; run `doit setup`")
+    answer = server.tool_call("previous-good", path)
+    current = answer.get("current")
+    target = settings.release or answer.get("previous")
+    if not target and not server.dry_run:
+        raise ToolkitError(f"{server.name}: nothing to roll back to: release {current} is the "
+                           f"only good release on the server")
+    if target == current and not settings.restore_backup:
+        reporter.line(f"ok: release {target} is already current; nothing to do")
+        return DeployOutcome(server.name, target, current, False, time.monotonic() - started)
+    with deploy_lock(server, target, "rollback", log=reporter.line):
+        try:
+            with reporter.step("preflight") as outcome:
+                server.tool_call("set-next", path, target)
+                start_preflight(server, settings, target)
+                outcome.detail = f"{target} healthy on the spare port"
+            if settings.restore_backup:
+                with reporter.step("restore") as outcome:
+                    backup = str(settings.backup_path / settings.restore_backup)
+                    restored = server.tool_call("restore", path, backup).get("restored", [])
+                    outcome.changed = True
+                    outcome.detail = f"{', '.join(restored)} from {backup}"
+            with reporter.step("switch") as outcome:
+                switched = server.tool_call("switch", path, target)
+                outcome.changed = bool(switched.get("changed", True))
+                outcome.detail = f"current -> releases/{target} (was {current})"
+            with reporter.step("restart") as outcome:
+                try:
+                    restart_and_check(server, settings, target)
+                except ToolkitError:
+                    _switch_back(server, settings, current)
+                    raise
+                outcome.changed = True
+                outcome.detail = f"{settings.service_name} serves {target}"
+        except BaseException as error:
+            _log_quietly(server, log_entry("rollback", target, current, started, "failed",
+                                           step=reporter.failed_step, error=str(error)))
+            raise
+        server.tool_call("log", path, json.dumps(log_entry("rollback", target, current, started,
+                                                           "ok")))
+    return DeployOutcome(server.name, target, current, True, time.monotonic() - started)

@@ -1,0 +1,121 @@
+"""One server as deploy steps see it: argv lists run over a single SSH shell session (one round
+trip of a few milliseconds each), the server tool, and uploads. With DRY_RUN it prints what it
+would run and runs nothing."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from scripts.errors import ToolkitError
+from scripts.remote import Target, connect
+
+TOOL_SOURCE = Path(__file__).with_name("server_tool.py")
+PUT_CHUNK = 3 << 18  # 768 KiB of data, 1 MiB of base64 per shell line
+
+
+@dataclass
+class Result:
+    status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_line(self) -> str:
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        return (errors or lines or [f"exit status {self.status}"])[-1].removeprefix("error: ")
+
+
+def tool_path(deploy_path: PurePosixPath) -> PurePosixPath:
+    digest = hashlib.sha256(TOOL_SOURCE.read_bytes()).hexdigest()[:12]
+    return deploy_path / ".deploy-tool" / f"server_tool-{digest}.py"
+
+
+class Server:
+    """A connected server. Use as a context manager; `name` labels its output lines."""
+
+    def __init__(self, target: Target, deploy_path: PurePosixPath, dry_run: bool = False,
+                 log=print):
+        self.target = target
+        self.name = target.display
+        self.deploy_path = deploy_path
+        self.dry_run = dry_run
+        self.log = log
+        self.machine = None
+        self.session = None
+        self.tool = tool_path(deploy_path)
+
+    def __enter__(self) -> "Server":
+        if not self.dry_run:
+            self.machine = connect(self.target)
+            self.session = self.machine.session()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for closable in (self.session, self.machine):
+            try:
+                if closable is not None:
+                    closable.close()
+            except Exception:  # noqa: BLE001 - a dead connection has nothing left to close
+                pass
+        self.session = self.machine = None
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, argv: list[str], check: bool = True, what: str = "") -> Result:
+        command = " ".join(shlex.quote(str(arg)) for arg in argv)
+        if self.dry_run:
+            self.log(f"    $ {command}")
+            return Result(0, "{}", "")
+        status, stdout, stderr = self.session.run(command, retcode=None)
+        result = Result(status, stdout, stderr)
+        if check and status != 0:
+            raise ToolkitError(f"{self.name}: {what or argv[0]} failed: {result.error_line}")
+        return result
+
+    def tool_call(self, subcommand: str, *args: str, what: str = "") -> dict:
+        """Run a server_tool subcommand; its JSON answer, or a ToolkitError with its error."""
+        result = self.run(["python3", str(self.tool), subcommand, *map(str, args)],
+                          what=what or subcommand)
+        try:
+            return json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout else {}
+        except (ValueError, IndexError):
+            raise ToolkitError(f"{self.name}: {subcommand}: unexpected answer "
+                               f"{result.stdout[:200]!r}") from None
+
+    def sudo(self, argv: list[str], check: bool = True, what: str = "") -> Result:
+        return self.run(["sudo", "-n", *argv], check=check, what=what)
+
+    def put(self, data: bytes, remote_path: PurePosixPath) -> None:
+        """Write bytes to a file on the server through the open shell session (base64 text in
+        chunks): no second SSH handshake, which would cost more than the transfer."""
+        target = shlex.quote(str(remote_path))
+        if self.dry_run:
+            self.log(f"    $ base64 -d > {target}  # {len(data)} bytes, in chunks")
+            return
+        self.run(["truncate", "-s", "0", str(remote_path)])
+        for start in range(0, len(data), PUT_CHUNK):
+            chunk = base64.b64encode(data[start:start + PUT_CHUNK]).decode()
+            status, _, stderr = self.session.run(
+                f"printf %s {chunk} | base64 -d >> {target}", retcode=None)
+            if status != 0:
+                raise ToolkitError(f"{self.name}: writing {remote_path} failed: {stderr.strip()}")
+
+    def ensure_tool(self) -> bool:
+        """Install this version of the server tool; False when DEPLOY_PATH is missing."""
+        if self.dry_run:
+            return True
+        if self.run(["test", "-f", str(self.tool)], check=False).status == 0:
+            return True
+        if self.run(["test", "-d", str(self.deploy_path / "releases")], check=False).status:
+            return False
+        self.run(["mkdir", "-p", str(self.tool.parent)])
+        self.put(TOOL_SOURCE.read_bytes(), self.tool)
+        return True

@@ -1,0 +1,472 @@
+"""The deploy toolkit's helper on the server: small, idempotent file operations on the release
+layout, each one call. Python 3.8+ standard library only, because it runs with the server's
+python3 before any venv exists. Every subcommand prints one JSON object; an error exits 2 with
+one line on stderr.
+
+Layout (DEPLOY_PATH):
+  releases/<id>/      unpacked package; .venv -> ../../shared/venvs/<requirements hash>
+  shared/             .env (0600, read by systemd), instance/ (SQLite), uploads/, venvs/
+  packages/           uploaded packages
+  current, next       symlinks to releases/<id> (next: the release being deployed)
+  good-releases       ids that went live, oldest first (rollback walks it backwards)
+  deploy-log.jsonl    one line per deploy or rollback
+  .deploy-lock/       held while a deploy runs (info.json says by whom)
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+# Heavier modules are imported by the commands that need them: every call is a fresh python3,
+# and importing them all would triple its start-up time.
+
+DATABASE_SUFFIXES = (".sqlite3", ".sqlite", ".db")
+SHARED_LINKS = ("instance", "uploads")
+
+
+class Refusal(Exception):
+    """What the user must hear: printed as `error: ...`, exit status 2."""
+
+
+def out(**values):
+    print(json.dumps(values, sort_keys=True))
+
+
+def path(root, *parts):
+    return os.path.join(root, *parts)
+
+
+def release_id_of(link):
+    try:
+        return os.path.basename(os.readlink(link))
+    except OSError:
+        return None
+
+
+def read_good(root):
+    try:
+        with open(path(root, "good-releases")) as stream:
+            return [line.strip() for line in stream if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def write_atomically(target, text, mode=0o644):
+    staged = target + ".new"
+    with open(staged, "w") as stream:
+        stream.write(text)
+    os.chmod(staged, mode)
+    os.replace(staged, target)
+
+
+def link_atomically(link, destination):
+    """ln -sfn, but atomic: a reader sees the old link or the new one, never none."""
+    staged = link + ".new"
+    if os.path.lexists(staged):
+        os.unlink(staged)
+    os.symlink(destination, staged)
+    os.replace(staged, link)
+
+
+def sha256_of(file_name):
+    digest = hashlib.sha256()
+    with open(file_name, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- state ------------------------------------------------------------------------------------
+def cmd_probe(root):
+    """Everything a deploy, check or status needs to know, in one round trip."""
+    lock = None
+    try:
+        with open(path(root, ".deploy-lock", "info.json")) as stream:
+            lock = json.load(stream)
+    except FileNotFoundError:
+        lock = {"holder": "unknown (no info.json)"} if os.path.isdir(
+            path(root, ".deploy-lock")) else None
+    except ValueError:
+        lock = {"holder": "unknown (unreadable info.json)"}
+    releases = sorted(name for name in os.listdir(path(root, "releases"))
+                      if not name.endswith(".partial")) if os.path.isdir(
+        path(root, "releases")) else []
+    out(current=release_id_of(path(root, "current")), good=read_good(root), lock=lock,
+        releases=releases, python="%d.%d" % sys.version_info[:2], machine=os.uname().machine,
+        layout=os.path.isdir(path(root, "releases")) and os.path.isdir(path(root, "shared")))
+
+
+def cmd_lock(root, info_json):
+    """mkdir is atomic: exactly one deploy gets the lock."""
+    lock_dir = path(root, ".deploy-lock")
+    try:
+        os.mkdir(lock_dir)
+    except FileExistsError:
+        try:
+            with open(path(lock_dir, "info.json")) as stream:
+                holder = json.load(stream)
+        except (OSError, ValueError):
+            holder = {"holder": "unknown"}
+        out(taken=False, holder=holder)
+        return
+    write_atomically(path(lock_dir, "info.json"), info_json)
+    out(taken=True)
+
+
+def cmd_unlock(root, token=""):
+    """Release the lock; with a token, only the lock that token took."""
+    lock_dir = path(root, ".deploy-lock")
+    if not os.path.isdir(lock_dir):
+        out(released=False, holder=None)
+        return
+    try:
+        with open(path(lock_dir, "info.json")) as stream:
+            holder = json.load(stream)
+    except (OSError, ValueError):
+        holder = {}
+    if token and holder.get("token") != token:
+        out(released=False, holder=holder)
+        return
+    shutil.rmtree(lock_dir)
+    out(released=True, holder=holder)
+
+
+# -- shipping ---------------------------------------------------------------------------------
+def cmd_has_package(root, name, sha256):
+    file_name = path(root, "packages", name)
+    out(present=os.path.isfile(file_name) and sha256_of(file_name) == sha256)
+
+
+def cmd_accept_package(root, name, sha256):
+    """The upload went to NAME.partial; keep it only if its sha256 is the expected one."""
+    partial = path(root, "packages", name + ".partial")
+    actual = sha256_of(partial)
+    if actual != sha256:
+        os.unlink(partial)
+        raise Refusal("uploaded package %s has sha256 %s, expected %s; the upload was damaged, "
+                      "deploy again" % (name, actual[:12], sha256[:12]))
+    os.replace(partial, path(root, "packages", name))
+    out(accepted=True)
+
+
+def _safe_members(tar):
+    for member in tar.getmembers():
+        parts = member.name.split("/")
+        if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+            raise Refusal("package holds an unsafe entry %r; refusing to unpack it" % member.name)
+        yield member
+
+
+def cmd_unpack(root, name, release):
+    import compileall
+    import re
+    import tarfile
+    release_dir = path(root, "releases", release)
+    if os.path.isfile(path(release_dir, ".unpacked")):
+        out(changed=False)
+        return
+    partial = release_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    if os.path.isdir(release_dir):  # left by an interrupted deploy: start it again
+        shutil.rmtree(release_dir)
+    os.makedirs(partial)
+    with tarfile.open(path(root, "packages", name)) as tar:
+        tar.extractall(partial, members=list(_safe_members(tar)))
+    with open(path(partial, "manifest.json")) as stream:
+        if json.load(stream)["release_id"] != release:
+            raise Refusal("package %s does not hold release %s" % (name, release))
+    # Bytecode now, as the deploy user: the app user cannot write into a release.
+    compileall.compile_dir(partial, quiet=1, rx=re.compile(r"/wheels/"))
+    open(path(partial, ".unpacked"), "w").close()
+    os.replace(partial, release_dir)
+    out(changed=True)
+
+
+def _requirements_hash(release_dir, python):
+    with open(path(release_dir, "manifest.json")) as stream:
+        manifest = json.load(stream)
+    wheels = sorted(entry["sha256"] for entry in manifest.get("wheels", []))
+    text = manifest["requirements_sha256"] + "|" + python + "|" + ",".join(wheels)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cmd_venv(root, release):
+    """A venv per requirements (and wheels): a code-only release reuses its predecessor's."""
+    import subprocess
+    release_dir = path(root, "releases", release)
+    python = "%d.%d" % sys.version_info[:2]
+    key = _requirements_hash(release_dir, python)
+    venv_dir = path(root, "shared", "venvs", key)
+    changed = False
+    if not os.path.isfile(path(venv_dir, ".complete")):
+        # venvs are not relocatable: build in place, and only a finished one gets .complete.
+        shutil.rmtree(venv_dir, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", venv_dir], check=True)
+        result = subprocess.run(
+            [path(venv_dir, "bin", "pip"), "install", "--quiet", "--no-index",
+             "--disable-pip-version-check", "--find-links", path(release_dir, "wheels"),
+             "-r", path(release_dir, "requirements.txt")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+        if result.returncode != 0:
+            shutil.rmtree(venv_dir, ignore_errors=True)
+            last = (result.stdout.strip().splitlines() or ["no output"])[-1]
+            raise Refusal("installing the wheels failed: %s" % last)
+        open(path(venv_dir, ".complete"), "w").close()
+        changed = True
+    link = path(release_dir, ".venv")
+    wanted = path("..", "..", "shared", "venvs", key)
+    if (os.readlink(link) if os.path.islink(link) else None) != wanted:
+        link_atomically(link, wanted)
+    out(changed=changed, venv=key)
+
+
+def cmd_link_shared(root, release, env_b64=""):
+    """instance/ and uploads/ of the release point into shared/; shared/.env exists (0600)."""
+    import base64
+    import secrets
+    release_dir = path(root, "releases", release)
+    changed = False
+    for name in SHARED_LINKS:
+        link = path(release_dir, name)
+        wanted = path("..", "..", "shared", name)
+        if not (os.path.islink(link) and os.readlink(link) == wanted):
+            if os.path.isdir(link) and not os.path.islink(link):
+                shutil.rmtree(link)
+            link_atomically(link, wanted)
+            changed = True
+    env_file = path(root, "shared", ".env")
+    if env_b64:
+        wanted_text = base64.b64decode(env_b64).decode()
+        current = open(env_file).read() if os.path.exists(env_file) else None
+        if current != wanted_text:
+            write_atomically(env_file, wanted_text, 0o600)
+            changed = True
+    elif not os.path.exists(env_file):
+        # A first deploy gets a random secret key, so sessions are signed from day one.
+        write_atomically(env_file, "SECRET_KEY=%s\n" % secrets.token_hex(32), 0o600)
+        changed = True
+    if os.stat(env_file).st_mode & 0o777 != 0o600:
+        os.chmod(env_file, 0o600)
+        changed = True
+    out(changed=changed)
+
+
+# -- database ---------------------------------------------------------------------------------
+def _databases(root):
+    instance = path(root, "shared", "instance")
+    if not os.path.isdir(instance):
+        return []
+    return sorted(name for name in os.listdir(instance) if name.endswith(DATABASE_SUFFIXES))
+
+
+def cmd_backup(root, backup_root, release, keep):
+    """SQLite's online backup: a consistent copy even while the app writes."""
+    import datetime
+    import sqlite3
+    databases = _databases(root)
+    if not databases:
+        out(backup=None)
+        return
+    stamp = datetime.datetime.utcnow().strftime("%Y%m%dT%H%M%S%fZ")
+    target = path(backup_root, "%s-%s" % (stamp, release))
+    os.makedirs(target + ".partial")
+    for name in databases:
+        source = sqlite3.connect(path(root, "shared", "instance", name), timeout=10)
+        copy = sqlite3.connect(path(target + ".partial", name))
+        with copy:
+            source.backup(copy)
+        copy.close()
+        source.close()
+    os.replace(target + ".partial", target)
+    backups = sorted(name for name in os.listdir(backup_root) if not name.endswith(".partial"))
+    for old in backups[:-int(keep)]:
+        shutil.rmtree(path(backup_root, old), ignore_errors=True)
+    out(backup=target)
+
+
+def cmd_restore(root, backup_dir):
+    """Write a backup back into the live database files (also through SQLite's backup API)."""
+    import sqlite3
+    if not os.path.isdir(backup_dir):
+        raise Refusal("no backup at %s; `doit backups` lists them" % backup_dir)
+    restored = []
+    for name in sorted(os.listdir(backup_dir)):
+        if not name.endswith(DATABASE_SUFFIXES):
+            continue
+        source = sqlite3.connect(path(backup_dir, name))
+        live = sqlite3.connect(path(root, "shared", "instance", name), timeout=30)
+        with live:
+            source.backup(live)
+        live.close()
+        source.close()
+        restored.append(name)
+    out(restored=restored)
+
+
+def cmd_backups(backup_root):
+    names = sorted(name for name in os.listdir(backup_root)
+                   if not name.endswith(".partial")) if os.path.isdir(backup_root) else []
+    out(backups=[path(backup_root, name) for name in names])
+
+
+# -- switching --------------------------------------------------------------------------------
+def cmd_set_next(root, release):
+    if not os.path.isfile(path(root, "releases", release, ".unpacked")):
+        raise Refusal("release %s is not on this server; deploy it first" % release)
+    link_atomically(path(root, "next"), path("releases", release))
+    out(changed=True)
+
+
+def cmd_switch(root, release):
+    previous = release_id_of(path(root, "current"))
+    if previous == release:
+        out(changed=False, previous=previous)
+        return
+    link_atomically(path(root, "current"), path("releases", release))
+    out(changed=True, previous=previous)
+
+
+def cmd_health(url, expect_release, timeout):
+    """Poll url until it answers 2xx with the expected release (when it reports one)."""
+    import time
+    import urllib.error
+    import urllib.request
+    deadline = time.monotonic() + float(timeout)
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                body = response.read().decode(errors="replace")
+            try:
+                release = json.loads(body).get("release")
+            except ValueError:
+                release = None
+            if not expect_release or release in (None, expect_release):
+                out(ok=True, release=release)
+                return
+            last = "it runs release %s, not %s" % (release, expect_release)
+        except urllib.error.HTTPError as error:
+            last = "HTTP %d" % error.code
+        except (urllib.error.URLError, OSError) as error:
+            last = str(getattr(error, "reason", error))
+        if time.monotonic() > deadline:
+            raise Refusal("%s did not answer healthy within %ss: %s" % (url, timeout, last))
+        time.sleep(0.1)
+
+
+def cmd_mark_good(root, release):
+    good = [name for name in read_good(root) if name != release] + [release]
+    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
+    out(changed=True)
+
+
+def cmd_previous_good(root):
+    current = release_id_of(path(root, "current"))
+    good = [name for name in read_good(root)
+            if os.path.isfile(path(root, "releases", name, ".unpacked"))]
+    before = good[:good.index(current)] if current in good else good
+    out(current=current, previous=before[-1] if before else None)
+
+
+def cmd_prune(root, keep):
+    """Keep the newest KEEP good releases, always the current one and the one before it; remove
+    failed releases, venvs no release uses, and packages of removed releases."""
+    keep = int(keep)
+    current = release_id_of(path(root, "current"))
+    deploying = release_id_of(path(root, "next"))
+    good = read_good(root)
+    kept = set(good[-keep:]) | {current, deploying}
+    if current in good and good.index(current) > 0:
+        kept.add(good[good.index(current) - 1])
+    removed = []
+    for name in os.listdir(path(root, "releases")):
+        release_name = name[:-len(".partial")] if name.endswith(".partial") else name
+        stale_partial = name.endswith(".partial") and release_name != deploying
+        if release_name not in kept or stale_partial:
+            shutil.rmtree(path(root, "releases", name), ignore_errors=True)
+            removed.append(name)
+    if removed:
+        write_atomically(path(root, "good-releases"),
+                         "".join(name + "\n" for name in good if name not in removed))
+    used_venvs = set()
+    for name in os.listdir(path(root, "releases")):
+        link = path(root, "releases", name, ".venv")
+        if os.path.islink(link):
+            used_venvs.add(os.path.basename(os.readlink(link)))
+    venvs = path(root, "shared", "venvs")
+    for name in os.listdir(venvs) if os.path.isdir(venvs) else []:
+        if name not in used_venvs:
+            shutil.rmtree(path(venvs, name), ignore_errors=True)
+    packages = path(root, "packages")
+    kept_ids = set(os.listdir(path(root, "releases")))
+    for name in os.listdir(packages) if os.path.isdir(packages) else []:
+        release_of_package = name.rsplit("-", 1)[-1].split(".")[0]
+        if release_of_package not in kept_ids:
+            os.unlink(path(packages, name))
+    out(removed=sorted(removed))
+
+
+def cmd_finish(root, release, keep):
+    """A release that went live: mark it good, then prune (one round trip for both)."""
+    good = [name for name in read_good(root) if name != release] + [release]
+    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
+    cmd_prune(root, keep)
+
+
+def cmd_log(root, entry_json):
+    json.loads(entry_json)  # one valid JSON object per line, or nothing
+    with open(path(root, "deploy-log.jsonl"), "a") as stream:
+        stream.write(entry_json.strip() + "\n")
+    out(changed=True)
+
+
+def cmd_history(root, count):
+    try:
+        with open(path(root, "deploy-log.jsonl")) as stream:
+            lines = stream.readlines()[-int(count):]
+    except FileNotFoundError:
+        lines = []
+    out(entries=[json.loads(line) for line in lines if line.strip()])
+
+
+def cmd_disk(*folders):
+    free = {}
+    for folder in folders:
+        probe = folder
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        stats = os.statvfs(probe)
+        free[folder] = stats.f_bavail * stats.f_frsize // (1 << 20)
+    out(free_mb=free)
+
+
+COMMANDS = {
+    "probe": cmd_probe, "lock": cmd_lock, "unlock": cmd_unlock,
+    "has-package": cmd_has_package, "accept-package": cmd_accept_package,
+    "unpack": cmd_unpack, "venv": cmd_venv, "link-shared": cmd_link_shared,
+    "backup": cmd_backup, "restore": cmd_restore, "backups": cmd_backups,
+    "set-next": cmd_set_next, "switch": cmd_switch, "health": cmd_health,
+    "mark-good": cmd_mark_good, "previous-good": cmd_previous_good, "prune": cmd_prune,
+    "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
+}
+
+
+def main(argv):
+    if not argv or argv[0] not in COMMANDS:
+        print("error: server_tool: unknown command %r" % (argv[:1],), file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[argv[0]](*argv[1:])
+    except Refusal as refusal:
+        print("error: %s" % refusal, file=sys.stderr)
+        return 2
+    except Exception as error:  # OSError, sqlite3.Error, TarError...: one line, no traceback
+        print("error: %s: %s: %s" % (argv[0], type(error).__name__, error), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,45 @@
+"""post_deploy_verification: the service is up, answers directly and through nginx with the
+expected release, and the user's guide's step 5 and monitoring commands work as written."""
+
+from __future__ import annotations
+
+import requests
+
+from scripts.deploy import commands
+from scripts.deploy.server import Server
+from scripts.errors import ToolkitError
+from scripts.settings import Settings
+
+
+def verify_server(server: Server, settings: Settings, expected: str,
+                  public_url: str) -> list[tuple[bool, str]]:
+    results: list[tuple[bool, str]] = []
+    state = server.run(commands.systemctl("is-active", settings.service_name), check=False)
+    active = state.stdout.strip() == "active"
+    results.append((active, f"{settings.service_name} is {state.stdout.strip() or 'unknown'}"))
+    for label, port in (("app on 127.0.0.1:%d" % settings.app_port, settings.app_port),
+                        ("nginx on port 80", 80)):
+        try:
+            answer = server.tool_call("health", commands.health_url(port, settings.health_path),
+                                      expected, 10)
+            results.append((True, f"{label} answers with release {answer.get('release')}"))
+        except ToolkitError as error:
+            results.append((False, f"{label}: {error}"))
+    results.append(_from_outside(public_url, settings.health_path, expected))
+    for label, argv in commands.guide_checks(settings):
+        outcome = server.run(argv, check=False)
+        results.append((outcome.status == 0, f"guide: {label}" if outcome.status == 0 else
+                        f"guide: {label} fails: {outcome.error_line}"))
+    return results
+
+
+def _from_outside(public_url: str, health_path: str, expected: str) -> tuple[bool, str]:
+    url = public_url.rstrip("/") + health_path
+    try:
+        response = requests.get(url, timeout=10)
+        release = response.json().get("release") if response.ok else None
+    except (requests.RequestException, ValueError) as error:
+        return False, f"{url} from here: {type(error).__name__}"
+    if response.ok and release in (None, expected):
+        return True, f"{url} from here answers with release {release}"
+    return False, f"{url} from here: HTTP {response.status_code}, release {release}"

@@ -1,0 +1,199 @@
+"""The server-side helper, run here against a temporary DEPLOY_PATH: the release layout, the
+lock, shipping, switching, pruning, backups. (Integration tests run it on real servers.)"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[2] / "scripts" / "deploy" / "server_tool.py"
+
+
+def tool(*args, expect_ok=True):
+    result = subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True,
+                            text=True, timeout=60)
+    if expect_ok:
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    return result.stderr
+
+
+@pytest.fixture()
+def root(tmp_path):
+    root = tmp_path / "app"
+    for folder in ("releases", "shared/instance", "shared/uploads", "shared/venvs", "packages"):
+        (root / folder).mkdir(parents=True)
+    return root
+
+
+def make_package(root: Path, release: str, extra: dict | None = None) -> str:
+    name = f"app-{release}.tar.gz"
+    files = {"wsgi.py": b"app = None\n", "manifest.json":
+             json.dumps({"release_id": release, "requirements_sha256": "r",
+                         "wheels": []}).encode(), **(extra or {})}
+    with tarfile.open(root / "packages" / name, "w:gz") as tar:
+        for member, data in files.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return name
+
+
+def release(root: Path, release_id: str) -> None:
+    """A release as deploy leaves it, minus the venv."""
+    tool("unpack", root, make_package(root, release_id), release_id)
+
+
+def test_probe_of_a_fresh_layout(root):
+    state = tool("probe", root)
+    assert state["current"] is None and state["good"] == [] and state["lock"] is None
+    assert state["layout"] is True and state["python"] == "%d.%d" % sys.version_info[:2]
+
+
+def test_the_lock_is_taken_once_and_released_by_its_token(root):
+    assert tool("lock", root, json.dumps({"token": "a", "who": "me"}))["taken"]
+    second = tool("lock", root, json.dumps({"token": "b", "who": "you"}))
+    assert not second["taken"] and second["holder"]["who"] == "me"
+    assert tool("probe", root)["lock"]["who"] == "me"
+    assert not tool("unlock", root, "b")["released"]
+    assert tool("unlock", root, "a")["released"]
+    assert tool("probe", root)["lock"] is None
+
+
+def test_a_damaged_upload_is_refused_and_removed(root):
+    (root / "packages" / "p.tar.gz.partial").write_bytes(b"damaged")
+    error = tool("accept-package", root, "p.tar.gz", "0" * 64, expect_ok=False)
+    assert "upload was damaged" in error
+    assert not (root / "packages" / "p.tar.gz.partial").exists()
+
+
+def test_unpack_is_idempotent_and_compiles_bytecode(root):
+    name = make_package(root, "r1")
+    assert tool("unpack", root, name, "r1")["changed"] is True
+    assert (root / "releases" / "r1" / "wsgi.py").exists()
+    assert list((root / "releases" / "r1" / "__pycache__").glob("wsgi*.pyc"))
+    assert tool("unpack", root, name, "r1")["changed"] is False
+
+
+def test_unpack_refuses_unsafe_paths(root):
+    name = make_package(root, "r1", {"../escape.py": b"x"})
+    assert "unsafe entry" in tool("unpack", root, name, "r1", expect_ok=False)
+    assert not (root / "escape.py").exists() and not (root / "releases" / "r1").exists()
+
+
+def test_shared_links_and_a_private_env_file(root):
+    release(root, "r1")
+    assert tool("link-shared", root, "r1")["changed"]
+    release_dir = root / "releases" / "r1"
+    assert os.readlink(release_dir / "instance") == "../../shared/instance"
+    env_file = root / "shared" / ".env"
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    assert env_file.read_text().startswith("SECRET_KEY=")
+    assert not tool("link-shared", root, "r1")["changed"]
+    wanted = "SECRET_KEY=mine\nMAIL=x\n"
+    assert tool("link-shared", root, "r1", base64.b64encode(wanted.encode()).decode())["changed"]
+    assert env_file.read_text() == wanted
+
+
+def test_switch_is_atomic_and_reports_the_previous_release(root):
+    release(root, "r1")
+    release(root, "r2")
+    assert tool("switch", root, "r1") == {"changed": True, "previous": None}
+    assert tool("switch", root, "r2") == {"changed": True, "previous": "r1"}
+    assert os.readlink(root / "current") == "releases/r2"
+    assert tool("switch", root, "r2")["changed"] is False
+    assert "not on this server" in tool("set-next", root, "r9", expect_ok=False)
+
+
+def test_rollback_walks_good_releases_in_recorded_order(root):
+    for name in ("r1", "r2", "r3"):
+        release(root, name)
+        tool("switch", root, name)
+        tool("finish", root, name, 5)
+    assert tool("previous-good", root) == {"current": "r3", "previous": "r2"}
+    tool("switch", root, "r2")
+    assert tool("previous-good", root)["previous"] == "r1"
+    tool("switch", root, "r1")
+    assert tool("previous-good", root)["previous"] is None
+
+
+def test_prune_counts_only_good_releases_and_keeps_current_and_previous(root):
+    for name in ("r1", "r2", "r3", "r4"):
+        release(root, name)
+        tool("switch", root, name)
+        tool("finish", root, name, 10)
+    release(root, "failed")  # unpacked, never went live
+    (root / "shared" / "venvs" / "orphan").mkdir()
+    tool("switch", root, "r2")  # rolled back: r1 is the previous good one
+    removed = tool("prune", root, 1)["removed"]
+    assert sorted(os.listdir(root / "releases")) == ["r1", "r2", "r4"]
+    assert set(removed) == {"r3", "failed"}
+    assert not (root / "shared" / "venvs" / "orphan").exists()
+    assert tool("probe", root)["good"] == ["r1", "r2", "r4"]
+
+
+def test_backup_and_restore_keep_the_data(root, tmp_path):
+    database = root / "shared" / "instance" / "helpdesk.sqlite3"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE t (v TEXT)")
+        connection.execute("INSERT INTO t VALUES ('before')")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    backup = tool("backup", root, backups, "r1", 2)["backup"]
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE t SET v = 'after'")
+    assert tool("restore", root, backup)["restored"] == ["helpdesk.sqlite3"]
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT v FROM t").fetchall() == [("before",)]
+    for _ in range(3):
+        tool("backup", root, backups, "r1", 2)
+    assert len(tool("backups", backups)["backups"]) == 2
+
+
+def test_no_database_no_backup(root, tmp_path):
+    assert tool("backup", root, tmp_path, "r1", 3) == {"backup": None}
+
+
+class Health(BaseHTTPRequestHandler):
+    release = "r1"
+
+    def do_GET(self):
+        body = json.dumps({"status": "ok", "release": Health.release}).encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_health_wants_the_expected_release():
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/healthz"
+    try:
+        assert tool("health", url, "r1", 2) == {"ok": True, "release": "r1"}
+        error = tool("health", url, "r2", 0.5, expect_ok=False)
+        assert "it runs release r1, not r2" in error
+    finally:
+        server.shutdown()
+
+
+def test_deploy_log_keeps_one_json_line_per_entry(root):
+    for number in range(3):
+        tool("log", root, json.dumps({"release": f"r{number}"}))
+    assert [e["release"] for e in tool("history", root, 2)["entries"]] == ["r1", "r2"]
+    assert "Expecting" in tool("log", root, "not json", expect_ok=False)
