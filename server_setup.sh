@@ -213,12 +213,14 @@ render_template() {
 
 render_values() {
   local escaped=() pair name value
+  local open_data="/usr/bin/find ${DEPLOY_PATH}/shared/instance ${DEPLOY_PATH}/shared/uploads"
+  open_data+=" -maxdepth 1 -type f -user ${APP_USER} -exec chmod g+rw {} +"
   local pairs=("DEPLOY_USER=${DEPLOY_USER}" "APP_USER=${APP_USER}" "DEPLOY_PATH=${DEPLOY_PATH}"
     "BACKUP_PATH=${BACKUP_PATH}" "LOG_PATH=${LOG_PATH}" "SERVICE_NAME=${SERVICE_NAME}"
     "APP_PORT=${APP_PORT}" "PREFLIGHT_PORT=${PREFLIGHT_PORT}" "SSH_PORT=${SSH_PORT}"
     "SERVER_NAME=${SERVER_NAME}" "SITE_NAME=${SITE_NAME}" "WORKERS=${WORKERS}"
     "MIGRATE_COMMAND=${MIGRATE_COMMAND}" "SUDOERS_NAME=${SUDOERS_NAME}"
-    "PERMIT_ROOT_LOGIN=${PERMIT_ROOT_LOGIN}")
+    "PERMIT_ROOT_LOGIN=${PERMIT_ROOT_LOGIN}" "OPEN_DATA_TO_GROUP=${open_data}")
   for pair in "${pairs[@]}"; do
     name="${pair%%=*}"
     value="${pair#*=}"
@@ -362,9 +364,11 @@ ensure_sudoers() {
 
 ensure_directories() {
   ensure_dir "${DEPLOY_PATH}" "${DEPLOY_USER}" "${APP_USER}" 750
-  ensure_dir "${DEPLOY_PATH}/releases" "${DEPLOY_USER}" "${APP_USER}" 750
+  # setgid: what the deploy user unpacks or builds here belongs to the app's group, which
+  # reads it; the app writes none of it.
+  ensure_dir "${DEPLOY_PATH}/releases" "${DEPLOY_USER}" "${APP_USER}" 2750
   ensure_dir "${DEPLOY_PATH}/shared" "${DEPLOY_USER}" "${APP_USER}" 750
-  ensure_dir "${DEPLOY_PATH}/shared/venvs" "${DEPLOY_USER}" "${APP_USER}" 750
+  ensure_dir "${DEPLOY_PATH}/shared/venvs" "${DEPLOY_USER}" "${APP_USER}" 2750
   # The app writes only here: its database and uploads (setgid keeps the group on new files).
   ensure_dir "${DEPLOY_PATH}/shared/instance" "${APP_USER}" "${APP_USER}" 2770
   ensure_dir "${DEPLOY_PATH}/shared/uploads" "${APP_USER}" "${APP_USER}" 2770

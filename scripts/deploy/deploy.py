@@ -68,8 +68,10 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
 
 def restart_and_check(server: Server, settings: Settings, release: str) -> None:
     """Restart onto `current`: systemd holds the socket, so requests wait instead of failing."""
-    server.sudo(commands.systemctl("restart", commands.units(settings)["app"]),
-                what="restarting the service")
+    unit = commands.units(settings)["app"]
+    # Failed starts before (a reboot with a broken release) must not rate-limit this one.
+    server.sudo(commands.systemctl("reset-failed", unit), check=False)
+    server.sudo(commands.systemctl("restart", unit), what="restarting the service")
     server.tool_call("health", commands.health_url(settings.app_port, settings.health_path),
                      release, HEALTH_TIMEOUT_S, what="health check after the restart")
 

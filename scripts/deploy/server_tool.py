@@ -454,6 +454,9 @@ COMMANDS = {
 
 
 def main(argv):
+    # Releases and venvs are read by the app through its group (setgid folders give it);
+    # nobody else needs to read them.
+    os.umask(0o027)
     if not argv or argv[0] not in COMMANDS:
         print("error: server_tool: unknown command %r" % (argv[:1],), file=sys.stderr)
         return 2

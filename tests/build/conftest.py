@@ -16,12 +16,6 @@ HELPDESK = REPO_ROOT / "examples" / "helpdesk"
 DOIT = [sys.executable, "-m", "doit", "-f", str(REPO_ROOT / "dodo.py")]
 
 
-@pytest.fixture(scope="session")
-def wheel_cache(tmp_path_factory):
-    """One wheel cache for the session: wheels are downloaded once, as on a user's machine."""
-    return tmp_path_factory.mktemp("wheels")
-
-
 def copy_app(destination: Path) -> Path:
     shutil.copytree(HELPDESK, destination,
                     ignore=shutil.ignore_patterns("__pycache__", "instance", "tests"))

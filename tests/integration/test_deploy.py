@@ -1,0 +1,254 @@
+"""`doit deploy`, verify and rollback end to end on a provisioned sandbox server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.conftest import new_sandbox
+from tests.integration.site import Site
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, provisioned_layer, wheel_cache):
+    work = tmp_path_factory.mktemp("deploy")
+    sandbox = new_sandbox(work / "sandbox")
+    sandbox.up(1, layer=provisioned_layer)
+    yield Site(work, sandbox, wheel_cache)
+    sandbox.down()
+
+
+def test_first_deploy_serves_the_release_and_prints_where_to_open_it(site):
+    result = site.doit("deploy")
+    assert result.returncode == 0, result.stdout + result.stderr
+    release = site.built_release()
+    assert site.served_release() == release
+    assert f"open {site.url}" in result.stdout
+    for step in ("upload", "unpack", "venv", "migrate", "preflight", "switch", "restart"):
+        assert f"changed  {step}" in result.stdout or f"ok       {step}" in result.stdout, step
+    assert "FAILED" not in result.stdout
+
+
+def test_rollback_with_a_single_good_release_says_there_is_nothing(site):
+    result = site.doit("rollback")
+    assert result.returncode != 0
+    assert "nothing to roll back to" in result.stderr
+
+
+def test_same_package_again_does_nothing_quickly(site):
+    started = time.monotonic()
+    result = site.doit("-s", "ship")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert "already current and serving; nothing to do" in result.stdout
+    assert elapsed < 5, elapsed  # generous bound: the benchmark records the real figure
+
+
+def test_a_code_change_deploys_a_new_release_reusing_the_venv(site):
+    before = site.served_release()
+    site.change_code("second release")
+    result = site.deploy()
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = site.built_release()
+    assert after != before and site.served_release() == after
+
+
+def test_ship_output_reuses_the_venv_for_a_code_only_change(site):
+    site.change_code("third release")
+    assert site.doit("-s", "build").returncode == 0
+    result = site.doit("-s", "ship")
+    assert result.returncode == 0, result.stderr
+    assert "reused shared/venvs/" in result.stdout
+    assert site.served_release() == site.built_release()
+
+
+def test_tickets_survive_deploys_and_rollbacks(site):
+    site.create_ticket("printer on fire")
+    site.change_code("fourth release")
+    assert site.deploy().returncode == 0
+    assert "printer on fire" in site.ticket_titles()
+    assert site.doit("rollback").returncode == 0
+    assert "printer on fire" in site.ticket_titles()
+    assert site.doit("-s", "ship").returncode == 0  # forward again to the built release
+    assert "printer on fire" in site.ticket_titles()
+
+
+def test_rollback_goes_to_the_previous_good_release_then_to_a_named_one(site):
+    status = site.doit("status").stdout
+    current = site.served_release()
+    previous = next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("previous"))
+    result = site.doit("rollback")
+    assert result.returncode == 0, result.stderr
+    assert site.served_release() == previous
+    named = site.doit("rollback", RELEASE=current)
+    assert named.returncode == 0, named.stderr
+    assert site.served_release() == current
+    unknown = site.doit("rollback", RELEASE="doesnotexist")
+    assert unknown.returncode != 0 and "not on this server" in unknown.stderr
+
+
+def test_a_release_that_cannot_import_never_serves(site):
+    before = site.served_release()
+    wsgi = site.app_dir / "wsgi.py"
+    good = wsgi.read_text()
+    wsgi.write_text("raise ImportError('broken on purpose')\n" + good)
+    try:
+        result = site.deploy()
+    finally:
+        wsgi.write_text(good)
+    assert result.returncode != 0
+    # Its migrations import it first: the deploy stops there, before any switch.
+    assert "FAILED   migrate" in result.stdout or "FAILED   preflight" in result.stdout
+    assert "migrations of" in result.stderr or "does not start" in result.stderr
+    assert "the old release keeps serving" in result.stderr
+    assert site.served_release() == before
+
+
+def test_a_release_with_a_failing_health_check_never_serves(site):
+    before = site.served_release()
+    views = site.app_dir / "helpdesk" / "views.py"
+    good = views.read_text()
+    views.write_text(good.replace('return jsonify(status="ok"', 'return jsonify(status="bad"), 503'
+                                  '\n    return jsonify(status="ok"'))
+    try:
+        result = site.deploy()
+    finally:
+        views.write_text(good)
+    assert result.returncode != 0
+    assert "FAILED   preflight" in result.stdout and "HTTP 503" in result.stderr
+    assert site.served_release() == before
+    history = site.doit("status").stdout
+    assert "failed" in history
+
+
+def test_a_held_lock_refuses_a_second_deploy_with_the_holders_details(site):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        info = {"token": "t", "who": "olga@ci", "host": os.uname().nodename, "pid": holder.pid,
+                "pid_start": open(f"/proc/{holder.pid}/stat").read().rsplit(")", 1)[1].split()[19],
+                "started": "2026-11-27T10:00:00+00:00", "release": "abc", "action": "deploy"}
+        with site.deploy_user() as machine:
+            machine["mkdir"]["/var/www/flask_helpdesk/.deploy-lock"]()
+            (machine["tee"]["/var/www/flask_helpdesk/.deploy-lock/info.json"]
+             << json.dumps(info))()
+        site.change_code("while locked")
+        assert site.doit("-s", "build").returncode == 0
+        refused = site.doit("-s", "ship")
+        assert refused.returncode != 0
+        assert "another deploy holds the lock: olga@ci" in refused.stderr
+        assert f"pid {holder.pid}" in refused.stderr and "doit unlock" in refused.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder died on this machine: the next deploy recognises that and breaks the lock.
+    result = site.doit("-s", "ship")
+    assert result.returncode == 0, result.stderr
+    assert "breaking the lock of a deploy that died" in result.stdout
+    assert site.served_release() == site.built_release()
+
+
+def test_two_deploys_at_once_one_is_refused(site):
+    site.change_code("race")
+    assert site.doit("-s", "build").returncode == 0
+    first = subprocess.Popen(["true"])
+    first.wait()
+    from tests.integration.helpers import DOIT
+    env = {**os.environ, "ENV_FILE": os.devnull, "SANDBOX_DIR": str(site.sandbox.state_dir),
+           **site.settings}
+    env.pop("DEPLOY_SERVER", None)
+    racers = [subprocess.Popen([*DOIT, "--dir", str(site.work), "-s", "ship"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outcomes = [(racer.wait(timeout=120), *racer.communicate()) for racer in racers]
+    statuses = sorted(status for status, _, _ in outcomes)
+    refused = [err for status, _, err in outcomes if status != 0]
+    assert statuses[0] == 0
+    if refused:  # they overlapped: the loser names the winner
+        assert "another deploy holds the lock" in refused[0]
+    assert site.served_release() == site.built_release()
+
+
+def test_a_deploy_killed_with_sigkill_leaves_the_old_release_serving(site):
+    before = site.served_release()
+    site.change_code("killed")
+    assert site.doit("-s", "build").returncode == 0
+    from tests.integration.helpers import DOIT
+    env = {**os.environ, "ENV_FILE": os.devnull, "SANDBOX_DIR": str(site.sandbox.state_dir),
+           **site.settings}
+    env.pop("DEPLOY_SERVER", None)
+    deploy = subprocess.Popen([*DOIT, "--dir", str(site.work), "-s", "ship"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in deploy.stdout:
+        if "backup" in line:  # killed after the backup step, before the switch
+            deploy.send_signal(signal.SIGKILL)
+            break
+    deploy.wait()
+    assert site.served_release() == before
+    status = site.doit("status").stdout
+    assert "lock     held by" in status
+    unlock = site.doit("unlock")
+    assert unlock.returncode == 0 and "removed the deploy lock of" in unlock.stdout
+    again = site.doit("-s", "ship")
+    assert again.returncode == 0, again.stderr
+    assert site.served_release() == site.built_release()
+
+
+def test_dry_run_prints_the_commands_and_changes_nothing(site):
+    before = site.served_release()
+    site.change_code("dry run")
+    assert site.doit("-s", "build").returncode == 0
+    result = site.doit("-s", "ship", DRY_RUN="1")
+    assert result.returncode == 0, result.stderr
+    assert "    $ sudo -n systemctl restart flask-helpdesk" in result.stdout
+    assert "    $ python3 " in result.stdout
+    assert site.served_release() == before
+
+
+def test_verify_failure_rolls_back_by_itself(site):
+    assert site.doit("-s", "ship").returncode == 0
+    after = site.served_release()
+    with site.admin() as machine:
+        machine["sudo"]["systemctl", "stop", "nginx"]()
+        try:
+            result = site.doit("-s", "verify")
+        finally:
+            machine["sudo"]["systemctl", "start", "nginx"]()
+    assert result.returncode != 0
+    assert "FAILED   nginx on port 80" in result.stdout
+    assert "rolling back by itself" in result.stdout
+    assert site.served_release() != after
+
+
+def test_status_and_logs_read_well(site):
+    status = site.doit("status")
+    assert status.returncode == 0
+    for word in ("service  flask-helpdesk: active", "current ", "previous ", "releases "):
+        assert word in status.stdout
+    assert " deploy " in status.stdout and " rollback " in status.stdout
+    logs = site.doit("logs")
+    assert logs.returncode == 0
+    assert "==> /var/log/nginx/flask_helpdesk_access.log <==" in logs.stdout
+    assert "GET /healthz" in logs.stdout
+
+
+def test_the_guides_commands_work_as_written_for_the_deploy_user(site):
+    with site.deploy_user() as machine:
+        assert "active (running)" in machine["sudo"]["-n", "systemctl", "status",
+                                                     "flask-helpdesk"]()
+        assert machine["curl"]["-fsS", "http://localhost:5000"]()
+        assert machine["curl"]["-fsS", "http://localhost/"]()
+        assert "Python 3.11" in machine["sudo"]["-n", "-u", "www-data",
+                                                "/var/www/flask_helpdesk/venv/bin/python",
+                                                "--version"]()
+        assert ":5000" in machine["sh"]["-c", "ss -tulpn | grep :5000"]()
+    assert requests.get(site.url, timeout=10).ok
