@@ -82,6 +82,11 @@ def task_rollback():
     return {"actions": [actions.rollback_action], "uptodate": [False], "verbosity": 2}
 
 
+def task_restore():
+    """Restore the database backup RESTORE_BACKUP under the current release (health-gated)."""
+    return {"actions": [actions.restore_action], "uptodate": [False], "verbosity": 2}
+
+
 def task_status():
     """Current and previous releases, service state, the last deploys."""
     return {"actions": [actions.status_action], "uptodate": [False], "verbosity": 2}

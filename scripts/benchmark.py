@@ -114,28 +114,60 @@ def _doit_in_sandbox(work: Path, sandbox_dir: Path) -> dict:
             "PYTHONPATH": str(REPO_ROOT)}
 
 
-def bench_setup(work: Path) -> list[Row]:
+def bench_server(work: Path) -> list[Row]:
+    """Setup and deploys on one fresh sandbox server, as a user runs them."""
     from scripts.sandbox import Sandbox
 
     settings = load_settings()
     sandbox = Sandbox(work / "sandbox", settings.sandbox_cache, settings.sandbox_mirror,
                       log=lambda *_: None)
-    env = _doit_in_sandbox(work, sandbox.state_dir)
-    setup = [*DOIT, "--dir", str(work), "setup"]
+    app_dir = work / "helpdesk"
+    shutil.copytree(REPO_ROOT / "examples" / "helpdesk", app_dir,
+                    ignore=shutil.ignore_patterns("__pycache__", "instance", "tests"))
+    env = {**_doit_in_sandbox(work, sandbox.state_dir), "APP_DIR": str(app_dir),
+           "DIST_DIR": str(work / "dist"), "WHEEL_CACHE": str(settings.wheel_cache)}
+    doit = lambda *args: [*DOIT, "--dir", str(work), *args]  # noqa: E731
+    views = app_dir / "helpdesk" / "views.py"
+
+    def change_code(number: int) -> None:
+        views.write_text(views.read_text() + f"\n# benchmark change {number}\n")
+
     try:
         sandbox.up(1)
-        first = _timed(setup, env)
-        again = [_timed(setup, env) for _ in range(3)]
+        setup_first = _timed(doit("setup"), env)
+        setup_again = [_timed(doit("setup"), env) for _ in range(3)]
+        _timed(doit("build"), env)
+        cold = _timed(doit("-s", "ship"), env)
+        same = [_timed(doit("-s", "ship"), env) for _ in range(3)]
+        warm, warm_full, rollback = [], [], []
+        for number in range(3):
+            change_code(number)
+            _timed(doit("build"), env)
+            warm.append(_timed(doit("-s", "ship"), env))
+            rollback.append(_timed(doit("rollback"), env))
+            _timed(doit("-s", "ship"), env)
+        for number in range(3, 5):
+            change_code(number)
+            warm_full.append(_timed(doit("deploy"), env))
     finally:
         sandbox.down()
+    median = statistics.median
     return [
-        Row("setup", "first `doit setup` on a bare server (.debs cached)", first, "s"),
-        Row("setup", "`doit setup` again, nothing to do (median of 3)",
-            statistics.median(again), "s"),
+        Row("setup", "first `doit setup` on a bare server (.debs cached)", setup_first, "s"),
+        Row("setup", "`doit setup` again, nothing to do (median of 3)", median(setup_again),
+            "s"),
+        Row("deploy", "cold deploy: `doit -s ship`, venv built", cold, "s"),
+        Row("deploy", "warm deploy: `doit -s ship` of a code change (median of 3)",
+            median(warm), "s", "< 5 s (aim ~2 s)"),
+        Row("deploy", "warm `doit deploy`: build+check+ship+verify (median of 2)",
+            median(warm_full), "s"),
+        Row("deploy", "same package again: `doit -s ship` (median of 3)", median(same), "s",
+            "< 2 s"),
+        Row("deploy", "`doit rollback` (median of 3)", median(rollback), "s", "< 2 s (aim ~1 s)"),
     ]
 
 
-SECTIONS = {"build": bench_build, "sandbox": bench_sandbox, "setup": bench_setup}
+SECTIONS = {"build": bench_build, "sandbox": bench_sandbox, "server": bench_server}
 
 
 def print_table(rows: list[Row]) -> None:

@@ -4,6 +4,9 @@ plumbum's SshMachine connects in its constructor, so call `connect` only inside 
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +49,28 @@ def ssh_options(target: Target) -> list[str]:
     return options
 
 
+@functools.lru_cache(maxsize=None)
+def check_key_file(key_file: Path) -> None:
+    """Say what is wrong with a private key before ssh hides it behind "Permission denied"."""
+    if not key_file.is_file():
+        raise ToolkitError(f"setting SSH_KEY_FILE: {key_file} does not exist")
+    probe = subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", str(key_file)],
+                           capture_output=True, text=True)
+    if probe.returncode == 0:
+        return
+    if "passphrase" in probe.stderr:
+        if os.environ.get("SSH_AUTH_SOCK"):
+            return  # ssh-agent may hold it unlocked
+        raise ToolkitError(f"setting SSH_KEY_FILE: {key_file} is protected by a passphrase and "
+                           f"no ssh-agent is running; start one and `ssh-add` the key")
+    raise ToolkitError(f"setting SSH_KEY_FILE: {key_file} is not a usable private key "
+                       f"(malformed); point it at the private half of the deploy key")
+
+
 def connect(target: Target) -> SshMachine:
     """An open connection, or a ToolkitError that says in one line what went wrong."""
+    if target.key_file is not None:
+        check_key_file(Path(target.key_file))
     try:
         return SshMachine(target.host, user=target.user, port=target.port,
                           keyfile=str(target.key_file) if target.key_file else None,

@@ -131,6 +131,19 @@ def rollback_action():
 
 
 @user_errors_fail_task
+def restore_action():
+    settings = load_settings()
+    if not settings.restore_backup:
+        raise ToolkitError("setting RESTORE_BACKUP is empty: name the backup to restore (`doit "
+                           "backups` lists them), e.g. RESTORE_BACKUP=<name> doit restore")
+    for server, reporter in _servers(settings):
+        with server:
+            outcome = rollback_server(server, settings, reporter, stay_on_current=True)
+        reporter.line(f"restore: {server.name} serves release {outcome.release} with the "
+                      f"database of {settings.restore_backup}")
+
+
+@user_errors_fail_task
 def status_action():
     settings = load_settings()
     for server, reporter in _servers(settings):
@@ -202,6 +215,6 @@ def backups_action():
                 reporter.line(Path(backup).name)
             if backups:
                 reporter.line(f"restore one with: RESTORE_BACKUP={Path(backups[-1]).name} "
-                              f"RELEASE=<release> doit rollback")
+                              f"doit restore")
             else:
                 reporter.line("no backups yet (a deploy makes one before its migrations)")

@@ -6,7 +6,6 @@ and nothing it uses was touched (a failed migration is undone from the backup)."
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import time
@@ -119,7 +118,10 @@ def deploy_to_server(server: Server, settings: Settings, record: BuildRecord, pa
             reporter.line(f"ok: release {release} is already current and serving; nothing to do")
             return DeployOutcome(server.name, release, previous, False,
                                  time.monotonic() - started)
+    lock_started = time.monotonic()
     with deploy_lock(server, release, "deploy", log=reporter.line):
+        reporter.line(f"{'changed':8} {'lock':10} {time.monotonic() - lock_started:5.2f} s  "
+                      f"{path}/.deploy-lock taken")
         try:
             _ship(server, settings, record, package, reporter, release)
         except BaseException as error:
@@ -149,10 +151,12 @@ def _ship(server, settings, record, package, reporter, release) -> None:
                           if outcome.changed else
                           f"reused shared/venvs/{answer.get('venv')} (same requirements)")
     with reporter.step("shared") as outcome:
-        env_b64 = ""
-        if settings.app_env_file:
-            env_b64 = base64.b64encode(settings.app_env_file.read_bytes()).decode()
-        outcome.changed = bool(server.tool_call("link-shared", path, release, env_b64)
+        uploaded = ""
+        if settings.app_env_file:  # secrets: sent as a private file, never on a command line
+            server.put(settings.app_env_file.read_bytes(),
+                       server.deploy_path / "shared" / ".env.upload")
+            uploaded = "uploaded"
+        outcome.changed = bool(server.tool_call("link-shared", path, release, uploaded)
                                .get("changed"))
         outcome.detail = "instance/, uploads/ -> shared/; shared/.env 0600"
     with reporter.step("backup") as outcome:

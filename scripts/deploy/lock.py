@@ -87,8 +87,19 @@ def deploy_lock(server, release: str, action: str = "deploy", log=print):
         with sigterm_raises():
             yield info
     finally:
+        release_lock(server, info["token"], log)
+
+
+def release_lock(server, token: str, log=print) -> None:
+    """Unlock with our token; if the connection died (a cut SSH link), open a new one once."""
+    for attempt in (1, 2):
         try:
-            server.tool_call("unlock", path, info["token"], what="releasing the deploy lock")
-        except (ToolkitError, OSError, EOFError) as error:
-            log(f"{server.name}: warning: could not release the deploy lock ({error}); "
-                f"run `doit unlock`")
+            if attempt == 2:
+                server.reconnect()
+            server.tool_call("unlock", str(server.deploy_path), token,
+                             what="releasing the deploy lock")
+            return
+        except (ToolkitError, OSError, EOFError, ValueError) as error:
+            failure = error
+    log(f"{server.name}: warning: could not release the deploy lock ({failure}); run "
+        f"`doit unlock`")

@@ -16,14 +16,17 @@ from scripts.errors import ToolkitError
 from scripts.settings import Settings
 
 
-def rollback_server(server: Server, settings: Settings, reporter: Reporter) -> DeployOutcome:
+def rollback_server(server: Server, settings: Settings, reporter: Reporter,
+                    stay_on_current: bool = False) -> DeployOutcome:
+    """Switch to the previous good release (or RELEASE). With stay_on_current (`doit
+    restore`), keep the current release and only restore RESTORE_BACKUP under it."""
     started = time.monotonic()
     path = str(server.deploy_path)
     if not server.ensure_tool():
         raise ToolkitError(f"{server.name}: {path} is not set up for deploys; run `doit setup`")
     answer = server.tool_call("previous-good", path)
     current = answer.get("current")
-    target = settings.release or answer.get("previous")
+    target = current if stay_on_current else settings.release or answer.get("previous")
     if not target and not server.dry_run:
         raise ToolkitError(f"{server.name}: nothing to roll back to: release {current} is the "
                            f"only good release on the server")

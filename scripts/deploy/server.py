@@ -59,6 +59,10 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def reconnect(self) -> None:
+        self.close()
+        self.__enter__()
+
     def close(self) -> None:
         for closable in (self.session, self.machine):
             try:
@@ -100,8 +104,12 @@ class Server:
         if self.dry_run:
             self.log(f"    $ base64 -d > {target}  # {len(data)} bytes, in chunks")
             return
-        self.run(["truncate", "-s", "0", str(remote_path)])
+        # printf is a shell builtin: the data never shows in a process list; umask 077 keeps
+        # the file private while it is written.
+        status, _, stderr = self.session.run(f"(umask 077; : > {target})", retcode=None)
         for start in range(0, len(data), PUT_CHUNK):
+            if status != 0:
+                break
             chunk = base64.b64encode(data[start:start + PUT_CHUNK]).decode()
             status, _, stderr = self.session.run(
                 f"printf %s {chunk} | base64 -d >> {target}", retcode=None)

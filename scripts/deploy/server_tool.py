@@ -222,9 +222,9 @@ def cmd_venv(root, release):
     out(changed=changed, venv=key)
 
 
-def cmd_link_shared(root, release, env_b64=""):
-    """instance/ and uploads/ of the release point into shared/; shared/.env exists (0600)."""
-    import base64
+def cmd_link_shared(root, release, uploaded=""):
+    """instance/ and uploads/ of the release point into shared/; shared/.env exists (0600).
+    With `uploaded`, shared/.env.upload (written privately by the deploy) replaces it."""
     import secrets
     release_dir = path(root, "releases", release)
     changed = False
@@ -237,12 +237,17 @@ def cmd_link_shared(root, release, env_b64=""):
             link_atomically(link, wanted)
             changed = True
     env_file = path(root, "shared", ".env")
-    if env_b64:
-        wanted_text = base64.b64decode(env_b64).decode()
+    if uploaded:
+        upload = env_file + ".upload"
+        with open(upload) as stream:
+            wanted_text = stream.read()
         current = open(env_file).read() if os.path.exists(env_file) else None
         if current != wanted_text:
-            write_atomically(env_file, wanted_text, 0o600)
+            os.chmod(upload, 0o600)
+            os.replace(upload, env_file)
             changed = True
+        else:
+            os.unlink(upload)
     elif not os.path.exists(env_file):
         # A first deploy gets a random secret key, so sessions are signed from day one.
         write_atomically(env_file, "SECRET_KEY=%s\n" % secrets.token_hex(32), 0o600)

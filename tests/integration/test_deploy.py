@@ -12,19 +12,8 @@ import time
 import pytest
 import requests
 
-from tests.conftest import new_sandbox
-from tests.integration.site import Site
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory, provisioned_layer, wheel_cache):
-    work = tmp_path_factory.mktemp("deploy")
-    sandbox = new_sandbox(work / "sandbox")
-    sandbox.up(1, layer=provisioned_layer)
-    yield Site(work, sandbox, wheel_cache)
-    sandbox.down()
 
 
 def test_first_deploy_serves_the_release_and_prints_where_to_open_it(site):
@@ -252,3 +241,43 @@ def test_the_guides_commands_work_as_written_for_the_deploy_user(site):
                                                 "--version"]()
         assert ":5000" in machine["sh"]["-c", "ss -tulpn | grep :5000"]()
     assert requests.get(site.url, timeout=10).ok
+
+
+def test_sigterm_mid_deploy_releases_the_lock_and_keeps_the_old_release(site):
+    before = site.served_release()
+    site.change_code("terminated")
+    assert site.doit("-s", "build").returncode == 0
+    from tests.integration.helpers import DOIT
+    env = {**os.environ, "ENV_FILE": os.devnull, "SANDBOX_DIR": str(site.sandbox.state_dir),
+           **site.settings}
+    env.pop("DEPLOY_SERVER", None)
+    deploy = subprocess.Popen([*DOIT, "--dir", str(site.work), "-s", "ship"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in deploy.stdout:
+        if " unpack " in line:
+            deploy.send_signal(signal.SIGTERM)
+            break
+    deploy.communicate(timeout=60)
+    assert deploy.returncode != 0
+    assert site.served_release() == before
+    assert "lock     held" not in site.doit("status").stdout
+    assert site.doit("-s", "ship").returncode == 0
+
+
+def test_app_secrets_reach_the_app_and_are_never_printed(site):
+    secret = "s3cr3t-value-never-printed"
+    env_file = site.work / "app.env"
+    env_file.write_text(f"SECRET_KEY={secret}\n")
+    site.change_code("secrets")
+    result = site.deploy(APP_ENV_FILE=str(env_file))
+    dry = site.doit("-s", "ship", APP_ENV_FILE=str(env_file), DRY_RUN="1")
+    assert result.returncode == 0, result.stderr
+    for output in (result.stdout, result.stderr, dry.stdout, dry.stderr,
+                   site.doit("status").stdout, site.doit("logs").stdout):
+        assert secret not in output
+    with site.admin() as machine:
+        stat = machine["sudo"]["stat", "-c", "%a %U", "/var/www/flask_helpdesk/shared/.env"]()
+        content = machine["sudo"]["cat", "/var/www/flask_helpdesk/shared/.env"]()
+        deploy_log = machine["sudo"]["cat", "/var/www/flask_helpdesk/deploy-log.jsonl"]()
+    assert stat.split() == ["600", "deploy"]
+    assert secret in content and secret not in deploy_log

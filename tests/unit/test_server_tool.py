@@ -3,7 +3,6 @@ lock, shipping, switching, pruning, backups. (Integration tests run it on real s
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -104,8 +103,12 @@ def test_shared_links_and_a_private_env_file(root):
     assert env_file.read_text().startswith("SECRET_KEY=")
     assert not tool("link-shared", root, "r1")["changed"]
     wanted = "SECRET_KEY=mine\nMAIL=x\n"
-    assert tool("link-shared", root, "r1", base64.b64encode(wanted.encode()).decode())["changed"]
-    assert env_file.read_text() == wanted
+    (root / "shared" / ".env.upload").write_text(wanted)
+    assert tool("link-shared", root, "r1", "uploaded")["changed"]
+    assert env_file.read_text() == wanted and env_file.stat().st_mode & 0o777 == 0o600
+    (root / "shared" / ".env.upload").write_text(wanted)
+    assert not tool("link-shared", root, "r1", "uploaded")["changed"]
+    assert not (root / "shared" / ".env.upload").exists()
 
 
 def test_switch_is_atomic_and_reports_the_previous_release(root):

@@ -108,3 +108,13 @@ def test_env_example_documents_every_setting():
     example = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
     for setting in SETTINGS:
         assert setting.name in example, setting.name
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    blocks = [block.split("\n", 1)[1].strip() for block in readme.split("```")[1::2]][:2]
+    assert blocks == ["./.ci/install && .venv/bin/doit deploy",
+                      "./.ci/install && .venv/bin/python -m pytest"]
+    ci_run = (root / ".ci" / "run").read_text()
+    assert "./.ci/install" in ci_run and ".venv/bin/python -m pytest" in ci_run

@@ -1,0 +1,18 @@
+"""Fixtures of the integration tests: each module that deploys gets its own server, booted
+from the provisioned layer, and its own copy of the app."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import new_sandbox
+from tests.integration.site import Site
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, provisioned_layer, wheel_cache):
+    work = tmp_path_factory.mktemp("site")
+    sandbox = new_sandbox(work / "sandbox")
+    sandbox.up(1, layer=provisioned_layer)
+    yield Site(work, sandbox, wheel_cache)
+    sandbox.down()

@@ -1,0 +1,159 @@
+"""The deploy and rollback step order, with a recording fake server (no SSH): what runs, in
+which order, and what happens when a step fails. Real servers: tests/integration."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from scripts.build.package import BuildRecord
+from scripts.deploy import commands
+from scripts.deploy.deploy import deploy_to_server
+from scripts.deploy.report import Reporter
+from scripts.deploy.rollback import rollback_server
+from scripts.deploy.server import Result
+from scripts.errors import ToolkitError
+from scripts.provision import setup_argv, setup_flags
+from scripts.remote import Target
+from scripts.settings import load_settings
+
+SETTINGS = load_settings(Path("/nonexistent"), environ={})
+
+
+class FakeServer:
+    """Records every command; answers the server tool from a table; fails what it is told to."""
+
+    def __init__(self, answers=None, failing=()):
+        self.name = "fake"
+        self.dry_run = False
+        self.deploy_path = PurePosixPath("/var/www/flask_helpdesk")
+        self.target = Target("fake", 22, "deploy")
+        self.calls: list[str] = []
+        self.answers = {"probe": {"current": "old", "good": ["old"], "layout": True},
+                        "lock": {"taken": True}, "unlock": {"released": True},
+                        "has-package": {"present": False}, "unpack": {"changed": True},
+                        "venv": {"changed": False, "venv": "abc"}, "link-shared": {},
+                        "backup": {"backup": "/var/backups/flask_helpdesk/b1"},
+                        "switch": {"changed": True, "previous": "old"},
+                        "previous-good": {"current": "new", "previous": "old"},
+                        **(answers or {})}
+        self.failing = failing
+
+    def ensure_tool(self):
+        return True
+
+    def tool_call(self, subcommand, *args, what=""):
+        self.calls.append(f"tool {subcommand}")
+        if subcommand in self.failing:
+            raise ToolkitError(f"{subcommand} failed")
+        return self.answers.get(subcommand, {})
+
+    def run(self, argv, check=True, what=""):
+        self.calls.append(" ".join(map(str, argv)))
+        failed = any(" ".join(argv).endswith(f) for f in self.failing)
+        if failed and check:
+            raise ToolkitError(f"{argv} failed")
+        return Result(1 if failed else 0, "active\n", "")
+
+    def sudo(self, argv, check=True, what=""):
+        return self.run(["sudo", *argv], check=check, what=what)
+
+    def put(self, data, path):
+        self.calls.append(f"put {path}")
+
+
+RECORD = BuildRecord("helpdesk", "new", "helpdesk-new.tar.gz", "0" * 64, 10, 1, "", "")
+
+
+@pytest.fixture()
+def package(tmp_path):
+    path = tmp_path / "helpdesk-new.tar.gz"
+    path.write_bytes(b"package")
+    return path
+
+
+def order_of(calls, *markers):
+    return [next(i for i, call in enumerate(calls) if marker in call) for marker in markers]
+
+
+def test_a_deploy_runs_its_steps_in_order_and_releases_the_lock(package):
+    server = FakeServer()
+    deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    positions = order_of(server.calls, "tool lock", "put ", "tool unpack", "tool venv",
+                         "tool backup", "start flask-helpdesk-migrate",
+                         "start flask-helpdesk-preflight", "tool switch",
+                         "restart flask-helpdesk", "tool finish", "tool log", "tool unlock")
+    assert positions == sorted(positions)
+
+
+def test_the_same_release_already_serving_does_nothing(package):
+    server = FakeServer({"probe": {"current": "new", "good": ["new"], "layout": True}})
+    outcome = deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    assert not outcome.changed
+    assert "tool lock" not in server.calls
+
+
+def test_a_failed_migration_restores_the_backup_and_never_switches(package):
+    server = FakeServer(failing=("start flask-helpdesk-migrate",))
+    with pytest.raises(ToolkitError, match="restored from /var/backups/flask_helpdesk/b1"):
+        deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    assert "tool restore" in server.calls
+    assert "tool switch" not in server.calls
+    assert server.calls[-1] == "tool unlock"
+
+
+def test_a_failed_restart_switches_back_to_the_previous_release(package):
+    server = FakeServer(failing=("restart flask-helpdesk",))
+    with pytest.raises(ToolkitError):
+        deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    assert server.calls.count("tool switch") == 2
+    assert "tool finish" not in server.calls
+    assert "tool unlock" in server.calls
+
+
+def test_preflight_is_always_stopped_even_when_it_fails(package):
+    server = FakeServer(failing=("health",))
+    with pytest.raises(ToolkitError):
+        deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    after_health = server.calls[server.calls.index("tool health"):]
+    assert "sudo systemctl stop flask-helpdesk-preflight" in after_health
+    assert "tool switch" not in server.calls
+
+
+def test_rollback_with_nothing_before_says_so():
+    server = FakeServer({"previous-good": {"current": "only", "previous": None}})
+    with pytest.raises(ToolkitError, match="nothing to roll back to"):
+        rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
+    assert "tool lock" not in server.calls
+
+
+def test_rollback_is_health_gated_and_leaves_the_database_alone():
+    server = FakeServer()
+    rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
+    positions = order_of(server.calls, "tool lock", "start flask-helpdesk-preflight",
+                         "tool switch", "restart flask-helpdesk", "tool unlock")
+    assert positions == sorted(positions)
+    assert "tool restore" not in server.calls and "tool backup" not in server.calls
+
+
+def test_command_builders():
+    assert commands.systemctl("restart", "flask-helpdesk") == ["systemctl", "restart",
+                                                               "flask-helpdesk"]
+    assert commands.journal("x", 30) == ["journalctl", "-u", "x", "--no-pager", "-n", "30"]
+    assert commands.health_url(5001, "/healthz") == "http://127.0.0.1:5001/healthz"
+    assert commands.preflight_port(SETTINGS) == 5001
+    assert commands.units(SETTINGS) == {"app": "flask-helpdesk",
+                                        "migrate": "flask-helpdesk-migrate",
+                                        "preflight": "flask-helpdesk-preflight"}
+
+
+def test_setup_flags_carry_every_setting_and_root_needs_allow_root():
+    flags = setup_flags(SETTINGS, "ssh-ed25519 AAAA key", 22)
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    assert pairs["--deploy-path"] == "/var/www/flask_helpdesk"
+    assert pairs["--service-name"] == "flask-helpdesk"
+    assert pairs["--deploy-key"] == "ssh-ed25519 AAAA key"
+    assert "--allow-root" in setup_argv("/tmp/x", flags, as_root=True, verified=False)
+    assert "--allow-root" not in setup_argv("/tmp/x", flags, as_root=False, verified=True)
+    assert setup_argv("/tmp/x", flags, False, False, check=True)[-1] == "--check"
