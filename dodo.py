@@ -92,6 +92,11 @@ def task_status():
     return {"actions": [actions.status_action], "uptodate": [False], "verbosity": 2}
 
 
+def task_history():
+    """The last deploys and rollbacks of every server, newest first (HISTORY_COUNT)."""
+    return {"actions": [actions.history_action], "uptodate": [False], "verbosity": 2}
+
+
 def task_logs():
     """The app's and nginx's logs and the service journal (last lines)."""
     return {"actions": [actions.logs_action], "uptodate": [False], "verbosity": 2}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 from scripts.errors import ToolkitError
 from scripts.remote import Target, connect

@@ -77,9 +77,23 @@ def connect(target: Target) -> SshMachine:
                           ssh_opts=ssh_options(target), scp_opts=ssh_options(target),
                           connect_timeout=CONNECT_TIMEOUT_S)
     except ProcessExecutionError as error:
-        raise ToolkitError(explain_ssh_failure(target, str(error.stderr or ""))) from None
+        # plumbum keeps only the start of ssh's complaint; ask ssh once more for all of it.
+        stderr = _ssh_diagnosis(target) or str(error.stderr or "")
+        raise ToolkitError(explain_ssh_failure(target, stderr)) from None
     except (EOFError, OSError) as error:
         raise ToolkitError(f"SSH to {target.label()} failed: {error}") from None
+
+
+def _ssh_diagnosis(target: Target) -> str:
+    argv = ["ssh", *ssh_options(target), "-p", str(target.port)]
+    if target.key_file is not None:
+        argv += ["-i", str(target.key_file)]
+    argv += [f"{target.user}@{target.host}", "true"]
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=CONNECT_TIMEOUT_S + 5).stderr
+    except subprocess.TimeoutExpired:
+        return "Connection timed out during banner exchange"
 
 
 def explain_ssh_failure(target: Target, stderr: str) -> str:

@@ -87,6 +87,50 @@ def _command(raw: str) -> str:
     return raw.strip()
 
 
+def _optional_url(raw: str) -> str:
+    if raw and not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?", raw):
+        raise _Invalid("must be a URL such as https://helpdesk.example.com/")
+    return raw if not raw or raw.endswith("/") else raw + "/"
+
+
+def _any_url(raw: str) -> str:
+    if not re.fullmatch(r"https?://\S+", raw):
+        raise _Invalid("must be an http:// or https:// URL")
+    return raw
+
+
+def _optional_any_url(raw: str) -> str:
+    return _any_url(raw) if raw.strip() else ""
+
+
+def _optional_token(raw: str) -> str:
+    if raw and not re.fullmatch(r"[0-9]+:[A-Za-z0-9_-]+", raw):
+        raise _Invalid("must look like 123456:ABC-DEF... (from @BotFather)")
+    return raw
+
+
+def _optional_chat_id(raw: str) -> str:
+    if raw and not re.fullmatch(r"-?[0-9]+|@[A-Za-z0-9_]{5,}", raw):
+        raise _Invalid("must be a numeric chat id or @channelname")
+    return raw
+
+
+def _language(raw: str) -> str:
+    if raw not in ("ru", "en"):
+        raise _Invalid("must be ru or en")
+    return raw
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _Invalid("must be a number of seconds") from None
+    if not 0 < value <= 60:
+        raise _Invalid("must be between 0 and 60 seconds")
+    return value
+
+
 def _url_path(raw: str) -> str:
     if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", raw):
         raise _Invalid("must be a URL path such as /healthz")
@@ -208,6 +252,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MIGRATE_COMMAND", _command, "flask --app wsgi migrate",
             "migrations, run in the release with its venv on PATH (empty: none)"),
     Setting("GUNICORN_WORKERS", _positive_int, "2", "gunicorn worker processes"),
+    Setting("PUBLIC_URL", _optional_url, "",
+            "where people open the app (default http://<server>/); verify checks it from here"),
     Setting("HEALTH_PATH", _url_path, "/healthz",
             "health URL path; a JSON answer with `release` is checked against the release id"),
     Setting("APP_ENV_FILE", _optional_local_path, "",
@@ -219,6 +265,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RELEASE", _release_id, "", "rollback target (default: the previous good release)"),
     Setting("RESTORE_BACKUP", _backup_name, "",
             "rollback also restores this database backup (a name from `doit backups`)"),
+    Setting("NOTIFY_WEBHOOK_URL", _optional_any_url, "",
+            "JSON webhook (Slack/Mattermost `text`) told of deploys and rollbacks", secret=True),
+    Setting("TELEGRAM_BOT_TOKEN", _optional_token, "", "Telegram bot token for notifications",
+            secret=True),
+    Setting("TELEGRAM_CHAT_ID", _optional_chat_id, "", "Telegram chat that gets them"),
+    Setting("TELEGRAM_API_URL", _any_url, "https://api.telegram.org", "Telegram Bot API base"),
+    Setting("NOTIFY_LANGUAGE", _language, "ru", "language of notifications: ru or en"),
+    Setting("NOTIFY_TIMEOUT_S", _seconds, "3", "longest a notification may take"),
+    Setting("HISTORY_COUNT", _positive_int, "20", "entries `doit history` shows"),
     Setting("APP_DIR", _local_path, "examples/helpdesk", "the Flask app to package"),
     Setting("DIST_DIR", _local_path, "dist", "where packages are written"),
     Setting("PACKAGE_MAX_MB", _megabytes, "20", "largest package allowed, in MB"),
@@ -251,6 +306,7 @@ class Settings:
     server_name: str
     migrate_command: str
     gunicorn_workers: int
+    public_url: str
     health_path: str
     app_env_file: Path | None
     keep_releases: int
@@ -259,6 +315,13 @@ class Settings:
     auto_rollback: bool
     release: str
     restore_backup: str
+    notify_webhook_url: str
+    telegram_bot_token: str
+    telegram_chat_id: str
+    telegram_api_url: str
+    notify_language: str
+    notify_timeout_s: float
+    history_count: int
     app_dir: Path
     dist_dir: Path
     package_max_mb: float
@@ -291,6 +354,7 @@ def read_raw(env_file: Path | None = None, environ: Mapping[str, str] | None = N
 def load_settings(env_file: Path | None = None,
                   environ: Mapping[str, str] | None = None) -> Settings:
     """Validated settings, or a SettingsError listing one line per bad setting."""
+    environ = os.environ if environ is None else environ
     raw = read_raw(env_file, environ)
     values: dict[str, object] = {}
     problems: list[str] = []
@@ -305,6 +369,10 @@ def load_settings(env_file: Path | None = None,
             shown = "***" if setting.secret else repr(text)
             problems.append(f"setting {setting.name}={shown} {invalid}; fix it in .env or the "
                             f"environment")
+    if "DEPLOY_SERVER" not in raw and environ.get("GITLAB_CI") == "true":
+        # A pipeline never falls back to a local sandbox: it must name its server.
+        problems.insert(0, "setting DEPLOY_SERVER is not set; add it as a GitLab CI/CD variable "
+                           "(Settings -> CI/CD -> Variables)")
     if problems:
         raise SettingsError("\n".join(problems))
     return Settings(**values)

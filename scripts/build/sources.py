@@ -11,8 +11,11 @@ from scripts.build.ignore import IgnoreRules
 
 
 def in_git_work_tree(app_dir: Path) -> bool:
-    result = subprocess.run(["git", "-C", str(app_dir), "rev-parse", "--is-inside-work-tree"],
-                            capture_output=True, text=True)
+    try:
+        result = subprocess.run(["git", "-C", str(app_dir), "rev-parse",
+                                 "--is-inside-work-tree"], capture_output=True, text=True)
+    except FileNotFoundError:  # no git installed: not a work tree as far as we can tell
+        return False
     return result.returncode == 0 and result.stdout.strip() == "true"
 
 

@@ -14,7 +14,9 @@ from scripts.deploy.report import Reporter
 from scripts.deploy.rollback import rollback_server
 from scripts.deploy.server import Server
 from scripts.deploy.verify import verify_server
+from scripts.deploy.lock import who
 from scripts.errors import ToolkitError
+from scripts.notify import Event, Notifier
 from scripts.remote import Target
 from scripts.settings import Settings, load_settings
 from scripts.targets import deploy_targets
@@ -34,7 +36,9 @@ def built_package(settings: Settings) -> tuple[BuildRecord, Path]:
 
 
 def public_urls(settings: Settings, targets: list[Target]) -> dict[str, str]:
-    """Where a person opens the app: the sandbox's forwarded port, or http://host/."""
+    """Where a person opens the app: PUBLIC_URL, the sandbox's forwarded port, or http://host/."""
+    if settings.public_url:
+        return {t.display: settings.public_url for t in targets}
     if settings.uses_sandbox:
         from scripts.sandbox import sandbox_from_settings
         return {s.name: s.url for s in sandbox_from_settings(settings).servers()}
@@ -72,21 +76,45 @@ def check_action():
         raise ToolkitError("pre-deploy checks failed (see FAILED above); nothing was changed")
 
 
+def _event(settings: Settings, action: str, result: str, release: str, **details) -> Event:
+    hosts = [target.display for target in deploy_targets(settings)]
+    return Event(action, result, hosts, release, who(), **details)
+
+
 @user_errors_fail_task
 def ship_action():
     settings = load_settings()
     record, package = built_package(settings)
+    notifier = Notifier(settings)
     started = time.monotonic()
     if settings.dry_run:
         print("DRY_RUN=1: steps and remote commands are printed, nothing runs")
-    count = 0
-    for server, reporter in _servers(settings):
-        with server:
-            outcome = deploy_to_server(server, settings, record, package, reporter)
-        count += 1
-        verb = "deployed" if outcome.changed else "already current"
-        reporter.line(f"deploy: release {outcome.release} {verb} in {outcome.seconds:.1f} s "
-                      f"(previous: {outcome.previous})")
+    announced = []
+
+    def announce_once():
+        if not announced and not settings.dry_run:
+            announced.append(True)
+            notifier.send(_event(settings, "deploy", "start", record.release_id,
+                                 commit=record.git_commit))
+    count, reporter = 0, None
+    try:
+        for server, reporter in _servers(settings):
+            with server:
+                outcome = deploy_to_server(server, settings, record, package, reporter,
+                                           on_start=announce_once)
+            count += 1
+            verb = "deployed" if outcome.changed else "already current"
+            reporter.line(f"deploy: release {outcome.release} {verb} in {outcome.seconds:.1f} s "
+                          f"(previous: {outcome.previous})")
+    except BaseException as error:
+        notifier.send(_event(settings, "deploy", "failed", record.release_id,
+                             commit=record.git_commit, seconds=time.monotonic() - started,
+                             step=getattr(reporter, "failed_step", ""),
+                             error=(str(error) or type(error).__name__).splitlines()[0]))
+        raise
+    if announced:
+        notifier.send(_event(settings, "deploy", "ok", record.release_id,
+                             commit=record.git_commit, seconds=time.monotonic() - started))
     print(f"deploy: {count} server(s) on release {record.release_id} in "
           f"{time.monotonic() - started:.1f} s")
 
@@ -112,22 +140,44 @@ def verify_action():
     if not settings.auto_rollback:
         raise ToolkitError("verification failed; AUTO_ROLLBACK=0, so the release stays; run "
                            "`doit rollback` to go back")
-    for server, reporter in _servers(settings):
-        if server.name in {failed_server.name for failed_server in failed}:
-            reporter.line("verification failed: rolling back by itself (AUTO_ROLLBACK=1)")
+    notifier = Notifier(settings)
+    notifier.send(_event(settings, "deploy", "failed", expected or "current", step="verify",
+                         error=f"verification failed on {', '.join(s.name for s in failed)}"))
+    _roll_back(settings, notifier, undo_last_deploy=True,
+               only={failed_server.name for failed_server in failed})
+    raise ToolkitError("verification failed; rolled back to the release that served before")
+
+
+def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = False,
+               only: set[str] | None = None) -> None:
+    """Roll back (all servers, or `only` these), and tell the team how it went."""
+    started = time.monotonic()
+    target = settings.release
+    try:
+        for server, reporter in _servers(settings):
+            if only is not None and server.name not in only:
+                continue
+            if undo_last_deploy:
+                reporter.line("verification failed: rolling back by itself (AUTO_ROLLBACK=1)")
             with server:
-                rollback_server(server, settings, reporter)
-    raise ToolkitError("verification failed; rolled back to the previous good release")
+                outcome = rollback_server(server, settings, reporter,
+                                          undo_last_deploy=undo_last_deploy)
+            target = outcome.release
+            reporter.line(f"rollback: {server.name} serves release {outcome.release} "
+                          f"(was {outcome.previous}) after {outcome.seconds:.1f} s")
+    except BaseException as error:
+        notifier.send(_event(settings, "rollback", "failed", target or "?",
+                             seconds=time.monotonic() - started, step="rollback",
+                             error=(str(error) or type(error).__name__).splitlines()[0]))
+        raise
+    notifier.send(_event(settings, "rollback", "ok", target or "?",
+                         seconds=time.monotonic() - started))
 
 
 @user_errors_fail_task
 def rollback_action():
     settings = load_settings()
-    for server, reporter in _servers(settings):
-        with server:
-            outcome = rollback_server(server, settings, reporter)
-        reporter.line(f"rollback: {server.name} serves release {outcome.release} "
-                      f"(was {outcome.previous}) after {outcome.seconds:.1f} s")
+    _roll_back(settings, Notifier(settings))
 
 
 @user_errors_fail_task
@@ -186,6 +236,32 @@ def logs_action():
             reporter.line(f"==> journalctl -u {settings.service_name} <==")
             print(server.sudo(commands.journal(settings.service_name, 50),
                               check=False).stdout.rstrip())
+
+
+@user_errors_fail_task
+def history_action():
+    """The servers' deploy logs merged into one table, newest first."""
+    settings = load_settings()
+    rows = []
+    for server, _ in _servers(settings):
+        with server:
+            if not server.ensure_tool():
+                continue
+            entries = server.tool_call("history", str(server.deploy_path),
+                                       settings.history_count)["entries"]
+            rows += [(entry, server.name) for entry in entries]
+    rows.sort(key=lambda row: row[0].get("time", ""), reverse=True)
+    print(f"{'when (UTC)':25} {'server':12} {'action':8} {'release':13} {'commit':13} "
+          f"{'who':22} {'time':>7}  result")
+    for entry, host in rows[:settings.history_count]:
+        outcome = entry.get("result", "?")
+        if outcome == "failed" and entry.get("step"):
+            outcome += f" at {entry['step']}"
+        print(f"{entry.get('time', '?'):25} {host:12} {entry.get('action', '?'):8} "
+              f"{str(entry.get('release')):13} {entry.get('git_commit', '') or '-':13} "
+              f"{entry.get('who', '?')[:22]:22} {entry.get('duration_s', 0):6.1f}s  {outcome}")
+    if not rows:
+        print("no deploys yet")
 
 
 @user_errors_fail_task

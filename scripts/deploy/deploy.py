@@ -75,6 +75,17 @@ def restart_and_check(server: Server, settings: Settings, release: str) -> None:
                      release, HEALTH_TIMEOUT_S, what="health check after the restart")
 
 
+def _serves(server: Server, settings: Settings, release: str) -> bool:
+    """The running service answers with this release (not just: `current` points at it; a
+    deploy killed between switch and restart leaves those two different)."""
+    try:
+        server.tool_call("health", commands.health_url(settings.app_port, settings.health_path),
+                         release, 1)
+    except ToolkitError:
+        return False
+    return True
+
+
 def upload_package(server: Server, record: BuildRecord, package: Path) -> bool:
     path = str(server.deploy_path)
     if server.tool_call("has-package", path, record.package, record.sha256).get("present"):
@@ -104,7 +115,8 @@ def migrate(server: Server, settings: Settings, release: str, backup: str | None
 
 
 def deploy_to_server(server: Server, settings: Settings, record: BuildRecord, package: Path,
-                     reporter: Reporter) -> DeployOutcome:
+                     reporter: Reporter, on_start=lambda: None) -> DeployOutcome:
+    """on_start runs once the deploy really begins (lock taken), e.g. to notify the team."""
     started = time.monotonic()
     release = record.release_id
     path = str(server.deploy_path)
@@ -112,16 +124,15 @@ def deploy_to_server(server: Server, settings: Settings, record: BuildRecord, pa
         raise ToolkitError(f"{server.name}: {path} is not set up for deploys; run `doit setup`")
     state = server.tool_call("probe", path)
     previous = state.get("current")
-    if previous == release and release in state.get("good", []) and not server.dry_run:
-        active = server.run(commands.systemctl("is-active", settings.service_name), check=False)
-        if active.stdout.strip() == "active":
-            reporter.line(f"ok: release {release} is already current and serving; nothing to do")
-            return DeployOutcome(server.name, release, previous, False,
-                                 time.monotonic() - started)
+    if previous == release and release in state.get("good", []) and not server.dry_run \
+            and _serves(server, settings, release):
+        reporter.line(f"ok: release {release} is already current and serving; nothing to do")
+        return DeployOutcome(server.name, release, previous, False, time.monotonic() - started)
     lock_started = time.monotonic()
     with deploy_lock(server, release, "deploy", log=reporter.line):
         reporter.line(f"{'changed':8} {'lock':10} {time.monotonic() - lock_started:5.2f} s  "
                       f"{path}/.deploy-lock taken")
+        on_start()
         try:
             _ship(server, settings, record, package, reporter, release)
         except BaseException as error:

@@ -99,7 +99,7 @@ def release_lock(server, token: str, log=print) -> None:
             server.tool_call("unlock", str(server.deploy_path), token,
                              what="releasing the deploy lock")
             return
-        except (ToolkitError, OSError, EOFError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - best effort; the user is told below
             failure = error
     log(f"{server.name}: warning: could not release the deploy lock ({failure}); run "
         f"`doit unlock`")

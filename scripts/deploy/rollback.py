@@ -17,9 +17,12 @@ from scripts.settings import Settings
 
 
 def rollback_server(server: Server, settings: Settings, reporter: Reporter,
-                    stay_on_current: bool = False) -> DeployOutcome:
+                    stay_on_current: bool = False, undo_last_deploy: bool = False
+                    ) -> DeployOutcome:
     """Switch to the previous good release (or RELEASE). With stay_on_current (`doit
-    restore`), keep the current release and only restore RESTORE_BACKUP under it."""
+    restore`), keep the current release and only restore RESTORE_BACKUP under it. With
+    undo_last_deploy (a failed verification), go back to what served before the last deploy
+    and stop counting the failed release as good."""
     started = time.monotonic()
     path = str(server.deploy_path)
     if not server.ensure_tool():
@@ -27,6 +30,8 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
     answer = server.tool_call("previous-good", path)
     current = answer.get("current")
     target = current if stay_on_current else settings.release or answer.get("previous")
+    if undo_last_deploy:
+        target = _served_before_last_deploy(server, current) or target
     if not target and not server.dry_run:
         raise ToolkitError(f"{server.name}: nothing to roll back to: release {current} is the "
                            f"only good release on the server")
@@ -61,6 +66,18 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
             _log_quietly(server, log_entry("rollback", target, current, started, "failed",
                                            step=reporter.failed_step, error=str(error)))
             raise
+        if undo_last_deploy and current and current != target:
+            server.tool_call("demote", path, current)
         server.tool_call("log", path, json.dumps(log_entry("rollback", target, current, started,
                                                            "ok")))
     return DeployOutcome(server.name, target, current, True, time.monotonic() - started)
+
+
+def _served_before_last_deploy(server: Server, current: str | None) -> str | None:
+    """The release the deploy log says was live before `current` was deployed."""
+    entries = server.tool_call("history", str(server.deploy_path), 50).get("entries", [])
+    for entry in reversed(entries):
+        if entry.get("action") == "deploy" and entry.get("result") == "ok" \
+                and entry.get("release") == current:
+            return entry.get("previous")
+    return None

@@ -11,6 +11,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from plumbum.machines.session import ShellSessionError
+
 from scripts.errors import ToolkitError
 from scripts.remote import Target, connect
 
@@ -78,11 +80,18 @@ class Server:
         if self.dry_run:
             self.log(f"    $ {command}")
             return Result(0, "{}", "")
-        status, stdout, stderr = self.session.run(command, retcode=None)
+        status, stdout, stderr = self._session_run(command, what or argv[0])
         result = Result(status, stdout, stderr)
         if check and status != 0:
             raise ToolkitError(f"{self.name}: {what or argv[0]} failed: {result.error_line}")
         return result
+
+    def _session_run(self, command: str, what: str) -> tuple[int, str, str]:
+        try:
+            return self.session.run(command, retcode=None)
+        except (ShellSessionError, EOFError, OSError) as error:  # SSHCommsError is an EOFError
+            raise ToolkitError(f"{self.name}: the SSH connection was lost during {what} "
+                               f"({type(error).__name__}); nothing after it ran") from None
 
     def tool_call(self, subcommand: str, *args: str, what: str = "") -> dict:
         """Run a server_tool subcommand; its JSON answer, or a ToolkitError with its error."""
@@ -106,13 +115,13 @@ class Server:
             return
         # printf is a shell builtin: the data never shows in a process list; umask 077 keeps
         # the file private while it is written.
-        status, _, stderr = self.session.run(f"(umask 077; : > {target})", retcode=None)
+        status, _, stderr = self._session_run(f"(umask 077; : > {target})", "the upload")
         for start in range(0, len(data), PUT_CHUNK):
             if status != 0:
                 break
             chunk = base64.b64encode(data[start:start + PUT_CHUNK]).decode()
-            status, _, stderr = self.session.run(
-                f"printf %s {chunk} | base64 -d >> {target}", retcode=None)
+            status, _, stderr = self._session_run(
+                f"printf %s {chunk} | base64 -d >> {target}", "the upload")
             if status != 0:
                 raise ToolkitError(f"{self.name}: writing {remote_path} failed: {stderr.strip()}")
 

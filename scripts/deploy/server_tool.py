@@ -367,6 +367,13 @@ def cmd_mark_good(root, release):
     out(changed=True)
 
 
+def cmd_demote(root, release):
+    """A release that failed verification is no longer a rollback target."""
+    good = [name for name in read_good(root) if name != release]
+    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
+    out(changed=True)
+
+
 def cmd_previous_good(root):
     current = release_id_of(path(root, "current"))
     good = [name for name in read_good(root)
@@ -453,7 +460,8 @@ COMMANDS = {
     "unpack": cmd_unpack, "venv": cmd_venv, "link-shared": cmd_link_shared,
     "backup": cmd_backup, "restore": cmd_restore, "backups": cmd_backups,
     "set-next": cmd_set_next, "switch": cmd_switch, "health": cmd_health,
-    "mark-good": cmd_mark_good, "previous-good": cmd_previous_good, "prune": cmd_prune,
+    "mark-good": cmd_mark_good, "demote": cmd_demote, "previous-good": cmd_previous_good,
+    "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
 }
 

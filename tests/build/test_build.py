@@ -11,7 +11,7 @@ import pytest
 
 from scripts.build.package import BuildRecord, verify_package
 from scripts.errors import ToolkitError
-from tests.build.conftest import Project, copy_app
+from tests.build.conftest import Project
 
 
 def members(package) -> list[str]:

@@ -27,7 +27,7 @@ def two_versions(site):
     """Two builds of the app that differ in code: A and B, each with its own dist/."""
     versions = {}
     for name in ("a", "b"):
-        app_dir = copy_app(site.work / f"app-{name}")
+        app_dir = copy_app(site.work / f"version-{name}" / "helpdesk")
         (app_dir / "helpdesk" / "views.py").write_text(
             (app_dir / "helpdesk" / "views.py").read_text() + f"\n# version {name}\n")
         settings = {"APP_DIR": str(app_dir), "DIST_DIR": str(site.work / f"dist-{name}")}
@@ -51,8 +51,9 @@ def test_no_request_fails_during_five_deploys_and_two_rollbacks(site, two_versio
             version = two_versions["b" if number % 2 == 0 else "a"]
             result = site.doit("-s", "ship", **version)
             assert result.returncode == 0, result.stdout + result.stderr
-        for _ in range(2):
-            assert site.doit("rollback").returncode == 0
+        # Two rollbacks: to the previous good release, then forward again by name.
+        assert site.doit("rollback").returncode == 0
+        assert site.doit("rollback", RELEASE=release_of(site, two_versions["b"])).returncode == 0
         time.sleep(1)
     report = load.report
     print(f"load: {report.sent} requests in {report.seconds:.0f} s, {len(report.failures)} "
@@ -127,13 +128,14 @@ def test_cutting_ssh_during_the_upload_leaves_the_site_and_the_next_deploy_works
     assert site.served_release() != before
 
 
-def test_check_refuses_a_server_without_room_and_touches_nothing(site):
+def test_check_refuses_a_server_without_room_and_touches_nothing(site, two_versions):
     with site.admin() as machine:
+        # A real small disk: a 2 MB filesystem where the backups go.
         machine["sudo"]["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs",
                         "/var/backups/flask_helpdesk"]()
         try:
             before = site.doit("status").stdout
-            result = site.doit("-s", "check")
+            result = site.doit("-s", "check", **two_versions["a"])
             after = site.doit("status").stdout
         finally:
             machine["sudo"]["umount", "/var/backups/flask_helpdesk"]()

@@ -87,6 +87,14 @@ def test_a_deploy_runs_its_steps_in_order_and_releases_the_lock(package):
     assert positions == sorted(positions)
 
 
+def test_the_same_release_current_but_not_serving_is_deployed_again(package):
+    server = FakeServer({"probe": {"current": "new", "good": ["new"], "layout": True}},
+                        failing=("health",))
+    with pytest.raises(ToolkitError):  # the fake's health keeps failing: preflight stops it
+        deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    assert "tool lock" in server.calls
+
+
 def test_the_same_release_already_serving_does_nothing(package):
     server = FakeServer({"probe": {"current": "new", "good": ["new"], "layout": True}})
     outcome = deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))

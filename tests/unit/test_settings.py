@@ -118,3 +118,11 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
                       "./.ci/install && .venv/bin/python -m pytest"]
     ci_run = (root / ".ci" / "run").read_text()
     assert "./.ci/install" in ci_run and ".venv/bin/python -m pytest" in ci_run
+
+
+def test_a_gitlab_pipeline_must_name_its_server(tmp_path):
+    with pytest.raises(SettingsError, match="DEPLOY_SERVER is not set; add it as a GitLab"):
+        load_settings(tmp_path / "none", environ={"GITLAB_CI": "true"})
+    ok = load_settings(tmp_path / "none", environ={"GITLAB_CI": "true",
+                                                   "DEPLOY_SERVER": "helpdesk.example.com"})
+    assert ok.deploy_servers == ("helpdesk.example.com",)

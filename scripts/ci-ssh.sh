@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Sourced by every GitLab job that reaches the server (see .gitlab-ci.yml): loads
+# SSH_PRIVATE_KEY into an ssh-agent that ends with the job, and writes SSH_KNOWN_HOSTS to a
+# known_hosts file the toolkit uses. Both may be plain variables or GitLab "file" variables.
+# Nothing here echoes a key; a missing SSH_KNOWN_HOSTS stops the job instead of trusting any key.
+
+# The value of a variable, or the content of the file it names (a GitLab file variable).
+ci_variable_value() {
+  local value="$1"
+  if [[ -f "${value}" ]]; then
+    cat -- "${value}"
+  else
+    printf '%s\n' "${value}"
+  fi
+}
+
+ci_ssh_setup() {
+  if [[ -z "${SSH_KNOWN_HOSTS:-}" ]]; then
+    echo "error: CI/CD variable SSH_KNOWN_HOSTS is not set: add the server's host key line" \
+      "(ssh-keyscan -p PORT YOUR_SERVER, after checking its fingerprint); refusing to trust" \
+      "any key" >&2
+    return 1
+  fi
+  if [[ -z "${SSH_PRIVATE_KEY:-}" ]]; then
+    echo "error: CI/CD variable SSH_PRIVATE_KEY is not set: add the deploy key's private half" >&2
+    return 1
+  fi
+  local ssh_dir="${CI_PROJECT_DIR:-${PWD}}/.ci-ssh"
+  mkdir -p "${ssh_dir}"
+  chmod 700 "${ssh_dir}"
+  ci_variable_value "${SSH_KNOWN_HOSTS}" > "${ssh_dir}/known_hosts"
+  export SSH_KNOWN_HOSTS_FILE="${ssh_dir}/known_hosts"
+  eval "$(ssh-agent -s)" >/dev/null
+  # The agent is ours: end it with the job's shell.
+  trap 'ssh-agent -k >/dev/null 2>&1' EXIT
+  if ! ci_variable_value "${SSH_PRIVATE_KEY}" | tr -d '\r' | ssh-add - >/dev/null 2>&1; then
+    echo "error: CI/CD variable SSH_PRIVATE_KEY does not hold a usable private key (the whole" \
+      "file, BEGIN and END lines included, without a passphrase)" >&2
+    return 1
+  fi
+}
+
+ci_ssh_setup
