@@ -46,10 +46,28 @@ def _servers(raw: str) -> tuple[str, ...]:
     if hosts == (SANDBOX_TARGET,):
         return ()
     for host in hosts:
-        name = host.rsplit("@", 1)[-1]
+        user, name, port = split_host(host)
+        if user is not None and not _USER_NAME.match(user):
+            raise _Invalid(f"has {host!r}, whose user is not a Linux user name")
+        if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise _Invalid(f"has {host!r}, whose port is not a number from 1 to 65535")
         if not (_HOST_NAME.match(name) or (":" in name and _IPV6.match(name))):
             raise _Invalid(f"has {host!r}, which is not a host name or IP address")
     return hosts
+
+
+def split_host(entry: str) -> tuple[str | None, str, str | None]:
+    """`[user@]host[:port]` (IPv6 as [addr]:port) -> (user, host, port)."""
+    user, _, rest = entry.rpartition("@")
+    port = None
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else None
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:
+        host = rest
+    return (user or None), host, port
 
 
 def _user(raw: str) -> str:
@@ -129,6 +147,12 @@ def _seconds(raw: str) -> float:
     if not 0 < value <= 60:
         raise _Invalid("must be between 0 and 60 seconds")
     return value
+
+
+def _batch(raw: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*%?", raw) or (raw.endswith("%") and int(raw[:-1]) > 100):
+        raise _Invalid("must be a number of servers (2) or a share of them (25%)")
+    return raw
 
 
 def _url_path(raw: str) -> str:
@@ -235,6 +259,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DEPLOY_SERVER", _servers, SANDBOX_TARGET,
             "server address(es), comma-separated; unset or 'sandbox' means the local sandbox",
             attr="deploy_servers"),
+    Setting("DEPLOY_HOSTS_FILE", _optional_local_path, "",
+            "a file of servers, one `[user@]host[:port]` a line (instead of DEPLOY_SERVER)"),
     Setting("DEPLOY_USER", _user, "deploy", "SSH user that deploys and owns the releases"),
     Setting("DEPLOY_PATH", _remote_path, "/var/www/flask_helpdesk", "where releases live"),
     Setting("BACKUP_PATH", _remote_path, "/var/backups/flask_helpdesk", "database backups"),
@@ -258,6 +284,9 @@ SETTINGS: tuple[Setting, ...] = (
             "health URL path; a JSON answer with `release` is checked against the release id"),
     Setting("APP_ENV_FILE", _optional_local_path, "",
             "local file uploaded as the app's shared/.env (0600); unset: keep the server's"),
+    Setting("DEPLOY_PARALLEL", _positive_int, "4", "servers prepared (upload, venv) at once"),
+    Setting("DEPLOY_BATCH", _batch, "1",
+            "servers switched at once in a rolling deploy: a count, or a share such as 25%"),
     Setting("KEEP_RELEASES", _positive_int, "5", "good releases kept on the server"),
     Setting("BACKUPS_KEEP", _positive_int, "10", "database backups kept in BACKUP_PATH"),
     Setting("MIN_FREE_MB", _positive_int, "200", "free disk `check` requires beyond the release"),
@@ -293,6 +322,7 @@ SETTINGS: tuple[Setting, ...] = (
 @dataclass(frozen=True)
 class Settings:
     deploy_servers: tuple[str, ...]
+    deploy_hosts_file: Path | None
     deploy_user: str
     deploy_path: PurePosixPath
     backup_path: PurePosixPath
@@ -309,6 +339,8 @@ class Settings:
     public_url: str
     health_path: str
     app_env_file: Path | None
+    deploy_parallel: int
+    deploy_batch: str
     keep_releases: int
     backups_keep: int
     min_free_mb: int
@@ -369,7 +401,17 @@ def load_settings(env_file: Path | None = None,
             shown = "***" if setting.secret else repr(text)
             problems.append(f"setting {setting.name}={shown} {invalid}; fix it in .env or the "
                             f"environment")
-    if "DEPLOY_SERVER" not in raw and environ.get("GITLAB_CI") == "true":
+    hosts_file = values.get("deploy_hosts_file")
+    if hosts_file and not problems:
+        try:
+            lines = [line.split("#")[0].strip() for line in Path(hosts_file).read_text()
+                     .splitlines()]
+            values["deploy_servers"] = _servers(",".join(line for line in lines if line))
+        except OSError:
+            problems.append(f"setting DEPLOY_HOSTS_FILE={str(hosts_file)!r}: cannot read it")
+        except _Invalid as invalid:
+            problems.append(f"setting DEPLOY_HOSTS_FILE={str(hosts_file)!r}: it {invalid}")
+    if "DEPLOY_SERVER" not in raw and not hosts_file and environ.get("GITLAB_CI") == "true":
         # A pipeline never falls back to a local sandbox: it must name its server.
         problems.insert(0, "setting DEPLOY_SERVER is not set; add it as a GitLab CI/CD variable "
                            "(Settings -> CI/CD -> Variables)")

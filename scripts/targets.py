@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from scripts.errors import ToolkitError
 from scripts.remote import Target
-from scripts.settings import Settings
+from scripts.settings import Settings, split_host
 
 SANDBOX_SETUP_USER = "admin"
 
@@ -23,9 +24,6 @@ def _sandbox(settings: Settings):
     return sandbox, servers
 
 
-def _split_user(entry: str, default_user: str) -> tuple[str, str]:
-    user, _, host = entry.rpartition("@")
-    return (user or default_user), host
 
 
 def deploy_targets(settings: Settings) -> list[Target]:
@@ -35,12 +33,15 @@ def deploy_targets(settings: Settings) -> list[Target]:
         key = settings.ssh_key_file or sandbox.deploy_key_file
         return [Target(s.host, s.ssh_port, settings.deploy_user, key, sandbox.known_hosts_file,
                        name=s.name) for s in servers]
-    targets = []
-    for entry in settings.deploy_servers:
-        user, host = _split_user(entry, settings.deploy_user)
-        targets.append(Target(host, settings.ssh_port, user, settings.ssh_key_file,
-                              settings.ssh_known_hosts_file, name=host))
-    return targets
+    return [_target(entry, settings, settings.deploy_user) for entry in settings.deploy_servers]
+
+
+def _target(entry: str, settings: Settings, default_user: str) -> Target:
+    user, host, port = split_host(entry)
+    port_number = int(port) if port else settings.ssh_port
+    name = host if not port else f"{host}:{port}"
+    return Target(host, port_number, user or default_user, settings.ssh_key_file,
+                  settings.ssh_known_hosts_file, name=name)
 
 
 def setup_targets(settings: Settings) -> list[Target]:
@@ -51,8 +52,8 @@ def setup_targets(settings: Settings) -> list[Target]:
         return [Target(s.host, s.ssh_port, user, sandbox.key_file, sandbox.known_hosts_file,
                        name=s.name) for s in servers]
     user = settings.setup_user or "root"
-    return [Target(_split_user(entry, user)[1], settings.ssh_port, user, settings.ssh_key_file,
-                   settings.ssh_known_hosts_file, name=_split_user(entry, user)[1])
+    # The entry's user is the deploy user; setup always logs in as SETUP_USER.
+    return [replace(_target(entry, settings, user), user=user)
             for entry in settings.deploy_servers]
 
 

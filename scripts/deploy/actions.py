@@ -3,13 +3,15 @@ backups: they load settings, find the servers, and print what a person needs to 
 
 from __future__ import annotations
 
+import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from scripts.build.package import BuildRecord, record_path, sha256_file, verify_package
 from scripts.deploy import commands
 from scripts.deploy.check import check_server
-from scripts.deploy.deploy import deploy_to_server
+from scripts.deploy.fleet import deploy_fleet, run_parallel
 from scripts.deploy.report import Reporter
 from scripts.deploy.rollback import rollback_server
 from scripts.deploy.server import Server
@@ -68,10 +70,18 @@ def check_action():
     manifest = verify_package(package)
     print(f"ok       package {record.package}: {len(manifest['files'])} files and "
           f"{len(manifest['wheels'])} wheels match their sha256")
-    healthy = True
-    for server, reporter in _servers(settings):
+    verdicts: list[bool] = []
+
+    def check_one(server, reporter):
         with server:
-            healthy &= _print_results(reporter, check_server(server, settings, manifest))
+            verdicts.append(_print_results(reporter, check_server(server, settings, manifest)))
+    # Every server is checked before any changes: an unreachable one fails the whole check.
+    errors = run_parallel([lambda pair=pair: check_one(*pair) for pair in _servers(settings)],
+                          settings.deploy_parallel)
+    for error in errors:
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+    healthy = all(verdicts) and not any(errors)
     if not healthy:
         raise ToolkitError("pre-deploy checks failed (see FAILED above); nothing was changed")
 
@@ -96,22 +106,24 @@ def ship_action():
             announced.append(True)
             notifier.send(_event(settings, "deploy", "start", record.release_id,
                                  commit=record.git_commit))
-    count, reporter = 0, None
+    pairs = list(_servers(settings))
     try:
-        for server, reporter in _servers(settings):
-            with server:
-                outcome = deploy_to_server(server, settings, record, package, reporter,
-                                           on_start=announce_once)
-            count += 1
+        with ExitStack() as connections:
+            for server, _ in pairs:
+                connections.enter_context(server)
+            outcomes = deploy_fleet(pairs, settings, record, package, on_start=announce_once)
+        for (_, reporter), outcome in zip(pairs, outcomes):
             verb = "deployed" if outcome.changed else "already current"
             reporter.line(f"deploy: release {outcome.release} {verb} in {outcome.seconds:.1f} s "
                           f"(previous: {outcome.previous})")
     except BaseException as error:
+        failed_steps = [r.failed_step for _, r in pairs if r.failed_step]
         notifier.send(_event(settings, "deploy", "failed", record.release_id,
                              commit=record.git_commit, seconds=time.monotonic() - started,
-                             step=getattr(reporter, "failed_step", ""),
+                             step=failed_steps[0] if failed_steps else "",
                              error=(str(error) or type(error).__name__).splitlines()[0]))
         raise
+    count = len(pairs)
     if announced:
         notifier.send(_event(settings, "deploy", "ok", record.release_id,
                              commit=record.git_commit, seconds=time.monotonic() - started))
@@ -143,34 +155,39 @@ def verify_action():
     notifier = Notifier(settings)
     notifier.send(_event(settings, "deploy", "failed", expected or "current", step="verify",
                          error=f"verification failed on {', '.join(s.name for s in failed)}"))
-    _roll_back(settings, notifier, undo_last_deploy=True,
-               only={failed_server.name for failed_server in failed})
+    # Every server goes back, not only the failed ones: the fleet stays on one release.
+    _roll_back(settings, notifier, undo_last_deploy=True)
     raise ToolkitError("verification failed; rolled back to the release that served before")
 
 
-def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = False,
-               only: set[str] | None = None) -> None:
-    """Roll back (all servers, or `only` these), and tell the team how it went."""
+def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = False) -> None:
+    """Roll every server back, in parallel, and tell the team how it went."""
     started = time.monotonic()
+    targets: list[str] = []
+
+    def roll_back_one(server, reporter):
+        if undo_last_deploy:
+            reporter.line("verification failed: rolling back by itself (AUTO_ROLLBACK=1)")
+        with server:
+            outcome = rollback_server(server, settings, reporter,
+                                      undo_last_deploy=undo_last_deploy)
+        targets.append(outcome.release)
+        reporter.line(f"rollback: {server.name} serves release {outcome.release} "
+                      f"(was {outcome.previous}) after {outcome.seconds:.1f} s")
     target = settings.release
     try:
-        for server, reporter in _servers(settings):
-            if only is not None and server.name not in only:
-                continue
-            if undo_last_deploy:
-                reporter.line("verification failed: rolling back by itself (AUTO_ROLLBACK=1)")
-            with server:
-                outcome = rollback_server(server, settings, reporter,
-                                          undo_last_deploy=undo_last_deploy)
-            target = outcome.release
-            reporter.line(f"rollback: {server.name} serves release {outcome.release} "
-                          f"(was {outcome.previous}) after {outcome.seconds:.1f} s")
+        errors = run_parallel([lambda pair=pair: roll_back_one(*pair)
+                               for pair in _servers(settings)], settings.deploy_parallel)
+        target = ", ".join(sorted(set(targets))) or target
+        for error in errors:
+            if error:
+                raise error
     except BaseException as error:
         notifier.send(_event(settings, "rollback", "failed", target or "?",
                              seconds=time.monotonic() - started, step="rollback",
                              error=(str(error) or type(error).__name__).splitlines()[0]))
         raise
-    notifier.send(_event(settings, "rollback", "ok", target or "?",
+    notifier.send(_event(settings, "rollback", "ok", ", ".join(sorted(set(targets))) or "?",
                          seconds=time.monotonic() - started))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from scripts.build.package import BuildRecord
 from scripts.deploy import commands
-from scripts.deploy.lock import deploy_lock, who
+from scripts.deploy.lock import who
 from scripts.deploy.report import Reporter
 from scripts.deploy.server import Server
 from scripts.errors import ToolkitError
@@ -116,37 +116,29 @@ def migrate(server: Server, settings: Settings, release: str, backup: str | None
 
 def deploy_to_server(server: Server, settings: Settings, record: BuildRecord, package: Path,
                      reporter: Reporter, on_start=lambda: None) -> DeployOutcome:
-    """on_start runs once the deploy really begins (lock taken), e.g. to notify the team."""
-    started = time.monotonic()
-    release = record.release_id
+    """One server: the fleet of one (see scripts/deploy/fleet.py)."""
+    from scripts.deploy.fleet import deploy_fleet
+    return deploy_fleet([(server, reporter)], settings, record, package, on_start)[0]
+
+
+def needs_deploy(server: Server, settings: Settings, release: str) -> tuple[bool, str | None]:
+    """(False, current) when the release already serves here, else (True, current)."""
     path = str(server.deploy_path)
     if not server.ensure_tool():
         raise ToolkitError(f"{server.name}: {path} is not set up for deploys; run `doit setup`")
     state = server.tool_call("probe", path)
-    previous = state.get("current")
-    if previous == release and release in state.get("good", []) and not server.dry_run \
+    current = state.get("current")
+    if current == release and release in state.get("good", []) and not server.dry_run \
             and _serves(server, settings, release):
-        reporter.line(f"ok: release {release} is already current and serving; nothing to do")
-        return DeployOutcome(server.name, release, previous, False, time.monotonic() - started)
-    lock_started = time.monotonic()
-    with deploy_lock(server, release, "deploy", log=reporter.line):
-        reporter.line(f"{'changed':8} {'lock':10} {time.monotonic() - lock_started:5.2f} s  "
-                      f"{path}/.deploy-lock taken")
-        on_start()
-        try:
-            _ship(server, settings, record, package, reporter, release)
-        except BaseException as error:
-            entry = log_entry("deploy", release, previous, started, "failed", record,
-                              reporter.failed_step, str(error) or type(error).__name__)
-            _log_quietly(server, entry)
-            raise
-        server.tool_call("log", path, json.dumps(log_entry("deploy", release, previous, started,
-                                                           "ok", record)))
-    return DeployOutcome(server.name, release, previous, True, time.monotonic() - started)
+        return False, current
+    return True, current
 
 
-def _ship(server, settings, record, package, reporter, release) -> None:
+def prepare(server: Server, settings: Settings, record: BuildRecord, package: Path,
+            reporter: Reporter) -> None:
+    """Everything before the switch: the old release keeps serving, untouched."""
     path = str(server.deploy_path)
+    release = record.release_id
     with reporter.step("upload") as outcome:
         outcome.changed = upload_package(server, record, package)
         outcome.detail = (f"{record.package} ({record.size / 1e6:.2f} MB)" if outcome.changed
@@ -182,33 +174,40 @@ def _ship(server, settings, record, package, reporter, release) -> None:
         start_preflight(server, settings, release)
         outcome.detail = (f"{release} healthy on 127.0.0.1:{commands.preflight_port(settings)}"
                           f"{settings.health_path}")
+
+
+def go_live(server: Server, settings: Settings, release: str, reporter: Reporter) -> None:
+    """Switch and restart; if the restarted service is unhealthy, switch this server back."""
     with reporter.step("switch") as outcome:
-        answer = server.tool_call("switch", path, release)
+        answer = server.tool_call("switch", str(server.deploy_path), release)
         outcome.changed = bool(answer.get("changed", True))
         outcome.detail = f"current -> releases/{release} (was {answer.get('previous')})"
     with reporter.step("restart") as outcome:
         try:
             restart_and_check(server, settings, release)
         except ToolkitError:
-            _switch_back(server, settings, answer.get("previous"))
+            switch_back(server, settings, answer.get("previous"))
             raise
         outcome.changed = True
         outcome.detail = f"{settings.service_name} serves {release}"
+
+
+def finish(server: Server, settings: Settings, release: str, reporter: Reporter) -> None:
     with reporter.step("finish") as outcome:
-        removed = server.tool_call("finish", path, release,
+        removed = server.tool_call("finish", str(server.deploy_path), release,
                                    settings.keep_releases).get("removed", [])
         outcome.changed = True
         outcome.detail = f"marked good; removed {len(removed)} old release(s)"
 
 
-def _switch_back(server: Server, settings: Settings, previous: str | None) -> None:
+def switch_back(server: Server, settings: Settings, previous: str | None) -> None:
     if not previous:
         return
     server.tool_call("switch", str(server.deploy_path), previous)
     server.sudo(commands.systemctl("restart", commands.units(settings)["app"]), check=False)
 
 
-def _log_quietly(server: Server, entry: dict) -> None:
+def log_quietly(server: Server, entry: dict) -> None:
     try:
         server.tool_call("log", str(server.deploy_path), json.dumps(entry))
     except (ToolkitError, OSError, EOFError):

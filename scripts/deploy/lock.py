@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import socket
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,7 +59,12 @@ def describe(holder: dict) -> str:
 
 @contextmanager
 def sigterm_raises():
-    """Turn SIGTERM into an exception for the duration, so the lock is released."""
+    """Turn SIGTERM into an exception for the duration, so the lock is released. Only the
+    main thread can take signals; servers handled in worker threads rely on it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
     def handler(signum, frame):
         raise Interrupted("terminated")
     previous = signal.signal(signal.SIGTERM, handler)

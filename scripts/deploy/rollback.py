@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from scripts.deploy.deploy import (DeployOutcome, _log_quietly, _switch_back, log_entry,
+from scripts.deploy.deploy import (DeployOutcome, log_quietly, switch_back, log_entry,
                                    restart_and_check, start_preflight)
 from scripts.deploy.lock import deploy_lock
 from scripts.deploy.report import Reporter
@@ -58,12 +58,12 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
                 try:
                     restart_and_check(server, settings, target)
                 except ToolkitError:
-                    _switch_back(server, settings, current)
+                    switch_back(server, settings, current)
                     raise
                 outcome.changed = True
                 outcome.detail = f"{settings.service_name} serves {target}"
         except BaseException as error:
-            _log_quietly(server, log_entry("rollback", target, current, started, "failed",
+            log_quietly(server, log_entry("rollback", target, current, started, "failed",
                                            step=reporter.failed_step, error=str(error)))
             raise
         if undo_last_deploy and current and current != target:

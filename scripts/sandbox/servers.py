@@ -241,11 +241,11 @@ class Sandbox:
         self._personalise(server)
         apt_archives = self.cache_dir / "apt-archives"
         (apt_archives / "partial").mkdir(parents=True, exist_ok=True)
+        nspawn = ["systemd-nspawn", "-D", server.root_dir, "-b", f"--machine={server.name}",
+                  "--register=no", "--keep-unit", "--private-network", "--console=passive",
+                  f"--bind={apt_archives}:/var/cache/apt/archives"]
         server.nspawn_pid = processes.spawn_detached(
-            ["systemd-nspawn", "-D", server.root_dir, "-b", f"--machine={server.name}",
-             "--register=no", "--keep-unit", "--private-network", "--console=passive",
-             f"--bind={apt_archives}:/var/cache/apt/archives"],
-            server_dir / "console.log")
+            in_own_cgroups(server.name, nspawn), server_dir / "console.log")
         server.init_pid = self._wait_for_init(server)
         self._wait_until_booted(server)
         self._start_helpers(server)
@@ -332,6 +332,7 @@ class Sandbox:
             processes.end_group(helper.pgid, helper.marker)
         _unmount(Path(server.root_dir))
         shutil.rmtree(Path(server.root_dir).parent, ignore_errors=True)
+        remove_own_cgroups(server.name)
 
     def _kill_container(self, server: SandboxServer) -> None:
         # SIGKILL to the container's init ends its whole PID namespace; then nspawn exits.
@@ -348,6 +349,42 @@ class Sandbox:
         for mount_point in _mount_points():
             if mount_point.startswith(servers_dir + "/"):
                 _unmount(Path(mount_point))
+
+
+# With --keep-unit and no systemd on the host, nspawn puts each container's systemd in
+# "<its own cgroup>/payload": started from one cgroup, every container would share one tree,
+# and their systemds would remove each other's unit cgroups (units then fail, 219/CGROUP).
+CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
+CGROUP_PARENT = "flask-deploy-sandbox"
+
+
+def _own_cgroups(name: str) -> list[Path]:
+    return [root / CGROUP_PARENT / name for root in CGROUP_ROOTS
+            if (root / "cgroup.procs").exists()]
+
+
+def in_own_cgroups(name: str, argv: list[str]) -> list[str]:
+    """argv, started from a cgroup of its own in each hierarchy that systemd uses."""
+    groups = _own_cgroups(name)
+    if not groups:
+        return argv
+    for group in groups:
+        group.mkdir(parents=True, exist_ok=True)
+    moves = "; ".join(f"echo $$ > {group}/cgroup.procs" for group in groups)
+    return ["sh", "-c", f'{moves}; exec "$@"', "nspawn-in-cgroup", *argv]
+
+
+def remove_own_cgroups(name: str) -> None:
+    """Empty cgroups left by a stopped container, deepest first."""
+    for group in _own_cgroups(name):
+        if not group.exists():
+            continue
+        for folder in sorted((p for p in group.rglob("*") if p.is_dir()),
+                             key=lambda p: len(p.parts), reverse=True) + [group]:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def _index(name: str) -> int:

@@ -1,0 +1,117 @@
+"""Several servers: parallel preparation, rolling switch, a failure that stops the rollout and
+returns the switched servers, an unreachable server that stops everything before any change."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import requests
+
+from tests.conftest import new_sandbox
+from tests.integration.site import Site
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, provisioned_layer, wheel_cache):
+    work = tmp_path_factory.mktemp("fleet")
+    sandbox = new_sandbox(work / "sandbox")
+    sandbox.up(3, layer=provisioned_layer)
+    site = Site(work, sandbox, wheel_cache)
+    first = site.deploy()
+    assert first.returncode == 0, first.stdout + first.stderr
+    yield site
+    sandbox.down()
+
+
+def releases(site) -> list[str]:
+    return [requests.get(s.url + "healthz", timeout=10).json()["release"]
+            for s in site.sandbox.servers()]
+
+
+def remote_entries(site) -> str:
+    return ",".join(f"127.0.0.1:{s.ssh_port}" for s in site.sandbox.servers())
+
+
+def test_every_server_ends_on_the_new_release_with_one_line_per_server_and_step(fleet):
+    fleet.change_code("fleet release")
+    assert fleet.doit("-s", "build").returncode == 0
+    result = fleet.doit("-s", "ship")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert fleet.doit("-s", "verify").returncode == 0
+    assert releases(fleet) == [fleet.built_release()] * 3
+    for server in fleet.sandbox.servers():
+        for step in ("upload", "preflight", "switch", "restart", "finish"):
+            assert any(line.startswith(f"{server.name}: ") and f" {step} " in line
+                       for line in result.stdout.splitlines()), (server.name, step)
+
+
+def test_a_server_failing_its_health_check_stops_the_rollout_and_switched_ones_return(fleet):
+    before = releases(fleet)
+    broken = fleet.sandbox.servers()[1]
+    from scripts.remote import Target, connect
+    admin = Target(broken.host, broken.ssh_port, "admin", fleet.sandbox.key_file,
+                   fleet.sandbox.known_hosts_file)
+    with connect(admin) as machine:
+        # The service on this server can no longer start; its preflight still can.
+        machine["sudo"]["mkdir", "-p", "/etc/systemd/system/flask-helpdesk.service.d"]()
+        (machine["sudo"]["tee", "/etc/systemd/system/flask-helpdesk.service.d/broken.conf"]
+         << "[Service]\nExecStartPre=/bin/false\n")()
+        machine["sudo"]["systemctl", "daemon-reload"]()
+        try:
+            fleet.change_code("never everywhere")
+            assert fleet.doit("-s", "build").returncode == 0
+            result = fleet.doit("-s", "ship", DEPLOY_BATCH="1")
+        finally:
+            machine["sudo"]["rm", "-r", "/etc/systemd/system/flask-helpdesk.service.d"]()
+            machine["sudo"]["systemctl", "daemon-reload"]()
+            machine["sudo"]["systemctl", "restart", "flask-helpdesk"]()
+    assert result.returncode != 0
+    assert f"rollout stopped at {broken.name}" in result.stderr
+    assert "1 server(s) that had switched are back on their previous release" in result.stderr
+    assert releases(fleet) == before
+    third = fleet.sandbox.servers()[2].name
+    assert not any(line.startswith(f"{third}: ") and " switch " in line
+                   for line in result.stdout.splitlines()), "the third server never switched"
+
+
+def test_one_unreachable_server_fails_the_check_before_any_server_changes(fleet):
+    before = releases(fleet)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    settings = {"DEPLOY_SERVER": f"{remote_entries(fleet)},127.0.0.1:{closed}",
+                "SSH_KEY_FILE": str(fleet.sandbox.deploy_key_file),
+                "SSH_KNOWN_HOSTS_FILE": str(fleet.sandbox.known_hosts_file),
+                "PUBLIC_URL": fleet.url}
+    fleet.change_code("blocked by one server")
+    assert fleet.doit("-s", "build").returncode == 0
+    check = fleet.doit("-s", "check", **settings)
+    assert check.returncode != 0
+    assert f"127.0.0.1:{closed}: connection refused" in check.stderr
+    ship = fleet.doit("-s", "ship", **settings)
+    assert ship.returncode != 0
+    assert releases(fleet) == before
+
+
+def test_rollback_acts_on_every_server(fleet):
+    assert fleet.doit("-s", "ship").returncode == 0
+    current = releases(fleet)
+    assert len(set(current)) == 1
+    result = fleet.doit("rollback")
+    assert result.returncode == 0, result.stderr
+    after = releases(fleet)
+    assert len(set(after)) == 1 and after != current
+
+
+def test_a_hosts_file_lists_servers_with_their_own_ports(fleet, tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("# the helpdesk fleet\n" + "\n".join(
+        f"deploy@127.0.0.1:{s.ssh_port}" for s in fleet.sandbox.servers()) + "\n")
+    result = fleet.doit("status", DEPLOY_HOSTS_FILE=str(hosts),
+                        SSH_KEY_FILE=str(fleet.sandbox.deploy_key_file),
+                        SSH_KNOWN_HOSTS_FILE=str(fleet.sandbox.known_hosts_file))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("service  flask-helpdesk: active") == 3
