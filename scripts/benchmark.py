@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from scripts.loadgen import Load
 from scripts.settings import REPO_ROOT, load_settings
 
 DOIT = [sys.executable, "-m", "doit", "-f", str(REPO_ROOT / "dodo.py")]
@@ -146,7 +147,16 @@ def bench_server(work: Path) -> list[Row]:
             warm.append(_timed(doit("-s", "ship"), env))
             rollback.append(_timed(doit("rollback"), env))
             _timed(doit("-s", "ship"), env)
-        for number in range(3, 5):
+        # Under steady traffic, separately: the load's own CPU would slow the timings above.
+        url = sandbox.servers()[0].url + "healthz"
+        with Load(url, rate_per_s=40, max_requests=20000, max_seconds=300) as load:
+            for number in range(3, 6):
+                change_code(number)
+                _timed(doit("build"), env)
+                _timed(doit("-s", "ship"), env)
+                _timed(doit("rollback"), env)
+                _timed(doit("-s", "ship"), env)
+        for number in range(6, 8):
             change_code(number)
             warm_full.append(_timed(doit("deploy"), env))
     finally:
@@ -164,17 +174,63 @@ def bench_server(work: Path) -> list[Row]:
         Row("deploy", "same package again: `doit -s ship` (median of 3)", median(same), "s",
             "< 2 s"),
         Row("deploy", "`doit rollback` (median of 3)", median(rollback), "s", "< 2 s (aim ~1 s)"),
+        Row("load", "requests sent during 6 deploys and 3 rollbacks (40/s)", load.report.sent,
+            "req"),
+        Row("load", "failed requests (errors or non-2xx)", len(load.report.failures), "req",
+            "0 (Ansible, pyinfra: 10-20 per restart)"),
+        Row("load", "worst latency during them", load.report.worst_latency_s, "s"),
     ]
 
 
-SECTIONS = {"build": bench_build, "sandbox": bench_sandbox, "server": bench_server}
+def bench_fleet(work: Path) -> list[Row]:
+    """Deploy times for 1, 2, 4 and 8 servers booted from the provisioned layer."""
+    from scripts.sandbox import Sandbox
+    from scripts.sandbox.layers import ensure_provisioned_layer
+
+    settings = load_settings()
+    layer = ensure_provisioned_layer(settings.sandbox_cache, settings.sandbox_mirror, work)
+    sandbox = Sandbox(work / "fleet", settings.sandbox_cache, settings.sandbox_mirror,
+                      log=lambda *_: None)
+    app_dir = work / "helpdesk"
+    shutil.copytree(REPO_ROOT / "examples" / "helpdesk", app_dir,
+                    ignore=shutil.ignore_patterns("__pycache__", "instance", "tests"))
+    views = app_dir / "helpdesk" / "views.py"
+    rows = []
+    try:
+        servers = sandbox.up(8, layer=layer)
+        base = {**_doit_in_sandbox(work, sandbox.state_dir), "APP_DIR": str(app_dir),
+                "DIST_DIR": str(work / "dist"), "WHEEL_CACHE": str(settings.wheel_cache),
+                "SSH_KEY_FILE": str(sandbox.deploy_key_file),
+                "SSH_KNOWN_HOSTS_FILE": str(sandbox.known_hosts_file)}
+        doit = lambda *args: [*DOIT, "--dir", str(work), *args]  # noqa: E731
+        every = ",".join(f"127.0.0.1:{s.ssh_port}" for s in servers)
+        _timed(doit("build"), base)
+        _timed(doit("-s", "ship"), {**base, "DEPLOY_SERVER": every, "DEPLOY_PARALLEL": "8"})
+        for count in (1, 2, 4, 8):
+            hosts = ",".join(f"127.0.0.1:{s.ssh_port}" for s in servers[:count])
+            for batch in ("1", "50%"):
+                views.write_text(views.read_text() + f"\n# fleet {count} {batch}\n")
+                _timed(doit("build"), base)
+                seconds = _timed(doit("-s", "ship"), {**base, "DEPLOY_SERVER": hosts,
+                                                      "DEPLOY_BATCH": batch})
+                rows.append(Row("fleet", f"code change to {count} server(s), batch {batch}",
+                                seconds, "s", "8 servers < 2x one" if count == 8 else ""))
+    finally:
+        sandbox.down()
+    return rows
+
+
+SECTIONS = {"build": bench_build, "sandbox": bench_sandbox, "server": bench_server,
+            "fleet": bench_fleet}
 
 
 def print_table(rows: list[Row]) -> None:
     width = max(len(row.name) for row in rows)
-    print(f"{'section':8}  {'measure':{width}}  {'value':>9}  unit  goal")
+    print(f"| section | {'measure':{width}} | {'value':>9} | unit | goal |")
+    print(f"|---|{'-' * (width + 2)}|---:|---|---|")
     for row in rows:
-        print(f"{row.section:8}  {row.name:{width}}  {row.value:9.3f}  {row.unit:4}  {row.goal}")
+        print(f"| {row.section} | {row.name:{width}} | {row.value:9.3f} | {row.unit} | "
+              f"{row.goal} |")
 
 
 def main(argv: list[str]) -> int:

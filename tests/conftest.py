@@ -4,15 +4,12 @@ Servers that a test does not provision boot from a saved, provisioned layer."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
 from scripts.sandbox import Sandbox, root_target
-from scripts.sandbox.image import image_name
 from scripts.settings import REPO_ROOT, load_settings
 
 # A sandbox of its own, so tests never touch the servers of a user's demo.
@@ -52,35 +49,12 @@ def root_targets(sandbox):
     return [root_target(sandbox, server) for server in sandbox.servers()]
 
 
-def _layer_fingerprint(sandbox: Sandbox) -> str:
-    digest = hashlib.sha256(image_name(sandbox.mirror).encode())
-    for path in [REPO_ROOT / "server_setup.sh", *sorted((REPO_ROOT / "conf").iterdir())]:
-        digest.update(path.name.encode() + path.read_bytes())
-    digest.update(Path(f"{sandbox.deploy_key_file}.pub").read_bytes()
-                  if Path(f"{sandbox.deploy_key_file}.pub").exists() else b"")
-    return digest.hexdigest()[:16]
-
-
 @pytest.fixture(scope="session")
 def provisioned_layer(tmp_path_factory):
     """A server provisioned by `doit setup` with the default settings, saved as a layer (cached
     across runs until server_setup.sh or conf/ change), so deploy tests skip provisioning."""
-    from tests.integration.helpers import doit
+    from scripts.sandbox.layers import ensure_provisioned_layer
 
-    work = tmp_path_factory.mktemp("layer")
-    box = new_sandbox(work / "sandbox")
-    box.state_dir.mkdir(parents=True)
-    box._ensure_key()
-    layer = box.cache_dir / "layers" / f"provisioned-{_layer_fingerprint(box)}"
-    layer.parent.mkdir(parents=True, exist_ok=True)
-    with open(layer.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not layer.exists():
-            (server,) = box.up(1)
-            try:
-                result = doit(work, box.state_dir, "setup")
-                assert result.returncode == 0, result.stdout + result.stderr
-                box.save_layer(server, layer)
-            finally:
-                box.down()
-    return layer
+    settings = load_settings(env_file=Path("/nonexistent"))
+    return ensure_provisioned_layer(settings.sandbox_cache, settings.sandbox_mirror,
+                                    tmp_path_factory.mktemp("layer"))

@@ -149,18 +149,10 @@ def test_a_held_lock_refuses_a_second_deploy_with_the_holders_details(site):
 def test_two_deploys_at_once_one_is_refused(site):
     site.change_code("race")
     assert site.doit("-s", "build").returncode == 0
-    first = subprocess.Popen(["true"])
-    first.wait()
-    from tests.integration.helpers import DOIT
-    env = {**os.environ, "ENV_FILE": os.devnull, "SANDBOX_DIR": str(site.sandbox.state_dir),
-           **site.settings}
-    env.pop("DEPLOY_SERVER", None)
-    racers = [subprocess.Popen([*DOIT, "--dir", str(site.work), "-s", "ship"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
-    outcomes = [(racer.wait(timeout=120), *racer.communicate()) for racer in racers]
-    statuses = sorted(status for status, _, _ in outcomes)
-    refused = [err for status, _, err in outcomes if status != 0]
+    racers = [site.start_doit("-s", "ship") for _ in range(2)]
+    outcomes = [(racer.wait(timeout=120), racer.communicate()[0]) for racer in racers]
+    statuses = sorted(status for status, _ in outcomes)
+    refused = [output for status, output in outcomes if status != 0]
     assert statuses[0] == 0
     if refused:  # they overlapped: the loser names the winner
         assert "another deploy holds the lock" in refused[0]
@@ -171,12 +163,7 @@ def test_a_deploy_killed_with_sigkill_leaves_the_old_release_serving(site):
     before = site.served_release()
     site.change_code("killed")
     assert site.doit("-s", "build").returncode == 0
-    from tests.integration.helpers import DOIT
-    env = {**os.environ, "ENV_FILE": os.devnull, "SANDBOX_DIR": str(site.sandbox.state_dir),
-           **site.settings}
-    env.pop("DEPLOY_SERVER", None)
-    deploy = subprocess.Popen([*DOIT, "--dir", str(site.work), "-s", "ship"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deploy = site.start_doit("-s", "ship")
     for line in deploy.stdout:
         if "backup" in line:  # killed after the backup step, before the switch
             deploy.send_signal(signal.SIGKILL)
@@ -247,12 +234,7 @@ def test_sigterm_mid_deploy_releases_the_lock_and_keeps_the_old_release(site):
     before = site.served_release()
     site.change_code("terminated")
     assert site.doit("-s", "build").returncode == 0
-    from tests.integration.helpers import DOIT
-    env = {**os.environ, "ENV_FILE": os.devnull, "SANDBOX_DIR": str(site.sandbox.state_dir),
-           **site.settings}
-    env.pop("DEPLOY_SERVER", None)
-    deploy = subprocess.Popen([*DOIT, "--dir", str(site.work), "-s", "ship"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deploy = site.start_doit("-s", "ship")
     for line in deploy.stdout:
         if " unpack " in line:
             deploy.send_signal(signal.SIGTERM)

@@ -115,3 +115,32 @@ def test_a_hosts_file_lists_servers_with_their_own_ports(fleet, tmp_path):
                         SSH_KNOWN_HOSTS_FILE=str(fleet.sandbox.known_hosts_file))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("service  flask-helpdesk: active") == 3
+
+
+def test_the_gitlab_matrix_variant_deploys_each_server_in_its_own_job(fleet, tmp_path):
+    import json
+
+    from tests.integration.test_gitlab import job_passed, make_project, run_pipeline
+    project = make_project(tmp_path / "project")
+    servers = fleet.sandbox.servers()[:2]
+    matrix = "".join(f"      - DEPLOY_SERVER: \"127.0.0.1:{s.ssh_port}\"\n"
+                     f"        PUBLIC_URL: {s.url}\n" for s in servers)
+    ci = (project / ".gitlab-ci.matrix.yml").read_text()
+    start = ci.index("      - DEPLOY_SERVER: web-1")
+    end = ci.index("\n\n", start)
+    (project / ".gitlab-ci.matrix.yml").write_text(ci[:start] + matrix.rstrip("\n") + ci[end:])
+    variables = {"SSH_PRIVATE_KEY": fleet.sandbox.deploy_key_file.read_text(),
+                 "SSH_KNOWN_HOSTS": fleet.sandbox.known_hosts_file.read_text(),
+                 "CI_DEFAULT_BRANCH": "main"}
+    (project / ".gitlab-ci-local-variables.yml").write_text(json.dumps(variables))
+    views = project / "examples" / "helpdesk" / "helpdesk" / "views.py"
+    views.write_text(views.read_text() + "\n# matrix release\n")
+    result = run_pipeline(project, "--file", ".gitlab-ci.matrix.yml")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    deploy_jobs = [line for line in output.splitlines()
+                   if "deploy_to_server" in line and "PASS" in line]
+    assert len(deploy_jobs) == 2, output[-3000:]
+    assert job_passed(output, "post_deploy_verification")
+    built = json.loads((project / "dist" / "helpdesk.json").read_text())["release_id"]
+    assert releases(fleet)[:2] == [built, built]

@@ -25,13 +25,10 @@ def project_files() -> list[str]:
     return [name for name in listed if (REPO_ROOT / name).is_file()]
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, site):
-    """This repository as a GitLab project on its default branch, with the CI/CD variables a
-    user would set, pointing at the module's sandbox server as at a real server."""
+def make_project(root: Path) -> Path:
+    """This repository as a git project on its default branch, as GitLab would check it out."""
     if GITLAB_CI_LOCAL is None:
         pytest.fail("gitlab-ci-local is not installed; run .ci/install")
-    root = tmp_path_factory.mktemp("gitlab") / "project"
     for name in project_files():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, root / name)
@@ -39,6 +36,14 @@ def project(tmp_path_factory, site):
     subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "helpdesk"], check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, site):
+    """The project with the CI/CD variables a user would set, pointing at the module's sandbox
+    server as at a real server."""
+    root = make_project(tmp_path_factory.mktemp("gitlab") / "project")
     server = site.server
     known_host = f"[127.0.0.1]:{server.ssh_port} {server.host_key}\n"
     # As GitLab advises: the key as a "file" variable (the job sees a path to it).

@@ -136,13 +136,31 @@ def test_rollback_with_nothing_before_says_so():
     assert "tool lock" not in server.calls
 
 
-def test_rollback_is_health_gated_and_leaves_the_database_alone():
+def test_rollback_to_an_unproven_release_runs_its_preflight_first():
     server = FakeServer()
+    server.answers["previous-good"] = {"current": "new", "previous": "never-live"}
     rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
     positions = order_of(server.calls, "tool lock", "start flask-helpdesk-preflight",
                          "tool switch", "restart flask-helpdesk", "tool unlock")
     assert positions == sorted(positions)
+    last_health = len(server.calls) - 1 - server.calls[::-1].index("tool health")
+    assert last_health > positions[3], "health is checked again after the restart"
     assert "tool restore" not in server.calls and "tool backup" not in server.calls
+
+
+def test_rollback_to_a_good_release_is_gated_by_its_health_after_the_restart():
+    server = FakeServer()
+    rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
+    assert not any("preflight" in call for call in server.calls)
+    positions = order_of(server.calls, "tool switch", "restart flask-helpdesk", "tool health")
+    assert positions == sorted(positions)
+
+
+def test_a_rollback_target_failing_its_health_check_is_switched_back():
+    server = FakeServer(failing=("health",))
+    with pytest.raises(ToolkitError):
+        rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
+    assert server.calls.count("tool switch") == 2
 
 
 def test_command_builders():
