@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import time
 
-from scripts.deploy.deploy import (DeployOutcome, log_quietly, switch_back, log_entry,
-                                   restart_and_check, start_preflight)
+from scripts.deploy.deploy import (DeployOutcome, go_live, log_entry, log_quietly,
+                                   start_preflight)
 from scripts.deploy.lock import deploy_lock
 from scripts.deploy.report import Reporter
 from scripts.deploy.server import Server
@@ -56,18 +56,7 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
                     restored = server.tool_call("restore", path, backup).get("restored", [])
                     outcome.changed = True
                     outcome.detail = f"{', '.join(restored)} from {backup}"
-            with reporter.step("switch") as outcome:
-                switched = server.tool_call("switch", path, target)
-                outcome.changed = bool(switched.get("changed", True))
-                outcome.detail = f"current -> releases/{target} (was {current})"
-            with reporter.step("restart") as outcome:
-                try:
-                    restart_and_check(server, settings, target)
-                except ToolkitError:
-                    switch_back(server, settings, current)
-                    raise
-                outcome.changed = True
-                outcome.detail = f"{settings.service_name} serves {target}"
+            go_live(server, settings, target, reporter)
         except BaseException as error:
             log_quietly(server, log_entry("rollback", target, current, started, "failed",
                                            step=reporter.failed_step, error=str(error)))
