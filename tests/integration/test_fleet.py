@@ -130,8 +130,7 @@ def test_the_gitlab_matrix_variant_deploys_each_server_in_its_own_job(fleet, tmp
     end = ci.index("\n\n", start)
     (project / ".gitlab-ci.matrix.yml").write_text(ci[:start] + matrix.rstrip("\n") + ci[end:])
     variables = {"SSH_PRIVATE_KEY": fleet.sandbox.deploy_key_file.read_text(),
-                 "SSH_KNOWN_HOSTS": fleet.sandbox.known_hosts_file.read_text(),
-                 "CI_DEFAULT_BRANCH": "main"}
+                 "SSH_KNOWN_HOSTS": fleet.sandbox.known_hosts_file.read_text()}
     (project / ".gitlab-ci-local-variables.yml").write_text(json.dumps(variables))
     views = project / "examples" / "helpdesk" / "helpdesk" / "views.py"
     views.write_text(views.read_text() + "\n# matrix release\n")
