@@ -16,7 +16,7 @@ from scripts.deploy.report import Reporter
 from scripts.deploy.rollback import rollback_server
 from scripts.deploy.server import Server
 from scripts.deploy.verify import verify_server
-from scripts.deploy.lock import who
+from scripts.deploy.lock import describe, who
 from scripts.errors import ToolkitError
 from scripts.notify import Event, Notifier
 from scripts.remote import Target
@@ -52,6 +52,16 @@ def _servers(settings: Settings):
     for target in targets:
         reporter = Reporter(server=target.display, show_server=len(targets) > 1)
         yield Server(target, settings.deploy_path, settings.dry_run, log=reporter.line), reporter
+
+
+def _set_up_servers(settings: Settings):
+    """Connected servers that have the release layout; the others are named and skipped."""
+    for server, reporter in _servers(settings):
+        with server:
+            if not server.ensure_tool():
+                reporter.line(f"{settings.deploy_path} is not set up; run `doit setup`")
+                continue
+            yield server, reporter
 
 
 def _print_results(reporter: Reporter, results: list[tuple[bool, str]]) -> bool:
@@ -213,30 +223,25 @@ def restore_action():
 @user_errors_fail_task
 def status_action():
     settings = load_settings()
-    for server, reporter in _servers(settings):
-        with server:
-            if not server.ensure_tool():
-                reporter.line(f"{settings.deploy_path} is not set up; run `doit setup`")
-                continue
-            state = server.tool_call("probe", str(server.deploy_path))
-            active = server.run(commands.systemctl("is-active", settings.service_name),
-                                check=False).stdout.strip()
-            good = state.get("good", [])
-            current = state.get("current")
-            previous = good[good.index(current) - 1] if current in good and \
-                good.index(current) > 0 else None
-            reporter.line(f"service  {settings.service_name}: {active}")
-            reporter.line(f"current  {current}")
-            reporter.line(f"previous {previous} (what `doit rollback` goes back to)")
-            reporter.line(f"releases {', '.join(state.get('releases', [])) or 'none'} "
-                          f"(good: {', '.join(good) or 'none'})")
-            if state.get("lock"):
-                from scripts.deploy.lock import describe
-                reporter.line(f"lock     held by {describe(state['lock'])}")
-            history = server.tool_call("history", str(server.deploy_path), 5)["entries"]
-            for entry in reversed(history):
-                reporter.line(f"{entry['time']}  {entry['action']:8} {entry['release']}  "
-                              f"{entry['result']:6} {entry['duration_s']:6.1f} s  {entry['who']}")
+    for server, reporter in _set_up_servers(settings):
+        state = server.tool_call("probe", str(server.deploy_path))
+        active = server.run(commands.systemctl("is-active", settings.service_name),
+                            check=False).stdout.strip()
+        good = state.get("good", [])
+        current = state.get("current")
+        previous = good[good.index(current) - 1] if current in good and \
+            good.index(current) > 0 else None
+        reporter.line(f"service  {settings.service_name}: {active}")
+        reporter.line(f"current  {current}")
+        reporter.line(f"previous {previous} (what `doit rollback` goes back to)")
+        reporter.line(f"releases {', '.join(state.get('releases', [])) or 'none'} "
+                      f"(good: {', '.join(good) or 'none'})")
+        if state.get("lock"):
+            reporter.line(f"lock     held by {describe(state['lock'])}")
+        history = server.tool_call("history", str(server.deploy_path), 5)["entries"]
+        for entry in reversed(history):
+            reporter.line(f"{entry['time']}  {entry['action']:8} {entry['release']}  "
+                          f"{entry['result']:6} {entry['duration_s']:6.1f} s  {entry['who']}")
 
 
 @user_errors_fail_task
@@ -260,13 +265,10 @@ def history_action():
     """The servers' deploy logs merged into one table, newest first."""
     settings = load_settings()
     rows = []
-    for server, _ in _servers(settings):
-        with server:
-            if not server.ensure_tool():
-                continue
-            entries = server.tool_call("history", str(server.deploy_path),
-                                       settings.history_count)["entries"]
-            rows += [(entry, server.name) for entry in entries]
+    for server, _ in _set_up_servers(settings):
+        entries = server.tool_call("history", str(server.deploy_path),
+                                   settings.history_count)["entries"]
+        rows += [(entry, server.name) for entry in entries]
     rows.sort(key=lambda row: row[0].get("time", ""), reverse=True)
     print(f"{'when (UTC)':25} {'server':12} {'action':8} {'release':13} {'commit':13} "
           f"{'who':22} {'time':>7}  result")
@@ -283,31 +285,24 @@ def history_action():
 
 @user_errors_fail_task
 def unlock_action():
-    from scripts.deploy.lock import describe
     settings = load_settings()
-    for server, reporter in _servers(settings):
-        with server:
-            if not server.ensure_tool():
-                continue
-            answer = server.tool_call("unlock", str(server.deploy_path))
-            if answer.get("released"):
-                reporter.line(f"changed: removed the deploy lock of {describe(answer['holder'])}")
-            else:
-                reporter.line("ok: no deploy lock was held")
+    for server, reporter in _set_up_servers(settings):
+        answer = server.tool_call("unlock", str(server.deploy_path))
+        if answer.get("released"):
+            reporter.line(f"changed: removed the deploy lock of {describe(answer['holder'])}")
+        else:
+            reporter.line("ok: no deploy lock was held")
 
 
 @user_errors_fail_task
 def backups_action():
     settings = load_settings()
-    for server, reporter in _servers(settings):
-        with server:
-            if not server.ensure_tool():
-                continue
-            backups = server.tool_call("backups", str(settings.backup_path))["backups"]
-            for backup in backups:
-                reporter.line(Path(backup).name)
-            if backups:
-                reporter.line(f"restore one with: RESTORE_BACKUP={Path(backups[-1]).name} "
-                              f"doit restore")
-            else:
-                reporter.line("no backups yet (a deploy makes one before its migrations)")
+    for server, reporter in _set_up_servers(settings):
+        backups = server.tool_call("backups", str(settings.backup_path))["backups"]
+        for backup in backups:
+            reporter.line(Path(backup).name)
+        if backups:
+            reporter.line(f"restore one with: RESTORE_BACKUP={Path(backups[-1]).name} "
+                          f"doit restore")
+        else:
+            reporter.line("no backups yet (a deploy makes one before its migrations)")

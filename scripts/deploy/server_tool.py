@@ -361,10 +361,10 @@ def cmd_health(url, expect_release, timeout):
         time.sleep(0.1)
 
 
-def cmd_mark_good(root, release):
+def _mark_good(root, release):
+    """Newest last: a release deployed again moves to the end."""
     good = [name for name in read_good(root) if name != release] + [release]
     write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
-    out(changed=True)
 
 
 def cmd_demote(root, release):
@@ -422,8 +422,7 @@ def cmd_prune(root, keep):
 
 def cmd_finish(root, release, keep):
     """A release that went live: mark it good, then prune (one round trip for both)."""
-    good = [name for name in read_good(root) if name != release] + [release]
-    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
+    _mark_good(root, release)
     cmd_prune(root, keep)
 
 
@@ -460,7 +459,7 @@ COMMANDS = {
     "unpack": cmd_unpack, "venv": cmd_venv, "link-shared": cmd_link_shared,
     "backup": cmd_backup, "restore": cmd_restore, "backups": cmd_backups,
     "set-next": cmd_set_next, "switch": cmd_switch, "health": cmd_health,
-    "mark-good": cmd_mark_good, "demote": cmd_demote, "previous-good": cmd_previous_good,
+    "demote": cmd_demote, "previous-good": cmd_previous_good,
     "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
 }

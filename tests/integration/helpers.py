@@ -13,14 +13,20 @@ from scripts.settings import REPO_ROOT
 DOIT = [sys.executable, "-m", "doit", "-f", str(REPO_ROOT / "dodo.py")]
 
 
-def doit(work_dir: Path, sandbox_dir: Path, *args: str, timeout: int = 600,
-         **settings: str) -> subprocess.CompletedProcess:
-    """Run a doit task as a user would, against the sandbox in sandbox_dir, ignoring any .env."""
+def doit_env(sandbox_dir: Path, **settings: str) -> dict:
+    """The environment of a doit run against the sandbox in sandbox_dir, ignoring any .env
+    and any DEPLOY_SERVER of the caller's (unless settings give one)."""
     env = {key: value for key, value in os.environ.items() if key != "DEPLOY_SERVER"}
     env.update({"ENV_FILE": os.devnull, "SANDBOX_DIR": str(sandbox_dir),
                 "PYTHONPATH": str(REPO_ROOT), **settings})
+    return env
+
+
+def doit(work_dir: Path, sandbox_dir: Path, *args: str, timeout: int = 600,
+         **settings: str) -> subprocess.CompletedProcess:
+    """Run a doit task as a user would, and wait for it."""
     return subprocess.run([*DOIT, "--dir", str(work_dir), *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+                          text=True, env=doit_env(sandbox_dir, **settings), timeout=timeout)
 
 
 def script_lines(output: str) -> list[str]:

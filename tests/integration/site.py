@@ -4,7 +4,6 @@ and a private copy of the helpdesk app that tests may change, deployed with real
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import requests
 from scripts.remote import Target, connect
 from scripts.sandbox import Sandbox
 from tests.build.conftest import copy_app
-from scripts.settings import REPO_ROOT
-from tests.integration.helpers import DOIT, doit
+from tests.integration.helpers import DOIT, doit, doit_env
 
 
 class Site:
@@ -36,18 +34,11 @@ class Site:
     def doit(self, *args: str, **settings: str) -> subprocess.CompletedProcess:
         return doit(self.work, self.sandbox.state_dir, *args, **{**self.settings, **settings})
 
-    def doit_env(self, **settings: str) -> dict:
-        env = {**os.environ, "ENV_FILE": os.devnull, "SANDBOX_DIR": str(self.sandbox.state_dir),
-               "PYTHONPATH": str(REPO_ROOT), **self.settings, **settings}
-        if "DEPLOY_SERVER" not in settings:
-            env.pop("DEPLOY_SERVER", None)
-        return env
-
     def start_doit(self, *args: str, **settings: str) -> subprocess.Popen:
         """A doit run in the background, its output merged, line by line."""
-        return subprocess.Popen([*DOIT, "--dir", str(self.work), *args],
-                                env=self.doit_env(**settings), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        env = doit_env(self.sandbox.state_dir, **{**self.settings, **settings})
+        return subprocess.Popen([*DOIT, "--dir", str(self.work), *args], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def as_remote_server(self, **settings: str) -> dict:
         """Settings that reach this sandbox server as a user's real server would be reached:

@@ -2,44 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
 from scripts.notify import Event, Notifier, message
 from scripts.settings import load_settings
+from tests.inbox import Inbox
 
 TOKEN = "123456:SECRET-token_value"
 
 
-class Recorder(BaseHTTPRequestHandler):
-    received: list = []
-    status = 200
-    delay = 0.0
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        Recorder.received.append((self.path, body))
-        time.sleep(Recorder.delay)
-        self.send_response(Recorder.status)
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
-def endpoint():
-    Recorder.received, Recorder.status, Recorder.delay = [], 200, 0.0
-    server = HTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+def inbox():
+    endpoint = Inbox()
+    yield endpoint
+    endpoint.close()
 
 
 def settings_for(url: str, **extra):
@@ -61,38 +40,38 @@ def test_the_message_says_hosts_release_commit_who_duration_and_the_failing_step
     assert "Deploy FAILED" in message(FAILED, "en")
 
 
-def test_webhook_and_telegram_receive_the_same_text(endpoint):
+def test_webhook_and_telegram_receive_the_same_text(inbox):
     logs = []
-    Notifier(settings_for(endpoint), log=logs.append).send(FAILED)
-    paths = [path for path, _ in Recorder.received]
+    Notifier(settings_for(inbox.url), log=logs.append).send(FAILED)
+    paths = [path for path, _ in inbox.messages]
     assert paths == ["/hooks/abc", f"/bot{TOKEN}/sendMessage"]
-    webhook, telegram = (body for _, body in Recorder.received)
+    webhook, telegram = (body for _, body in inbox.messages)
     assert webhook == {"text": message(FAILED, "ru")}
     assert telegram["chat_id"] == "-100123" and telegram["text"] == webhook["text"]
     assert logs == []
 
 
-def test_an_endpoint_answering_500_warns_once_per_channel_without_the_token(endpoint):
-    Recorder.status = 500
+def test_an_endpoint_answering_500_warns_once_per_channel_without_the_token(inbox):
+    inbox.status = 500
     logs = []
-    Notifier(settings_for(endpoint), log=logs.append).send(FAILED)
+    Notifier(settings_for(inbox.url), log=logs.append).send(FAILED)
     assert len(logs) == 2 and all("HTTP 500" in line for line in logs)
     assert not any(TOKEN in line or "abc" in line.split("not delivered")[0] for line in logs)
 
 
-def test_a_hanging_endpoint_costs_at_most_the_timeout(endpoint):
-    Recorder.delay = 3
+def test_a_hanging_endpoint_costs_at_most_the_timeout(inbox):
+    inbox.delay = 3
     logs = []
     started = time.monotonic()
-    Notifier(settings_for(endpoint, TELEGRAM_BOT_TOKEN=""), log=logs.append).send(FAILED)
+    Notifier(settings_for(inbox.url, TELEGRAM_BOT_TOKEN=""), log=logs.append).send(FAILED)
     assert time.monotonic() - started < 2.5
     assert len(logs) == 1 and "ReadTimeout" in logs[0]
 
 
-def test_nothing_is_sent_without_configuration_or_in_a_dry_run(endpoint):
+def test_nothing_is_sent_without_configuration_or_in_a_dry_run(inbox):
     Notifier(load_settings(Path("/nonexistent"), environ={})).send(FAILED)
-    Notifier(settings_for(endpoint, DRY_RUN="1")).send(FAILED)
-    assert Recorder.received == []
+    Notifier(settings_for(inbox.url, DRY_RUN="1")).send(FAILED)
+    assert inbox.messages == []
 
 
 def test_a_bad_token_is_refused_without_being_shown():
