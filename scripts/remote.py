@@ -81,7 +81,10 @@ def connect(target: Target) -> SshMachine:
         stderr = _ssh_diagnosis(target) or str(error.stderr or "")
         raise ToolkitError(explain_ssh_failure(target, stderr)) from None
     except (EOFError, OSError) as error:
-        raise ToolkitError(f"SSH to {target.label()} failed: {error}") from None
+        # ssh can exit before plumbum writes its first command, which then fails with a broken
+        # pipe that says nothing; ssh's own words say why.
+        stderr = _ssh_diagnosis(target) or f"{error}"
+        raise ToolkitError(explain_ssh_failure(target, stderr)) from None
 
 
 def _ssh_diagnosis(target: Target) -> str:
