@@ -12,6 +12,7 @@ from pathlib import Path
 
 from plumbum import SshMachine
 from plumbum.commands.processes import ProcessExecutionError
+from plumbum.machines.session import ShellSession, ShellSessionError
 
 from scripts.errors import ToolkitError
 
@@ -87,11 +88,31 @@ def connect(target: Target) -> SshMachine:
         raise ToolkitError(explain_ssh_failure(target, stderr)) from None
 
 
-def _ssh_diagnosis(target: Target) -> str:
-    argv = ["ssh", *ssh_options(target), "-p", str(target.port)]
+def open_session(target: Target) -> ShellSession:
+    """A shell over one SSH connection, for the deploy steps. (SshMachine opens a connection of
+    its own for bookkeeping, and a session on top would be a second handshake per server.)"""
+    if target.key_file is not None:
+        check_key_file(Path(target.key_file))
+    process = subprocess.Popen([*ssh_argv(target, "-T"), "/bin/sh"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        return ShellSession(process, "utf8", False, CONNECT_TIMEOUT_S, host=target.host)
+    except (ShellSessionError, EOFError, OSError) as error:  # SSHCommsError is an EOFError
+        process.kill()
+        process.wait()
+        stderr = _ssh_diagnosis(target) or f"{error}"
+        raise ToolkitError(explain_ssh_failure(target, stderr)) from None
+
+
+def ssh_argv(target: Target, *extra: str) -> list[str]:
+    argv = ["ssh", *ssh_options(target), *extra, "-p", str(target.port)]
     if target.key_file is not None:
         argv += ["-i", str(target.key_file)]
-    argv += [f"{target.user}@{target.host}", "true"]
+    return [*argv, f"{target.user}@{target.host}"]
+
+
+def _ssh_diagnosis(target: Target) -> str:
+    argv = [*ssh_argv(target), "true"]
     try:
         return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                               timeout=CONNECT_TIMEOUT_S + 5).stderr

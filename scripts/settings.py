@@ -105,6 +105,16 @@ def _command(raw: str) -> str:
     return raw.strip()
 
 
+def _app_paths(raw: str) -> tuple[str, ...]:
+    paths = tuple(part.strip().strip("/") for part in raw.split(",") if part.strip())
+    for item in paths:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", item) or \
+                ".." in item.split("/"):
+            raise _Invalid(f"{item!r} must be a path inside the app, such as migrations or "
+                           f"helpdesk/db.py (comma-separated)")
+    return paths
+
+
 def _optional_url(raw: str) -> str:
     if raw and not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?", raw):
         raise _Invalid("must be a URL such as https://helpdesk.example.com/")
@@ -277,6 +287,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SERVER_NAME", _server_name, "_", "nginx server_name: your domain (_ = any)"),
     Setting("MIGRATE_COMMAND", _command, "flask --app wsgi migrate",
             "migrations, run in the release with its venv on PATH (empty: none)"),
+    Setting("MIGRATIONS_PATHS", _app_paths, "",
+            "app files/folders that hold migrations; when set and unchanged since the live "
+            "release, the migrate step is skipped (empty: always migrate)"),
     Setting("GUNICORN_WORKERS", _positive_int, "2", "gunicorn worker processes"),
     Setting("PUBLIC_URL", _optional_url, "",
             "where people open the app (default http://<server>/); verify checks it from here"),
@@ -335,6 +348,7 @@ class Settings:
     deploy_public_key_file: Path | None
     server_name: str
     migrate_command: str
+    migrations_paths: tuple[str, ...]
     gunicorn_workers: int
     public_url: str
     health_path: str

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from scripts.build.package import BuildRecord, record_path, sha256_file, verify_package
 from scripts.deploy import commands
 from scripts.deploy.check import check_server
-from scripts.deploy.fleet import deploy_fleet, run_parallel
+from scripts.deploy.fleet import connected, deploy_fleet, run_parallel
 from scripts.deploy.report import Reporter
 from scripts.deploy.rollback import rollback_server
 from scripts.deploy.server import Server
@@ -80,6 +79,11 @@ def check_action():
     manifest = verify_package(package)
     print(f"ok       package {record.package}: {len(manifest['files'])} files and "
           f"{len(manifest['wheels'])} wheels match their sha256")
+    files = [entry["path"] for entry in manifest["files"]]
+    for item in settings.migrations_paths:
+        if not any(name == item or name.startswith(item + "/") for name in files):
+            raise ToolkitError(f"setting MIGRATIONS_PATHS: {item} is not in the package; name "
+                               f"the app's migrations, or leave it empty to always migrate")
     verdicts: list[bool] = []
 
     def check_one(server, reporter):
@@ -118,9 +122,7 @@ def ship_action():
                                  commit=record.git_commit))
     pairs = list(_servers(settings))
     try:
-        with ExitStack() as connections:
-            for server, _ in pairs:
-                connections.enter_context(server)
+        with connected([server for server, _ in pairs], settings.deploy_parallel):
             outcomes = deploy_fleet(pairs, settings, record, package, on_start=announce_once)
         for (_, reporter), outcome in zip(pairs, outcomes):
             verb = "deployed" if outcome.changed else "already current"

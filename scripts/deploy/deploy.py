@@ -97,14 +97,20 @@ def upload_package(server: Server, record: BuildRecord, package: Path) -> bool:
     return True
 
 
-def migrate(server: Server, settings: Settings, release: str, backup: str | None) -> str:
+def migrate(server: Server, settings: Settings, release: str,
+            backup: str | None) -> tuple[bool, str]:
+    """(ran, what it says): MIGRATE_COMMAND in the new release, unless there is none or the
+    MIGRATIONS_PATHS are the same as in the live release, whose migrations already ran."""
     path = str(server.deploy_path)
-    server.tool_call("set-next", path, release)
+    answer = server.tool_call("set-next", path, release, ",".join(settings.migrations_paths))
     if not settings.migrate_command:
-        return "no MIGRATE_COMMAND"
+        return False, "no MIGRATE_COMMAND"
+    if answer.get("migrations_unchanged"):
+        return False, (f"skipped: {', '.join(settings.migrations_paths)} unchanged since "
+                       f"{answer.get('current')} (MIGRATIONS_PATHS)")
     unit = commands.units(settings)["migrate"]
     if server.sudo(commands.systemctl("start", unit), check=False).status == 0:
-        return settings.migrate_command
+        return True, settings.migrate_command
     reason = journal_tail(server, unit)
     if backup:
         server.tool_call("restore", path, backup, what="restoring the database backup")
@@ -168,8 +174,7 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
         outcome.changed = bool(backup)
         outcome.detail = backup or "no database yet"
     with reporter.step("migrate") as outcome:
-        outcome.detail = migrate(server, settings, release, backup)
-        outcome.changed = bool(settings.migrate_command)
+        outcome.changed, outcome.detail = migrate(server, settings, release, backup)
     with reporter.step("preflight") as outcome:
         start_preflight(server, settings, release)
         outcome.detail = (f"{release} healthy on 127.0.0.1:{commands.preflight_port(settings)}"

@@ -10,14 +10,14 @@ import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.build.package import BuildRecord
 from scripts.deploy.deploy import (DeployOutcome, finish, go_live, log_entry, log_quietly,
                                    needs_deploy, prepare, switch_back)
-from scripts.deploy.lock import deploy_lock
+from scripts.deploy.lock import deploy_lock, sigterm_raises
 from scripts.deploy.report import Reporter
 from scripts.deploy.server import Server
 from scripts.errors import ToolkitError
@@ -29,6 +29,7 @@ class Member:
     server: Server
     reporter: Reporter
     previous: str | None
+    lock: object = None  # the deploy_lock context, once taken
 
 
 def batches(items: list, batch: str) -> list[list]:
@@ -55,10 +56,39 @@ def run_parallel(jobs: list, limit: int) -> list[BaseException | None]:
         return list(pool.map(attempt, jobs))
 
 
-def _first_error(members: list[Member], errors: list) -> None:
+def _first_error(members: list, errors: list) -> None:
     failed = [(member, error) for member, error in zip(members, errors) if error]
     if failed:
         raise failed[0][1]
+
+
+@contextmanager
+def connected(servers: list[Server], limit: int):
+    """Every server's SSH connection, opened at once (each is a handshake worth waiting for
+    only once), all closed at the end; if one cannot connect, the others are closed again."""
+    with ExitStack() as stack:
+        errors = run_parallel([server.__enter__ for server in servers], limit)
+        opened = [server for server, error in zip(servers, errors) if error is None]
+        stack.callback(run_parallel, [server.close for server in opened], limit)
+        _first_error(servers, errors)
+        yield
+
+
+def _take_locks(members: list[Member], release: str, limit: int, stack: ExitStack) -> None:
+    """Each member's deploy lock, taken at once; the stack releases those that were taken."""
+    def take(member: Member):
+        lock_started = time.monotonic()
+        lock = deploy_lock(member.server, release, "deploy", log=member.reporter.line)
+        lock.__enter__()
+        member.lock = lock
+        member.reporter.line(f"{'changed':8} {'lock':10} {time.monotonic() - lock_started:5.2f} s"
+                             f"  {member.server.deploy_path}/.deploy-lock taken")
+    errors = run_parallel([lambda m=m: take(m) for m in members], limit)
+    taken = [member for member, error in zip(members, errors) if error is None]
+    # Released at once too; each release is best effort and warns by itself when it fails.
+    stack.callback(run_parallel, [lambda m=m: m.lock.__exit__(None, None, None)
+                                  for m in taken], limit)
+    _first_error(members, errors)
 
 
 def deploy_fleet(pairs: list[tuple[Server, Reporter]], settings: Settings, record: BuildRecord,
@@ -66,9 +96,15 @@ def deploy_fleet(pairs: list[tuple[Server, Reporter]], settings: Settings, recor
     started = time.monotonic()
     release = record.release_id
     outcomes: dict[str, DeployOutcome] = {}
+    decisions: dict[str, tuple[bool, str | None]] = {}
+
+    def decide(server: Server):
+        decisions[server.name] = needs_deploy(server, settings, release)
+    _first_error(pairs, run_parallel([lambda s=server: decide(s) for server, _ in pairs],
+                                     settings.deploy_parallel))
     members: list[Member] = []
     for server, reporter in pairs:
-        needed, current = needs_deploy(server, settings, release)
+        needed, current = decisions[server.name]
         if needed:
             members.append(Member(server, reporter, current))
         else:
@@ -76,14 +112,9 @@ def deploy_fleet(pairs: list[tuple[Server, Reporter]], settings: Settings, recor
             outcomes[server.name] = DeployOutcome(server.name, release, current, False,
                                                   time.monotonic() - started)
     if members:
-        with ExitStack() as locks:
-            for member in members:
-                lock_started = time.monotonic()
-                locks.enter_context(deploy_lock(member.server, release, "deploy",
-                                                log=member.reporter.line))
-                member.reporter.line(f"{'changed':8} {'lock':10} "
-                                     f"{time.monotonic() - lock_started:5.2f} s  "
-                                     f"{member.server.deploy_path}/.deploy-lock taken")
+        # SIGTERM is taken in the main thread, while workers hold locks: every lock is released.
+        with sigterm_raises(), ExitStack() as locks:
+            _take_locks(members, release, settings.deploy_parallel, locks)
             on_start()
             try:
                 _roll_out(members, settings, record, package)
@@ -94,9 +125,11 @@ def deploy_fleet(pairs: list[tuple[Server, Reporter]], settings: Settings, recor
                         member.reporter.failed_step or "rollout",
                         (str(error) or type(error).__name__).splitlines()[0]))
                 raise
+            _first_error(members, run_parallel(
+                [lambda m=m: m.server.tool_call("log", str(m.server.deploy_path), json.dumps(
+                    log_entry("deploy", release, m.previous, started, "ok", record)))
+                 for m in members], settings.deploy_parallel))
             for member in members:
-                member.server.tool_call("log", str(member.server.deploy_path), json.dumps(
-                    log_entry("deploy", release, member.previous, started, "ok", record)))
                 outcomes[member.server.name] = DeployOutcome(
                     member.server.name, release, member.previous, True,
                     time.monotonic() - started)

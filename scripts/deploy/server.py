@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from plumbum.machines.session import ShellSessionError
 
 from scripts.errors import ToolkitError
-from scripts.remote import Target, connect
+from scripts.remote import Target, open_session
 
 TOOL_SOURCE = Path(__file__).with_name("server_tool.py")
 PUT_CHUNK = 3 << 18  # 768 KiB of data, 1 MiB of base64 per shell line
@@ -48,14 +48,12 @@ class Server:
         self.deploy_path = deploy_path
         self.dry_run = dry_run
         self.log = log
-        self.machine = None
         self.session = None
         self.tool = tool_path(deploy_path)
 
     def __enter__(self) -> "Server":
         if not self.dry_run:
-            self.machine = connect(self.target)
-            self.session = self.machine.session()
+            self.session = open_session(self.target)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -66,13 +64,12 @@ class Server:
         self.__enter__()
 
     def close(self) -> None:
-        for closable in (self.session, self.machine):
-            try:
-                if closable is not None:
-                    closable.close()
-            except Exception:  # noqa: BLE001 - a dead connection has nothing left to close
-                pass
-        self.session = self.machine = None
+        try:
+            if self.session is not None:
+                self.session.close()
+        except Exception:  # noqa: BLE001 - a dead connection has nothing left to close
+            pass
+        self.session = None
 
     # -- running ----------------------------------------------------------------------------
     def run(self, argv: list[str], check: bool = True, what: str = "") -> Result:
@@ -95,7 +92,7 @@ class Server:
 
     def tool_call(self, subcommand: str, *args: str, what: str = "") -> dict:
         """Run a server_tool subcommand; its JSON answer, or a ToolkitError with its error."""
-        result = self.run(["python3", str(self.tool), subcommand, *map(str, args)],
+        result = self.run(["python3", "-I", "-S", str(self.tool), subcommand, *map(str, args)],
                           what=what or subcommand)
         try:
             return json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout else {}

@@ -13,14 +13,12 @@ Layout (DEPLOY_PATH):
   .deploy-lock/       held while a deploy runs (info.json says by whom)
 """
 
-import hashlib
 import json
 import os
-import shutil
 import sys
 
-# Heavier modules are imported by the commands that need them: every call is a fresh python3,
-# and importing them all would triple its start-up time.
+# Every other module is imported by the commands that need it: every call is a fresh python3
+# (run with -I -S: no site-packages to scan), and imports are most of its start-up time.
 
 DATABASE_SUFFIXES = (".sqlite3", ".sqlite", ".db")
 SHARED_LINKS = ("instance", "uploads")
@@ -32,6 +30,16 @@ class Refusal(Exception):
 
 def out(**values):
     print(json.dumps(values, sort_keys=True))
+
+
+def rmtree(folder, ignore_errors=False):
+    import shutil
+    shutil.rmtree(folder, ignore_errors=ignore_errors)
+
+
+def _sha256(data=b""):
+    import hashlib
+    return hashlib.sha256(data)
 
 
 def path(root, *parts):
@@ -71,7 +79,7 @@ def link_atomically(link, destination):
 
 
 def sha256_of(file_name):
-    digest = hashlib.sha256()
+    digest = _sha256()
     with open(file_name, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
@@ -129,7 +137,7 @@ def cmd_unlock(root, token=""):
     if token and holder.get("token") != token:
         out(released=False, holder=holder)
         return
-    shutil.rmtree(lock_dir)
+    rmtree(lock_dir)
     out(released=True, holder=holder)
 
 
@@ -168,9 +176,9 @@ def cmd_unpack(root, name, release):
         out(changed=False)
         return
     partial = release_dir + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    rmtree(partial, ignore_errors=True)
     if os.path.isdir(release_dir):  # left by an interrupted deploy: start it again
-        shutil.rmtree(release_dir)
+        rmtree(release_dir)
     os.makedirs(partial)
     with tarfile.open(path(root, "packages", name)) as tar:
         tar.extractall(partial, members=list(_safe_members(tar)))
@@ -189,7 +197,7 @@ def _requirements_hash(release_dir, python):
         manifest = json.load(stream)
     wheels = sorted(entry["sha256"] for entry in manifest.get("wheels", []))
     text = manifest["requirements_sha256"] + "|" + python + "|" + ",".join(wheels)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _sha256(text.encode()).hexdigest()[:16]
 
 
 def cmd_venv(root, release):
@@ -202,7 +210,7 @@ def cmd_venv(root, release):
     changed = False
     if not os.path.isfile(path(venv_dir, ".complete")):
         # venvs are not relocatable: build in place, and only a finished one gets .complete.
-        shutil.rmtree(venv_dir, ignore_errors=True)
+        rmtree(venv_dir, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", venv_dir], check=True)
         result = subprocess.run(
             [path(venv_dir, "bin", "pip"), "install", "--quiet", "--no-index",
@@ -210,7 +218,7 @@ def cmd_venv(root, release):
              "-r", path(release_dir, "requirements.txt")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
         if result.returncode != 0:
-            shutil.rmtree(venv_dir, ignore_errors=True)
+            rmtree(venv_dir, ignore_errors=True)
             last = (result.stdout.strip().splitlines() or ["no output"])[-1]
             raise Refusal("installing the wheels failed: %s" % last)
         open(path(venv_dir, ".complete"), "w").close()
@@ -233,7 +241,7 @@ def cmd_link_shared(root, release, uploaded=""):
         wanted = path("..", "..", "shared", name)
         if not (os.path.islink(link) and os.readlink(link) == wanted):
             if os.path.isdir(link) and not os.path.islink(link):
-                shutil.rmtree(link)
+                rmtree(link)
             link_atomically(link, wanted)
             changed = True
     env_file = path(root, "shared", ".env")
@@ -287,7 +295,7 @@ def cmd_backup(root, backup_root, release, keep):
     os.replace(target + ".partial", target)
     backups = sorted(name for name in os.listdir(backup_root) if not name.endswith(".partial"))
     for old in backups[:-int(keep)]:
-        shutil.rmtree(path(backup_root, old), ignore_errors=True)
+        rmtree(path(backup_root, old), ignore_errors=True)
     out(backup=target)
 
 
@@ -317,11 +325,46 @@ def cmd_backups(backup_root):
 
 
 # -- switching --------------------------------------------------------------------------------
-def cmd_set_next(root, release):
+def cmd_set_next(root, release, migrations_paths=""):
+    """Point `next` at the release; with MIGRATIONS_PATHS, also say whether they are the same
+    as in the live release (then its migrations have already run)."""
     if not os.path.isfile(path(root, "releases", release, ".unpacked")):
         raise Refusal("release %s is not on this server; deploy it first" % release)
     link_atomically(path(root, "next"), path("releases", release))
-    out(changed=True)
+    paths = [item for item in migrations_paths.split(",") if item]
+    current = release_id_of(path(root, "current"))
+    for item in paths:
+        if not os.path.exists(path(root, "releases", release, item)):
+            raise Refusal("setting MIGRATIONS_PATHS: %s is not in release %s; name the app's "
+                          "migrations, or leave it empty to always migrate" % (item, release))
+    unchanged = bool(paths) and current not in (None, release) and all(
+        _same_content(path(root, "releases", current, item),
+                      path(root, "releases", release, item)) for item in paths)
+    out(changed=True, migrations_unchanged=unchanged, current=current)
+
+
+def _same_content(old, new):
+    """Two files, or two folders file by file (bytecode caches aside), hold the same bytes."""
+    def files(top):
+        if os.path.isfile(top):
+            return {"": top}
+        found = {}
+        for folder, dirs, names in os.walk(top):
+            dirs[:] = [name for name in dirs if name != "__pycache__"]
+            for name in names:
+                full = path(folder, name)
+                found[os.path.relpath(full, top)] = full
+        return found
+    if not os.path.exists(old):
+        return False
+    before, after = files(old), files(new)
+    if sorted(before) != sorted(after):
+        return False
+    for name, full in after.items():
+        with open(before[name], "rb") as one, open(full, "rb") as other:
+            if one.read() != other.read():
+                return False
+    return True
 
 
 def cmd_switch(root, release):
@@ -397,7 +440,7 @@ def cmd_prune(root, keep):
         release_name = name[:-len(".partial")] if name.endswith(".partial") else name
         stale_partial = name.endswith(".partial") and release_name != deploying
         if release_name not in kept or stale_partial:
-            shutil.rmtree(path(root, "releases", name), ignore_errors=True)
+            rmtree(path(root, "releases", name), ignore_errors=True)
             removed.append(name)
     if removed:
         write_atomically(path(root, "good-releases"),
@@ -410,7 +453,7 @@ def cmd_prune(root, keep):
     venvs = path(root, "shared", "venvs")
     for name in os.listdir(venvs) if os.path.isdir(venvs) else []:
         if name not in used_venvs:
-            shutil.rmtree(path(venvs, name), ignore_errors=True)
+            rmtree(path(venvs, name), ignore_errors=True)
     packages = path(root, "packages")
     kept_ids = set(os.listdir(path(root, "releases")))
     for name in os.listdir(packages) if os.path.isdir(packages) else []:

@@ -55,6 +55,11 @@ class Site:
                 return result
         return result
 
+    def ship(self, **settings: str) -> subprocess.CompletedProcess:
+        """Build, then `doit -s ship`: the ship's result (the build must succeed)."""
+        assert self.doit("-s", "build", **settings).returncode == 0
+        return self.doit("-s", "ship", **settings)
+
     def built_release(self) -> str:
         return json.loads((self.work / "dist" / "helpdesk.json").read_text())["release_id"]
 

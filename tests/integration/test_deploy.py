@@ -51,10 +51,33 @@ def test_a_code_change_deploys_a_new_release_reusing_the_venv(site):
     assert after != before and site.served_release() == after
 
 
+def test_migrations_run_only_when_their_files_change_with_migrations_paths(site):
+    watched = {"MIGRATIONS_PATHS": "helpdesk/db.py"}
+    site.change_code("code only, migrations as before")
+    result = site.ship(**watched)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok       migrate" in result.stdout and "skipped: helpdesk/db.py unchanged" in \
+        result.stdout
+    db = site.app_dir / "helpdesk" / "db.py"
+    db.write_text(db.read_text() + "\n# a migration file changed\n")
+    result = site.ship(**watched)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "changed  migrate" in result.stdout and "flask --app wsgi migrate" in result.stdout
+    site.change_code("a path that is not in the app")
+    wrong = {"MIGRATIONS_PATHS": "helpdesk/no_such_file.py"}
+    check = site.doit("-s", "check", **wrong)
+    assert check.returncode != 0
+    assert "setting MIGRATIONS_PATHS: helpdesk/no_such_file.py is not in the package" in \
+        check.stderr
+    result = site.ship(**wrong)
+    assert result.returncode != 0
+    assert "setting MIGRATIONS_PATHS: helpdesk/no_such_file.py is not in release" in result.stderr
+    assert site.served_release() != site.built_release()  # nothing switched
+
+
 def test_ship_output_reuses_the_venv_for_a_code_only_change(site):
     site.change_code("third release")
-    assert site.doit("-s", "build").returncode == 0
-    result = site.doit("-s", "ship")
+    result = site.ship()
     assert result.returncode == 0, result.stderr
     assert "reused shared/venvs/" in result.stdout
     assert site.served_release() == site.built_release()

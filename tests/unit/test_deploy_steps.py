@@ -111,6 +111,18 @@ def test_a_failed_migration_restores_the_backup_and_never_switches(package):
     assert server.calls[-1] == "tool unlock"
 
 
+def test_unchanged_migrations_are_skipped_and_said_so(package):
+    settings = load_settings(Path("/nonexistent"), environ={"MIGRATIONS_PATHS": "helpdesk/db.py"})
+    server = FakeServer({"set-next": {"migrations_unchanged": True, "current": "old"}})
+    lines = []
+    deploy_to_server(server, settings, RECORD, package, Reporter(log=lines.append))
+    assert "tool set-next" in server.calls
+    assert not any("flask-helpdesk-migrate" in call for call in server.calls)
+    assert any(line.startswith("ok       migrate") and
+               "skipped: helpdesk/db.py unchanged since old (MIGRATIONS_PATHS)" in line
+               for line in lines), lines
+
+
 def test_a_failed_restart_switches_back_to_the_previous_release(package):
     server = FakeServer(failing=("restart flask-helpdesk",))
     with pytest.raises(ToolkitError):

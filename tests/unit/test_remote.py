@@ -31,7 +31,8 @@ def test_a_connection_that_dies_before_the_first_command_is_explained_by_ssh(mon
                                  f"the server up, with SSH on port {target.port} (SSH_PORT)?")
 
 
-def test_a_closed_port_is_reported_as_refused_through_plumbum():
+@pytest.mark.parametrize("opener", [remote.connect, remote.open_session])
+def test_a_closed_port_is_reported_as_refused(opener):
     target = Target(host="127.0.0.1", port=closed_port(), user="deploy")
     with pytest.raises(ToolkitError, match=r"connection refused; is the server up"):
-        remote.connect(target)
+        opener(target)

@@ -121,6 +121,26 @@ def test_switch_is_atomic_and_reports_the_previous_release(root):
     assert "not on this server" in tool("set-next", root, "r9", expect_ok=False)
 
 
+def test_set_next_says_whether_the_migrations_are_those_of_the_live_release(root):
+    migrations = {"app/db.py": b"MIGRATIONS = [1]\n", "migrations/001.sql": b"create\n"}
+    tool("unpack", root, make_package(root, "r1", migrations), "r1")
+    assert tool("set-next", root, "r1", "app/db.py")["migrations_unchanged"] is False  # none live
+    tool("switch", root, "r1")
+    tool("unpack", root, make_package(root, "r2", {**migrations, "views.py": b"v2\n"}), "r2")
+    assert tool("set-next", root, "r2", "app/db.py,migrations")["migrations_unchanged"] is True
+    assert os.readlink(root / "next") == "releases/r2"
+    changed = {**migrations, "migrations/002.sql": b"alter\n"}
+    tool("unpack", root, make_package(root, "r3", changed), "r3")
+    assert tool("set-next", root, "r3", "app/db.py")["migrations_unchanged"] is True
+    assert tool("set-next", root, "r3", "migrations")["migrations_unchanged"] is False
+    assert tool("set-next", root, "r3", "")["migrations_unchanged"] is False  # unset: always run
+    edited = {**migrations, "app/db.py": b"MIGRATIONS = [1, 2]\n"}
+    tool("unpack", root, make_package(root, "r4", edited), "r4")
+    assert tool("set-next", root, "r4", "app/db.py")["migrations_unchanged"] is False
+    error = tool("set-next", root, "r4", "app/missing.py", expect_ok=False)
+    assert "setting MIGRATIONS_PATHS: app/missing.py is not in release r4" in error
+
+
 def test_rollback_walks_good_releases_in_recorded_order(root):
     for name in ("r1", "r2", "r3"):
         release(root, name)

@@ -82,6 +82,8 @@ def test_several_servers_and_the_sandbox_word(tmp_path):
     ("PACKAGE_MAX_MB", "big", "must be a number of megabytes"),
     ("TARGET_PYTHON", "three", "must be a Python version"),
     ("DRY_RUN", "maybe", "must be 1 or 0"),
+    ("MIGRATIONS_PATHS", "../secrets", "'../secrets' must be a path inside the app"),
+    ("MIGRATIONS_PATHS", "migrations,a b", "'a b' must be a path inside the app"),
 ])
 def test_each_bad_setting_gets_one_clear_line(tmp_path, name, value, expected):
     with pytest.raises(SettingsError) as caught:
