@@ -51,25 +51,22 @@ def task_setup_if_needed():
 
 def task_sandbox_if_used():
     """Start the sandbox server when DEPLOY_SERVER is unset (reuses a running one)."""
-    return {"actions": [tasks.sandbox_if_used_action], "uptodate": [False], "verbosity": 2}
+    return _every_time(tasks.sandbox_if_used_action)
 
 
 def task_check():
     """pre_deploy_checks: package integrity, SSH and host key, sudo, disk, Python, nginx, lock."""
-    return {"actions": [actions.check_action], "task_dep": ["build", "setup_if_needed"],
-            "uptodate": [False], "verbosity": 2}
+    return {**_every_time(actions.check_action), "task_dep": ["build", "setup_if_needed"]}
 
 
 def task_ship():
     """deploy_to_server: upload, unpack, venv, migrate, preflight, switch, zero-downtime restart."""
-    return {"actions": [actions.ship_action], "task_dep": ["check"], "uptodate": [False],
-            "verbosity": 2}
+    return {**_every_time(actions.ship_action), "task_dep": ["check"]}
 
 
 def task_verify():
     """post_deploy_verification: health, nginx, the guide's commands; rolls back on failure."""
-    return {"actions": [actions.verify_action], "task_dep": ["ship"], "uptodate": [False],
-            "verbosity": 2}
+    return {**_every_time(actions.verify_action), "task_dep": ["ship"]}
 
 
 def task_deploy():
@@ -79,40 +76,44 @@ def task_deploy():
 
 def task_rollback():
     """rollback_deployment: back to the previous good release (RELEASE=<id> to choose one)."""
-    return {"actions": [actions.rollback_action], "uptodate": [False], "verbosity": 2}
+    return _every_time(actions.rollback_action)
 
 
 def task_restore():
     """Restore the database backup RESTORE_BACKUP under the current release (health-gated)."""
-    return {"actions": [actions.restore_action], "uptodate": [False], "verbosity": 2}
+    return _every_time(actions.restore_action)
 
 
 def task_status():
     """Current and previous releases, service state, the last deploys."""
-    return {"actions": [actions.status_action], "uptodate": [False], "verbosity": 2}
+    return _every_time(actions.status_action)
 
 
 def task_history():
     """The last deploys and rollbacks of every server, newest first (HISTORY_COUNT)."""
-    return {"actions": [actions.history_action], "uptodate": [False], "verbosity": 2}
+    return _every_time(actions.history_action)
 
 
 def task_logs():
     """The app's and nginx's logs and the service journal (last lines)."""
-    return {"actions": [actions.logs_action], "uptodate": [False], "verbosity": 2}
+    return _every_time(actions.logs_action)
 
 
 def task_unlock():
     """Remove a deploy lock left by a deploy that died (prints who held it)."""
-    return {"actions": [actions.unlock_action], "uptodate": [False], "verbosity": 2}
+    return _every_time(actions.unlock_action)
 
 
 def task_backups():
     """List the database backups on the server(s), newest last."""
-    return {"actions": [actions.backups_action], "uptodate": [False], "verbosity": 2}
+    return _every_time(actions.backups_action)
 
 
 def task_benchmark():
-    """Measure build, sandbox (and later deploy) times; prints a table, writes bench-results.json."""
-    return {"actions": [f"{sys.executable} -m scripts.benchmark"], "uptodate": [False],
-            "verbosity": 2}
+    """Measure build, sandbox, server and fleet times; prints a table, writes bench-results.json."""
+    return _every_time(f"{sys.executable} -m scripts.benchmark")
+
+
+def _every_time(action) -> dict:
+    """A task that runs its action on every call: its state lives on the servers, not here."""
+    return {"actions": [action], "uptodate": [False], "verbosity": 2}

@@ -77,15 +77,8 @@ def connect(target: Target) -> SshMachine:
                           keyfile=str(target.key_file) if target.key_file else None,
                           ssh_opts=ssh_options(target), scp_opts=ssh_options(target),
                           connect_timeout=CONNECT_TIMEOUT_S)
-    except ProcessExecutionError as error:
-        # plumbum keeps only the start of ssh's complaint; ask ssh once more for all of it.
-        stderr = _ssh_diagnosis(target) or str(error.stderr or "")
-        raise ToolkitError(explain_ssh_failure(target, stderr)) from None
-    except (EOFError, OSError) as error:
-        # ssh can exit before plumbum writes its first command, which then fails with a broken
-        # pipe that says nothing; ssh's own words say why.
-        stderr = _ssh_diagnosis(target) or f"{error}"
-        raise ToolkitError(explain_ssh_failure(target, stderr)) from None
+    except (ProcessExecutionError, EOFError, OSError) as error:
+        raise connection_failed(target, error) from None
 
 
 def open_session(target: Target) -> ShellSession:
@@ -100,8 +93,14 @@ def open_session(target: Target) -> ShellSession:
     except (ShellSessionError, EOFError, OSError) as error:  # SSHCommsError is an EOFError
         process.kill()
         process.wait()
-        stderr = _ssh_diagnosis(target) or f"{error}"
-        raise ToolkitError(explain_ssh_failure(target, stderr)) from None
+        raise connection_failed(target, error) from None
+
+
+def connection_failed(target: Target, error: BaseException) -> ToolkitError:
+    """What went wrong, in ssh's own words: plumbum keeps only the start of ssh's complaint, or
+    none at all when ssh exits before the first command (a bare broken pipe), so ask ssh again."""
+    stderr = _ssh_diagnosis(target) or str(getattr(error, "stderr", "") or error)
+    return ToolkitError(explain_ssh_failure(target, stderr))
 
 
 def ssh_argv(target: Target, *extra: str) -> list[str]:

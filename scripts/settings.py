@@ -32,6 +32,33 @@ class _Invalid(ValueError):
     """Raised by a parser; the loader prefixes the setting's name and value."""
 
 
+def _matching(pattern: str, message: str, optional: bool = False):
+    """A parser that accepts what matches the whole pattern (and, if optional, nothing)."""
+    def parse(raw: str) -> str:
+        if optional and not raw.strip():
+            return ""
+        if not re.fullmatch(pattern, raw):
+            raise _Invalid(message)
+        return raw
+    return parse
+
+
+_server_name = _matching(r"[A-Za-z0-9_.* -]{1,250}",
+                         "must be domain names separated by spaces, or _ for any")
+_any_url = _matching(r"https?://\S+", "must be an http:// or https:// URL")
+_optional_any_url = _matching(r"https?://\S+", "must be an http:// or https:// URL",
+                              optional=True)
+_optional_token = _matching(r"[0-9]+:[A-Za-z0-9_-]+",
+                            "must look like 123456:ABC-DEF... (from @BotFather)", optional=True)
+_optional_chat_id = _matching(r"-?[0-9]+|@[A-Za-z0-9_]{5,}",
+                              "must be a numeric chat id or @channelname", optional=True)
+_url_path = _matching(r"/[A-Za-z0-9._~/-]*", "must be a URL path such as /healthz")
+_release_id = _matching(r"[A-Za-z0-9._-]{1,64}", "must be a release id as `doit status` lists them",
+                        optional=True)
+_backup_name = _matching(r"[A-Za-z0-9._-]{1,100}",
+                         "must be a backup name as `doit backups` lists them", optional=True)
+
+
 def _text(raw: str) -> str:
     if not raw.strip():
         raise _Invalid("is empty")
@@ -93,12 +120,6 @@ def _optional_user(raw: str) -> str:
     return _user(raw) if raw.strip() else ""
 
 
-def _server_name(raw: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.* -]{1,250}", raw):
-        raise _Invalid("must be domain names separated by spaces, or _ for any")
-    return raw
-
-
 def _command(raw: str) -> str:
     if raw.strip() and not re.fullmatch(r"[A-Za-z0-9_ ./:=-]{1,250}", raw):
         raise _Invalid("may hold only letters, digits, spaces and _ . / : = -")
@@ -121,28 +142,6 @@ def _optional_url(raw: str) -> str:
     return raw if not raw or raw.endswith("/") else raw + "/"
 
 
-def _any_url(raw: str) -> str:
-    if not re.fullmatch(r"https?://\S+", raw):
-        raise _Invalid("must be an http:// or https:// URL")
-    return raw
-
-
-def _optional_any_url(raw: str) -> str:
-    return _any_url(raw) if raw.strip() else ""
-
-
-def _optional_token(raw: str) -> str:
-    if raw and not re.fullmatch(r"[0-9]+:[A-Za-z0-9_-]+", raw):
-        raise _Invalid("must look like 123456:ABC-DEF... (from @BotFather)")
-    return raw
-
-
-def _optional_chat_id(raw: str) -> str:
-    if raw and not re.fullmatch(r"-?[0-9]+|@[A-Za-z0-9_]{5,}", raw):
-        raise _Invalid("must be a numeric chat id or @channelname")
-    return raw
-
-
 def _language(raw: str) -> str:
     if raw not in ("ru", "en"):
         raise _Invalid("must be ru or en")
@@ -162,24 +161,6 @@ def _seconds(raw: str) -> float:
 def _batch(raw: str) -> str:
     if not re.fullmatch(r"[1-9][0-9]*%?", raw) or (raw.endswith("%") and int(raw[:-1]) > 100):
         raise _Invalid("must be a number of servers (2) or a share of them (25%)")
-    return raw
-
-
-def _url_path(raw: str) -> str:
-    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", raw):
-        raise _Invalid("must be a URL path such as /healthz")
-    return raw
-
-
-def _release_id(raw: str) -> str:
-    if raw and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", raw):
-        raise _Invalid("must be a release id as `doit status` lists them")
-    return raw
-
-
-def _backup_name(raw: str) -> str:
-    if raw and not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", raw):
-        raise _Invalid("must be a backup name as `doit backups` lists them")
     return raw
 
 

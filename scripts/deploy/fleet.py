@@ -67,10 +67,10 @@ def connected(servers: list[Server], limit: int):
     """Every server's SSH connection, opened at once (each is a handshake worth waiting for
     only once), all closed at the end; if one cannot connect, the others are closed again."""
     with ExitStack() as stack:
-        errors = run_parallel([server.__enter__ for server in servers], limit)
-        opened = [server for server, error in zip(servers, errors) if error is None]
-        stack.callback(run_parallel, [server.close for server in opened], limit)
-        _first_error(servers, errors)
+        # Registered first, so that even Ctrl-C while connecting closes what was opened
+        # (closing a server that never connected does nothing).
+        stack.callback(run_parallel, [server.close for server in servers], limit)
+        _first_error(servers, run_parallel([server.__enter__ for server in servers], limit))
         yield
 
 
@@ -83,12 +83,13 @@ def _take_locks(members: list[Member], release: str, limit: int, stack: ExitStac
         member.lock = lock
         member.reporter.line(f"{'changed':8} {'lock':10} {time.monotonic() - lock_started:5.2f} s"
                              f"  {member.server.deploy_path}/.deploy-lock taken")
-    errors = run_parallel([lambda m=m: take(m) for m in members], limit)
-    taken = [member for member, error in zip(members, errors) if error is None]
-    # Released at once too; each release is best effort and warns by itself when it fails.
-    stack.callback(run_parallel, [lambda m=m: m.lock.__exit__(None, None, None)
-                                  for m in taken], limit)
-    _first_error(members, errors)
+    def release_taken():  # at once too; each release is best effort and warns if it fails
+        run_parallel([lambda m=m: m.lock.__exit__(None, None, None)
+                      for m in members if m.lock is not None], limit)
+    # Registered before any lock is taken: SIGTERM while they are being taken releases them too
+    # (the pool finishes its jobs first, so every lock taken is recorded by then).
+    stack.callback(release_taken)
+    _first_error(members, run_parallel([lambda m=m: take(m) for m in members], limit))
 
 
 def deploy_fleet(pairs: list[tuple[Server, Reporter]], settings: Settings, record: BuildRecord,

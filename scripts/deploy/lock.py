@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,6 +100,8 @@ def deploy_lock(server, release: str, action: str = "deploy", log=print):
 def release_lock(server, token: str, log=print) -> None:
     """Unlock with our token; if the connection died (a cut SSH link), open a new one once."""
     for attempt in (1, 2):
+        if attempt == 2 and sys.is_finalizing():
+            break  # Python is exiting: a new connection would wait forever for its thread
         try:
             if attempt == 2:
                 server.reconnect()

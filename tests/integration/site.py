@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -69,6 +70,17 @@ class Site:
     def change_code(self, marker: str) -> None:
         views = self.app_dir / "helpdesk" / "views.py"
         views.write_text(views.read_text() + f"\n# {marker}\n")
+
+    @contextmanager
+    def edited(self, relative: str, edit):
+        """The app's file `relative` as `edit(old text)` makes it, for the duration only."""
+        target = self.app_dir / relative
+        good = target.read_text()
+        target.write_text(edit(good))
+        try:
+            yield
+        finally:
+            target.write_text(good)
 
     def admin(self):
         return connect(Target(self.server.host, self.server.ssh_port, "admin",

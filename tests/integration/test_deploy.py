@@ -111,13 +111,8 @@ def test_rollback_goes_to_the_previous_good_release_then_to_a_named_one(site):
 
 def test_a_release_that_cannot_import_never_serves(site):
     before = site.served_release()
-    wsgi = site.app_dir / "wsgi.py"
-    good = wsgi.read_text()
-    wsgi.write_text("raise ImportError('broken on purpose')\n" + good)
-    try:
+    with site.edited("wsgi.py", lambda good: "raise ImportError('broken on purpose')\n" + good):
         result = site.deploy()
-    finally:
-        wsgi.write_text(good)
     assert result.returncode != 0
     # Its migrations import it first: the deploy stops there, before any switch.
     assert "FAILED   migrate" in result.stdout or "FAILED   preflight" in result.stdout
@@ -128,14 +123,12 @@ def test_a_release_that_cannot_import_never_serves(site):
 
 def test_a_release_with_a_failing_health_check_never_serves(site):
     before = site.served_release()
-    views = site.app_dir / "helpdesk" / "views.py"
-    good = views.read_text()
-    views.write_text(good.replace('return jsonify(status="ok"', 'return jsonify(status="bad"), 503'
-                                  '\n    return jsonify(status="ok"'))
-    try:
+
+    def unhealthy(good: str) -> str:
+        return good.replace('return jsonify(status="ok"',
+                            'return jsonify(status="bad"), 503\n    return jsonify(status="ok"')
+    with site.edited("helpdesk/views.py", unhealthy):
         result = site.deploy()
-    finally:
-        views.write_text(good)
     assert result.returncode != 0
     assert "FAILED   preflight" in result.stdout and "HTTP 503" in result.stderr
     assert site.served_release() == before

@@ -3,11 +3,13 @@ returns the switched servers, an unreachable server that stops everything before
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
 import requests
 
+from scripts.remote import Target, connect
 from tests.conftest import new_sandbox
 from tests.integration.site import Site
 
@@ -51,7 +53,6 @@ def test_every_server_ends_on_the_new_release_with_one_line_per_server_and_step(
 def test_a_server_failing_its_health_check_stops_the_rollout_and_switched_ones_return(fleet):
     before = releases(fleet)
     broken = fleet.sandbox.servers()[1]
-    from scripts.remote import Target, connect
     admin = Target(broken.host, broken.ssh_port, "admin", fleet.sandbox.key_file,
                    fleet.sandbox.known_hosts_file)
     with connect(admin) as machine:
@@ -96,6 +97,32 @@ def test_one_unreachable_server_fails_the_check_before_any_server_changes(fleet)
     assert releases(fleet) == before
 
 
+def test_a_lock_held_on_one_server_stops_the_deploy_and_frees_the_locks_taken_elsewhere(fleet):
+    before = releases(fleet)
+    held = fleet.sandbox.servers()[1]
+    deploy_user = Target(held.host, held.ssh_port, "deploy", fleet.sandbox.deploy_key_file,
+                         fleet.sandbox.known_hosts_file)
+    holder = {"token": "t", "who": "olga@ci", "host": "another-machine", "pid": 1,
+              "started": "2026-11-28T10:00:00+00:00", "release": "abc", "action": "deploy"}
+    with connect(deploy_user) as machine:
+        machine["mkdir"]["/var/www/flask_helpdesk/.deploy-lock"]()
+        (machine["tee"]["/var/www/flask_helpdesk/.deploy-lock/info.json"]
+         << json.dumps(holder))()
+    fleet.change_code("locked on one server")
+    assert fleet.doit("-s", "build").returncode == 0
+    result = fleet.doit("-s", "ship")
+    assert result.returncode != 0
+    assert f"{held.name}: another deploy holds the lock: olga@ci" in result.stderr
+    assert releases(fleet) == before
+    # The locks this deploy took on the other servers are gone again; only olga's remains.
+    status = fleet.doit("status").stdout.splitlines()
+    assert [line.split(":")[0] for line in status if "lock     held by" in line] == [held.name]
+    unlock = fleet.doit("unlock")
+    assert f"{held.name}: changed: removed the deploy lock of olga@ci" in unlock.stdout
+    assert fleet.doit("-s", "ship").returncode == 0
+    assert releases(fleet) == [fleet.built_release()] * 3
+
+
 def test_rollback_acts_on_every_server(fleet):
     assert fleet.doit("-s", "ship").returncode == 0
     current = releases(fleet)
@@ -118,8 +145,6 @@ def test_a_hosts_file_lists_servers_with_their_own_ports(fleet, tmp_path):
 
 
 def test_the_gitlab_matrix_variant_deploys_each_server_in_its_own_job(fleet, tmp_path):
-    import json
-
     from tests.integration.test_gitlab import job_passed, make_project, run_pipeline
     project = make_project(tmp_path / "project")
     servers = fleet.sandbox.servers()[:2]

@@ -42,13 +42,8 @@ def test_a_successful_deploy_announces_start_and_success(site, notify, inbox):
 
 
 def test_a_failed_deploy_says_which_step_and_why(site, notify, inbox):
-    wsgi = site.app_dir / "wsgi.py"
-    good = wsgi.read_text()
-    wsgi.write_text("raise ImportError('broken')\n" + good)
-    try:
+    with site.edited("wsgi.py", lambda good: "raise ImportError('broken')\n" + good):
         result = site.deploy(**notify)
-    finally:
-        wsgi.write_text(good)
     assert result.returncode != 0
     failure = inbox.texts("/hooks/team")[-1]
     assert "Развёртывание ОШИБКА" in failure and "шаг: migrate" in failure

@@ -33,6 +33,17 @@ refute_called() {
   fi
 }
 
+# refused NAME=VALUE TEXT: validate_settings rejects that one setting with a message holding TEXT.
+refused() {
+  local name=${1%%=*}
+  local -x "$1"
+  run validate_settings
+  if [ "${status}" -ne 1 ] || [[ "${output}" != *"$2"* ]]; then
+    echo "${name}: status ${status}, output: ${output}"
+    return 1
+  fi
+}
+
 @test "defaults are the guide's values" {
   parse_args
   [ "${DEPLOY_USER}" = "deploy" ]
@@ -70,27 +81,13 @@ refute_called() {
 
 @test "bad paths, ports and names are refused with the setting's name" {
   parse_args
-  DEPLOY_PATH="relative/path" run validate_settings
-  [ "${status}" -eq 1 ]
-  [[ "${output}" == *"DEPLOY_PATH=relative/path must be an absolute"* ]]
-  BACKUP_PATH="/" run validate_settings
-  [ "${status}" -eq 1 ]
-  [[ "${output}" == *"BACKUP_PATH must not be /"* ]]
-  DEPLOY_PATH="/var/../etc" run validate_settings
-  [ "${status}" -eq 1 ]
-  [[ "${output}" == *"must not contain '..'"* ]]
-  DEPLOY_PATH="/var/www/a;b" run validate_settings
-  [ "${status}" -eq 1 ]
-  [[ "${output}" == *"may hold only letters"* ]]
-  APP_PORT="99999" run validate_settings
-  [ "${status}" -eq 1 ]
-  [[ "${output}" == *"APP_PORT=99999 must be a port number"* ]]
-  SERVICE_NAME="bad name" run validate_settings
-  [ "${status}" -eq 1 ]
-  [[ "${output}" == *"SERVICE_NAME=bad name is not a valid name"* ]]
-  DEPLOY_PUBLIC_KEY="-----BEGIN OPENSSH PRIVATE KEY-----" run validate_settings
-  [ "${status}" -eq 1 ]
-  [[ "${output}" == *"not an SSH public key"* ]]
+  refused DEPLOY_PATH=relative/path "DEPLOY_PATH=relative/path must be an absolute"
+  refused BACKUP_PATH=/ "BACKUP_PATH must not be /"
+  refused DEPLOY_PATH=/var/../etc "must not contain '..'"
+  refused "DEPLOY_PATH=/var/www/a;b" "may hold only letters"
+  refused APP_PORT=99999 "APP_PORT=99999 must be a port number"
+  refused "SERVICE_NAME=bad name" "SERVICE_NAME=bad name is not a valid name"
+  refused "DEPLOY_PUBLIC_KEY=-----BEGIN OPENSSH PRIVATE KEY-----" "not an SSH public key"
 }
 
 @test "valid settings pass validation" {

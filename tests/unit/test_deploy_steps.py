@@ -195,3 +195,23 @@ def test_setup_flags_carry_every_setting_and_root_needs_allow_root():
     assert "--allow-root" in setup_argv("/tmp/x", flags, as_root=True, verified=False)
     assert "--allow-root" not in setup_argv("/tmp/x", flags, as_root=False, verified=True)
     assert setup_argv("/tmp/x", flags, False, False, check=True)[-1] == "--check"
+
+
+def test_a_lock_released_while_python_exits_warns_instead_of_reconnecting(monkeypatch):
+    # A new connection needs a thread, and no thread starts while Python exits: it would hang.
+    from scripts.deploy import lock
+
+    class DeadServer(FakeServer):
+        def reconnect(self):
+            self.calls.append("reconnect")
+
+    server = DeadServer(failing=("unlock",))
+    lines = []
+    monkeypatch.setattr(lock.sys, "is_finalizing", lambda: True)
+    lock.release_lock(server, "token", log=lines.append)
+    assert "reconnect" not in server.calls
+    assert lines == ["fake: warning: could not release the deploy lock (unlock failed); run "
+                     "`doit unlock`"]
+    monkeypatch.setattr(lock.sys, "is_finalizing", lambda: False)
+    lock.release_lock(server, "token", log=lines.append)
+    assert "reconnect" in server.calls  # a cut connection, otherwise, gets one more try
