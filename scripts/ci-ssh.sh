@@ -25,14 +25,15 @@ ci_ssh_setup() {
     echo "error: CI/CD variable SSH_PRIVATE_KEY is not set: add the deploy key's private half" >&2
     return 1
   fi
-  local ssh_dir="${CI_PROJECT_DIR:-${PWD}}/.ci-ssh"
-  mkdir -p "${ssh_dir}"
-  chmod 700 "${ssh_dir}"
+  # Outside the checkout, so neither the cache nor an artifact can carry it; gone with the job.
+  local ssh_dir
+  ssh_dir="$(mktemp -d)" || return 1
   ci_variable_value "${SSH_KNOWN_HOSTS}" > "${ssh_dir}/known_hosts"
   export SSH_KNOWN_HOSTS_FILE="${ssh_dir}/known_hosts"
   eval "$(ssh-agent -s)" >/dev/null
-  # The agent is ours: end it with the job's shell.
-  trap 'ssh-agent -k >/dev/null 2>&1' EXIT
+  # The agent and the folder are ours: end them with the job's shell.
+  # shellcheck disable=SC2064  # expand ssh_dir now: it is local to this function
+  trap "ssh-agent -k >/dev/null 2>&1; rm -rf -- '${ssh_dir}'" EXIT
   if ! ci_variable_value "${SSH_PRIVATE_KEY}" | tr -d '\r' | ssh-add - >/dev/null 2>&1; then
     echo "error: CI/CD variable SSH_PRIVATE_KEY does not hold a usable private key (the whole" \
       "file, BEGIN and END lines included, without a passphrase)" >&2

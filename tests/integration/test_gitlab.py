@@ -4,6 +4,7 @@ verification, and an untrusted host key."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,11 +58,37 @@ def project(tmp_path_factory, site):
     return root
 
 
-def run_pipeline(project: Path, *args: str, **variables: str) -> subprocess.CompletedProcess:
-    argv = [GITLAB_CI_LOCAL, "--force-shell-executor", "--shell-isolation", "--no-color", *args]
+STRAY_DOIT_SAYS = "a doit from outside the job's own virtualenv ran"
+
+
+def runner_path(project: Path) -> str:
+    """A runner's PATH with no toolkit on it: no doit and no project virtualenv, and a stray
+    `doit` that fails, so a job that does not find the doit it installed itself fails."""
+    stray = project.parent / "runner-bin"
+    stray.mkdir(exist_ok=True)
+    (stray / "doit").write_text(f"#!/bin/sh\necho '{STRAY_DOIT_SAYS}' >&2\nexit 97\n")
+    (stray / "doit").chmod(0o755)
+    kept = [folder for folder in os.environ.get("PATH", "").split(os.pathsep)
+            if folder and not (Path(folder) / "doit").exists()
+            and not Path(folder).resolve().is_relative_to(REPO_ROOT)]
+    return os.pathsep.join([str(stray), *kept])
+
+
+def run_pipeline(project: Path, *args: str, isolation: bool = True,
+                 **variables: str) -> subprocess.CompletedProcess:
+    """gitlab-ci-local with the shell executor; with isolation each job runs in a folder of its
+    own while CI_PROJECT_DIR names another one, without it in the project itself."""
+    argv = [GITLAB_CI_LOCAL, "--force-shell-executor", "--no-color", *args]
+    if isolation:
+        argv.append("--shell-isolation")
     for name, value in variables.items():
         argv += ["--variable", f"{name}={value}"]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=project)
+    env = {**os.environ, "PATH": runner_path(project)}
+    env.pop("VIRTUAL_ENV", None)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=project,
+                            env=env)
+    assert STRAY_DOIT_SAYS not in result.stdout + result.stderr, "a job used the runner's doit"
+    return result
 
 
 def change_app(project: Path, marker: str) -> None:
@@ -85,6 +112,14 @@ def test_the_whole_pipeline_deploys_a_release_that_serves(project, site):
     assert "BEGIN OPENSSH PRIVATE KEY" not in output and "b3BlbnNzaC1rZXk" not in output
     built = (project / "dist" / "helpdesk.json").read_text()
     assert site.served_release() in built
+
+
+def test_the_checks_pass_without_shell_isolation_too(project):
+    result = run_pipeline(project, "pre_deploy_checks", "--needs", isolation=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert job_passed(output, "build_deployment_package"), output[-4000:]
+    assert job_passed(output, "pre_deploy_checks"), output[-4000:]
 
 
 def test_the_manual_rollback_job_brings_back_the_previous_release(project, site):
