@@ -58,7 +58,7 @@ def project(tmp_path_factory, site):
     return root
 
 
-STRAY_DOIT_SAYS = "a doit from outside the job's own virtualenv ran"
+STRAY_DOIT_SAYS = "a doit from outside the job virtualenv ran"
 
 
 def runner_path(project: Path) -> str:
