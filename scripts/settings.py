@@ -52,6 +52,9 @@ _optional_token = _matching(r"[0-9]+:[A-Za-z0-9_-]+",
                             "must look like 123456:ABC-DEF... (from @BotFather)", optional=True)
 _optional_chat_id = _matching(r"-?[0-9]+|@[A-Za-z0-9_]{5,}",
                               "must be a numeric chat id or @channelname", optional=True)
+_optional_http_url = _matching(r"http://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/-]*)?",
+                               "must be a plain http:// URL of a Debian mirror", optional=True)
+_sandbox_suite = _matching(r"bookworm|trixie", "must be bookworm (Debian 12) or trixie (Debian 13)")
 _url_path = _matching(r"/[A-Za-z0-9._~/-]*", "must be a URL path such as /healthz")
 _release_id = _matching(r"[A-Za-z0-9._-]{1,64}", "must be a release id as `doit status` lists them",
                         optional=True)
@@ -308,7 +311,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SANDBOX_CACHE", _local_path, "/var/cache/flask-deploy",
             "cached Debian image and .deb files for sandbox servers"),
     Setting("SANDBOX_SERVERS", _positive_int, "1", "how many sandbox servers `doit sandbox` boots"),
-    Setting("SANDBOX_MIRROR", _text, "http://deb.debian.org/debian", "Debian mirror for sandboxes"),
+    Setting("SANDBOX_MIRROR", _optional_http_url, "",
+            "http:// Debian mirror for sandbox servers (default: this machine's apt sources)"),
+    Setting("SANDBOX_SUITE", _sandbox_suite, "bookworm",
+            "Debian release of sandbox servers: bookworm (12) or trixie (13)"),
     Setting("DRY_RUN", _flag, "0", "print steps and commands without running them"),
 )
 
@@ -359,6 +365,7 @@ class Settings:
     sandbox_cache: Path
     sandbox_servers: int
     sandbox_mirror: str
+    sandbox_suite: str
     dry_run: bool
 
     @property
