@@ -4,7 +4,6 @@ one typed, frozen object. Every problem becomes one line naming the setting and 
 from __future__ import annotations
 
 import os
-import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -209,13 +208,13 @@ def _optional_local_path(raw: str) -> Path | None:
 
 
 def _python_version(raw: str) -> str:
-    if not _PYTHON_VERSION.match(raw):
+    if raw and not _PYTHON_VERSION.match(raw):
         raise _Invalid("must be a Python version such as 3.11")
     return raw
 
 
 def _platform_tag(raw: str) -> str:
-    if not _PLATFORM_TAG.match(raw):
+    if raw and not _PLATFORM_TAG.match(raw):
         raise _Invalid("must be a wheel platform tag such as manylinux_2_36_x86_64")
     return raw
 
@@ -227,11 +226,6 @@ def _flag(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise _Invalid("must be 1 or 0")
-
-
-def _default_platform() -> str:
-    # Debian 12 ships glibc 2.36; wheels for older manylinux levels also match (pip expands it).
-    return f"manylinux_2_36_{platform.machine()}"
 
 
 @dataclass(frozen=True)
@@ -303,8 +297,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("APP_DIR", _local_path, "examples/helpdesk", "the Flask app to package"),
     Setting("DIST_DIR", _local_path, "dist", "where packages are written"),
     Setting("PACKAGE_MAX_MB", _megabytes, "20", "largest package allowed, in MB"),
-    Setting("TARGET_PYTHON", _python_version, "3.11", "the server's Python (Debian 12: 3.11)"),
-    Setting("TARGET_PLATFORM", _platform_tag, _default_platform, "wheel platform of the server"),
+    Setting("TARGET_PYTHON", _python_version, "",
+            "the servers' Python, such as 3.13 (default: what the servers report, else 3.11)"),
+    Setting("TARGET_PLATFORM", _platform_tag, "",
+            "the servers' wheel platform (default: what the servers report, else "
+            "manylinux_2_36 of this machine's architecture)"),
     Setting("WHEEL_CACHE", _local_path, "~/.cache/flask-deploy/wheels",
             "local cache of downloaded wheels"),
     Setting("SANDBOX_DIR", _local_path, ".sandbox", "state of the local sandbox servers"),

@@ -101,8 +101,13 @@ def cmd_probe(root):
     releases = sorted(name for name in os.listdir(path(root, "releases"))
                       if not name.endswith(".partial")) if os.path.isdir(
         path(root, "releases")) else []
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or ""  # "glibc 2.41"
+    import importlib.util
     out(current=release_id_of(path(root, "current")), good=read_good(root), lock=lock,
         releases=releases, python="%d.%d" % sys.version_info[:2], machine=os.uname().machine,
+        glibc=libc.split()[-1] if libc.startswith("glibc ") else "",
+        # Debian and Ubuntu keep ensurepip, which `python3 -m venv` needs, in python3-venv.
+        venv=importlib.util.find_spec("ensurepip") is not None,
         layout=os.path.isdir(path(root, "releases")) and os.path.isdir(path(root, "shared")))
 
 

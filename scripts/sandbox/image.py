@@ -56,7 +56,7 @@ def _build(image_dir: Path, mirror: DebianMirror, suite: str, log) -> None:
     building = image_dir.with_name(image_dir.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     shutil.rmtree(image_dir, ignore_errors=True)
-    log(f"sandbox: building the {SUITES[suite]} image ({suite}) with debootstrap (once) into "
+    log(f"sandbox: building the {suite} image ({SUITES[suite]}) with debootstrap (once) into "
         f"{image_dir}")
     argv = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", suite,
             str(building), mirror.archive]
