@@ -330,11 +330,18 @@ def cmd_backups(backup_root):
 
 
 # -- switching --------------------------------------------------------------------------------
-def cmd_set_next(root, release, migrations_paths=""):
+MIGRATE_COMMAND_FILE = ".migrate-command"
+
+
+def cmd_set_next(root, release, migrations_paths="", migrate_command=""):
     """Point `next` at the release; with MIGRATIONS_PATHS, also say whether they are the same
-    as in the live release (then its migrations have already run)."""
+    as in the live release (then its migrations have already run). MIGRATE_COMMAND is kept in
+    the release, where the -migrate unit (the app user, hardened) runs it: it can change with
+    any deploy, and root never reads it."""
     if not os.path.isfile(path(root, "releases", release, ".unpacked")):
         raise Refusal("release %s is not on this server; deploy it first" % release)
+    write_atomically(path(root, "releases", release, MIGRATE_COMMAND_FILE),
+                     migrate_command + "\n", mode=0o640)
     link_atomically(path(root, "next"), path("releases", release))
     paths = [item for item in migrations_paths.split(",") if item]
     current = release_id_of(path(root, "current"))
@@ -392,10 +399,11 @@ def cmd_health(url, expect_release, timeout):
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 body = response.read().decode(errors="replace")
-            try:
-                release = json.loads(body).get("release")
+            try:  # JSON with `release` is checked; plain text (or other JSON) is just healthy
+                answer = json.loads(body)
             except ValueError:
-                release = None
+                answer = None
+            release = answer.get("release") if isinstance(answer, dict) else None
             if not expect_release or release in (None, expect_release):
                 out(ok=True, release=release)
                 return
