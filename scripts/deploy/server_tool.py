@@ -333,15 +333,16 @@ def cmd_backups(backup_root):
 MIGRATE_COMMAND_FILE = ".migrate-command"
 
 
-def cmd_set_next(root, release, migrations_paths="", migrate_command=""):
+def cmd_set_next(root, release, migrations_paths="", migrate_command=None):
     """Point `next` at the release; with MIGRATIONS_PATHS, also say whether they are the same
     as in the live release (then its migrations have already run). MIGRATE_COMMAND is kept in
     the release, where the -migrate unit (the app user, hardened) runs it: it can change with
     any deploy, and root never reads it."""
     if not os.path.isfile(path(root, "releases", release, ".unpacked")):
         raise Refusal("release %s is not on this server; deploy it first" % release)
-    write_atomically(path(root, "releases", release, MIGRATE_COMMAND_FILE),
-                     migrate_command + "\n", mode=0o640)
+    if migrate_command is not None:  # a deploy's; a rollback runs no migrations
+        write_atomically(path(root, "releases", release, MIGRATE_COMMAND_FILE),
+                         migrate_command + "\n", mode=0o640)
     link_atomically(path(root, "next"), path("releases", release))
     paths = [item for item in migrations_paths.split(",") if item]
     current = release_id_of(path(root, "current"))
