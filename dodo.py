@@ -54,9 +54,21 @@ def task_sandbox_if_used():
     return _every_time(tasks.sandbox_if_used_action)
 
 
+def task_target():
+    """Ask the servers for their Python and platform; the next build ships wheels for them."""
+    return {**_every_time(actions.target_action), "task_dep": ["setup_if_needed"]}
+
+
+def task_build_for_servers():
+    """The build, after `target` has asked the servers (deploy uses it; `build` asks no server)."""
+    # doit starts every ready dependency at once: only a task_dep orders the build after target.
+    return tasks.build_task(after=["target"])
+
+
 def task_check():
     """pre_deploy_checks: package integrity, SSH and host key, sudo, disk, Python, nginx, lock."""
-    return {**_every_time(actions.check_action), "task_dep": ["build", "setup_if_needed"]}
+    return {**_every_time(actions.check_action),
+            "task_dep": ["setup_if_needed", "build_for_servers"]}
 
 
 def task_ship():

@@ -95,11 +95,11 @@ def bench_sandbox(work: Path) -> list[Row]:
     from scripts.sandbox.image import ensure_image
 
     settings = load_settings()
-    started = time.perf_counter()
-    ensure_image(settings.sandbox_cache, settings.sandbox_mirror)
-    image = time.perf_counter() - started
     sandbox = Sandbox(work / "sandbox", settings.sandbox_cache, settings.sandbox_mirror,
-                      log=lambda *_: None)
+                      log=lambda *_: None, suite=settings.sandbox_suite)
+    started = time.perf_counter()
+    ensure_image(settings.sandbox_cache, sandbox.mirror, sandbox.suite)
+    image = time.perf_counter() - started
     try:
         started = time.perf_counter()
         sandbox.up(1)
@@ -135,7 +135,7 @@ def bench_server(work: Path) -> list[Row]:
 
     settings = load_settings()
     sandbox = Sandbox(work / "sandbox", settings.sandbox_cache, settings.sandbox_mirror,
-                      log=lambda *_: None)
+                      log=lambda *_: None, suite=settings.sandbox_suite)
     app_dir = work / "helpdesk"
     shutil.copytree(REPO_ROOT / "examples" / "helpdesk", app_dir,
                     ignore=shutil.ignore_patterns("__pycache__", "instance", "tests"))
@@ -209,9 +209,10 @@ def bench_fleet(work: Path) -> list[Row]:
     from scripts.sandbox.layers import ensure_provisioned_layer
 
     settings = load_settings()
-    layer = ensure_provisioned_layer(settings.sandbox_cache, settings.sandbox_mirror, work)
+    layer = ensure_provisioned_layer(settings.sandbox_cache, settings.sandbox_mirror, work,
+                                     settings.sandbox_suite)
     sandbox = Sandbox(work / "fleet", settings.sandbox_cache, settings.sandbox_mirror,
-                      log=lambda *_: None)
+                      log=lambda *_: None, suite=settings.sandbox_suite)
     app_dir = work / "helpdesk"
     shutil.copytree(REPO_ROOT / "examples" / "helpdesk", app_dir,
                     ignore=shutil.ignore_patterns("__pycache__", "instance", "tests"))

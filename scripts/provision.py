@@ -33,7 +33,6 @@ def setup_flags(settings: Settings, public_key: str, inside_ssh_port: int) -> li
             "--app-port", str(settings.app_port),
             "--ssh-port", str(inside_ssh_port),
             "--server-name", settings.server_name,
-            "--migrate-command", settings.migrate_command or "true",
             "--workers", str(settings.gunicorn_workers),
             "--deploy-key", public_key]
 

@@ -4,7 +4,6 @@ one typed, frozen object. Every problem becomes one line naming the setting and 
 from __future__ import annotations
 
 import os
-import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -52,6 +51,9 @@ _optional_token = _matching(r"[0-9]+:[A-Za-z0-9_-]+",
                             "must look like 123456:ABC-DEF... (from @BotFather)", optional=True)
 _optional_chat_id = _matching(r"-?[0-9]+|@[A-Za-z0-9_]{5,}",
                               "must be a numeric chat id or @channelname", optional=True)
+_optional_http_url = _matching(r"http://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/-]*)?",
+                               "must be a plain http:// URL of a Debian mirror", optional=True)
+_sandbox_suite = _matching(r"bookworm|trixie", "must be bookworm (Debian 12) or trixie (Debian 13)")
 _url_path = _matching(r"/[A-Za-z0-9._~/-]*", "must be a URL path such as /healthz")
 _release_id = _matching(r"[A-Za-z0-9._-]{1,64}", "must be a release id as `doit status` lists them",
                         optional=True)
@@ -206,13 +208,13 @@ def _optional_local_path(raw: str) -> Path | None:
 
 
 def _python_version(raw: str) -> str:
-    if not _PYTHON_VERSION.match(raw):
+    if raw and not _PYTHON_VERSION.match(raw):
         raise _Invalid("must be a Python version such as 3.11")
     return raw
 
 
 def _platform_tag(raw: str) -> str:
-    if not _PLATFORM_TAG.match(raw):
+    if raw and not _PLATFORM_TAG.match(raw):
         raise _Invalid("must be a wheel platform tag such as manylinux_2_36_x86_64")
     return raw
 
@@ -224,11 +226,6 @@ def _flag(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise _Invalid("must be 1 or 0")
-
-
-def _default_platform() -> str:
-    # Debian 12 ships glibc 2.36; wheels for older manylinux levels also match (pip expands it).
-    return f"manylinux_2_36_{platform.machine()}"
 
 
 @dataclass(frozen=True)
@@ -300,15 +297,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("APP_DIR", _local_path, "examples/helpdesk", "the Flask app to package"),
     Setting("DIST_DIR", _local_path, "dist", "where packages are written"),
     Setting("PACKAGE_MAX_MB", _megabytes, "20", "largest package allowed, in MB"),
-    Setting("TARGET_PYTHON", _python_version, "3.11", "the server's Python (Debian 12: 3.11)"),
-    Setting("TARGET_PLATFORM", _platform_tag, _default_platform, "wheel platform of the server"),
+    Setting("TARGET_PYTHON", _python_version, "",
+            "the servers' Python, such as 3.13 (default: what the servers report, else 3.11)"),
+    Setting("TARGET_PLATFORM", _platform_tag, "",
+            "the servers' wheel platform (default: what the servers report, else "
+            "manylinux_2_36 of this machine's architecture)"),
     Setting("WHEEL_CACHE", _local_path, "~/.cache/flask-deploy/wheels",
             "local cache of downloaded wheels"),
     Setting("SANDBOX_DIR", _local_path, ".sandbox", "state of the local sandbox servers"),
     Setting("SANDBOX_CACHE", _local_path, "/var/cache/flask-deploy",
             "cached Debian image and .deb files for sandbox servers"),
     Setting("SANDBOX_SERVERS", _positive_int, "1", "how many sandbox servers `doit sandbox` boots"),
-    Setting("SANDBOX_MIRROR", _text, "http://deb.debian.org/debian", "Debian mirror for sandboxes"),
+    Setting("SANDBOX_MIRROR", _optional_http_url, "",
+            "http:// Debian mirror for sandbox servers (default: this machine's apt sources)"),
+    Setting("SANDBOX_SUITE", _sandbox_suite, "bookworm",
+            "Debian release of sandbox servers: bookworm (12) or trixie (13)"),
     Setting("DRY_RUN", _flag, "0", "print steps and commands without running them"),
 )
 
@@ -359,6 +362,7 @@ class Settings:
     sandbox_cache: Path
     sandbox_servers: int
     sandbox_mirror: str
+    sandbox_suite: str
     dry_run: bool
 
     @property

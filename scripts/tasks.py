@@ -58,8 +58,10 @@ def _failing_action(error: ToolkitError):
     return user_errors_fail_task(report_error)
 
 
-def build_task() -> dict:
+def build_task(after: list[str] | None = None) -> dict:
     """The `build` task: file_dep is every shipped file, so nothing changed means nothing runs.
+    With `after` (deploy's variant) it runs after those tasks and declares no target, as doit
+    lets only one task own a file.
 
     Listing the shipped files (git ls-files, or a pruned walk) is the one local read a task
     creator does: doit needs file_dep before it can decide anything."""
@@ -68,6 +70,7 @@ def build_task() -> dict:
     from scripts.build.ignore import IGNORE_FILE
     from scripts.build.package import BuildRecord, record_path
     from scripts.build.sources import shipped_files
+    from scripts.build.target import build_target
 
     try:
         settings = load_settings()
@@ -80,32 +83,40 @@ def build_task() -> dict:
         file_dep.append(str(app_dir / IGNORE_FILE))
     record = record_path(settings)
 
-    def package_still_there():
+    def package_still_there_for_the_target():
+        # Read when the task runs: `doit target` may have just learned the servers' Python.
         try:
-            return (settings.dist_dir / BuildRecord.read(record).package).exists()
+            built = BuildRecord.read(record)
         except (OSError, ValueError, TypeError):
             return False
+        wanted = build_target(settings)
+        return ((settings.dist_dir / built.package).exists()
+                and (built.python, built.platform) == (wanted.target_python,
+                                                       wanted.target_platform))
 
-    build_config = {"app_dir": str(app_dir), "python": settings.target_python,
-                    "platform": settings.target_platform, "max_mb": settings.package_max_mb,
+    build_config = {"app_dir": str(app_dir), "max_mb": settings.package_max_mb,
                     "dist_dir": str(settings.dist_dir), "tool": TOOL_VERSION}
-    return {
+    task = {
         "actions": [build_action],
         "file_dep": file_dep,
-        "targets": [str(record)],
-        "uptodate": [config_changed(build_config), package_still_there],
-        "clean": True,
+        "uptodate": [config_changed(build_config), package_still_there_for_the_target],
         "verbosity": 2,
     }
+    if after:
+        return {**task, "task_dep": after}
+    return {**task, "targets": [str(record)], "clean": True}
 
 
 @user_errors_fail_task
 def build_action():
     from scripts.build.package import build_package
+    from scripts.build.target import build_target
 
-    record = build_package(load_settings())
+    settings = build_target(load_settings())
+    record = build_package(settings)
     print(f"build: release {record.release_id} -> dist/{record.package} (sha256 "
-          f"{record.sha256[:12]}…)")
+          f"{record.sha256[:12]}…) for Python {settings.target_python} on "
+          f"{settings.target_platform}")
 
 
 def _setup_plan(settings):

@@ -16,9 +16,10 @@ from scripts.settings import REPO_ROOT, load_settings
 TEST_SANDBOX_DIR = Path(os.environ.get("TEST_SANDBOX_DIR", REPO_ROOT / ".sandbox-test"))
 
 
-def new_sandbox(state_dir: Path) -> Sandbox:
+def new_sandbox(state_dir: Path, suite: str | None = None) -> Sandbox:
     settings = load_settings(env_file=Path("/nonexistent"))
-    return Sandbox(state_dir, settings.sandbox_cache, settings.sandbox_mirror)
+    return Sandbox(state_dir, settings.sandbox_cache, settings.sandbox_mirror,
+                   suite=suite or settings.sandbox_suite)
 
 
 @pytest.fixture(scope="session")

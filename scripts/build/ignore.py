@@ -1,13 +1,12 @@
-"""`.deployignore`: gitignore-style rules for what never ships, with sensible defaults.
-
-Supported: `#` comments, `!` negation, a trailing `/` for directories only, and a `/` inside a
-pattern to anchor it to APP_DIR; other patterns match a name at any depth."""
+"""`.deployignore`: what never ships, with sensible defaults, in .gitignore's own syntax and
+meaning (the `pathspec` library): `#` comments, `!` negation, `**`, a trailing `/` for folders
+only, and a `/` at the start or in the middle anchoring a pattern to APP_DIR."""
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+import pathspec
 
 IGNORE_FILE = ".deployignore"
 
@@ -61,36 +60,6 @@ build/
 """
 
 
-@dataclass(frozen=True)
-class Rule:
-    pattern: str
-    negated: bool
-    directory_only: bool
-    anchored: bool
-
-    def matches(self, path: PurePosixPath, is_dir: bool) -> bool:
-        if self.directory_only and not is_dir:
-            return False
-        if self.anchored:
-            return fnmatch.fnmatchcase(str(path), self.pattern)
-        return fnmatch.fnmatchcase(path.name, self.pattern)
-
-
-def parse_rules(text: str) -> list[Rule]:
-    rules = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negated = line.startswith("!")
-        line = line.removeprefix("!")
-        directory_only = line.endswith("/")
-        line = line.rstrip("/")
-        anchored = "/" in line
-        rules.append(Rule(line.lstrip("/"), negated, directory_only, anchored))
-    return rules
-
-
 class IgnoreRules:
     """The defaults plus APP_DIR/.deployignore; later rules win, as in .gitignore."""
 
@@ -99,17 +68,15 @@ class IgnoreRules:
         custom = app_dir / IGNORE_FILE
         if custom.is_file():
             text += "\n" + custom.read_text()
-        self.rules = parse_rules(text)
+        self.spec = pathspec.GitIgnoreSpec.from_lines(text.splitlines())
 
     def _ignores_itself(self, path: PurePosixPath, is_dir: bool) -> bool:
-        ignored = False
-        for rule in self.rules:
-            if rule.matches(path, is_dir):
-                ignored = not rule.negated
-        return ignored
+        # A trailing '/' is how a directory-only pattern (`build/`) knows a folder from a file.
+        return self.spec.match_file(f"{path}/" if is_dir else str(path))
 
     def ignores(self, relative_path: str, is_dir: bool = False) -> bool:
-        """True when the path or any folder above it is ignored."""
+        """True when the path or any folder above it is ignored: as in git, a file cannot be
+        re-included (`!`) once a folder above it is excluded."""
         path = PurePosixPath(relative_path)
         for parent in reversed(path.parents[:-1]):
             if self._ignores_itself(parent, is_dir=True):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from scripts import TOOL_NAME, TOOL_VERSION
 from scripts.build.sources import in_git_work_tree, shipped_files
+from scripts.build.target import build_target
 from scripts.build.wheels import ensure_wheels, requirements_hash
 from scripts.errors import ToolkitError
 from scripts.settings import Settings
@@ -42,6 +43,8 @@ class BuildRecord:
     file_count: int
     git_commit: str
     built_at: str
+    python: str = ""      # the wheels' Python and platform
+    platform: str = ""
 
     @classmethod
     def read(cls, path: Path) -> "BuildRecord":
@@ -164,6 +167,7 @@ def size_report(manifest: dict) -> list[str]:
 
 
 def build_package(settings: Settings, log=print) -> BuildRecord:
+    settings = build_target(settings)
     app_dir = settings.app_dir
     files = shipped_files(app_dir) if app_dir.is_dir() else []
     check_app(app_dir, files)
@@ -194,7 +198,8 @@ def build_package(settings: Settings, log=print) -> BuildRecord:
     record = BuildRecord(app=app, release_id=manifest["release_id"], package=package.name,
                          sha256=sha256_file(package), size=size, file_count=count,
                          git_commit=_git_commit(app_dir),
-                         built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                         built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         python=settings.target_python, platform=settings.target_platform)
     record_path(settings).write_text(json.dumps(asdict(record), indent=2) + "\n")
     _prune_old_packages(settings.dist_dir, app, keep=package.name)
     return record

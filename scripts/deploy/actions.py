@@ -43,7 +43,7 @@ def public_urls(settings: Settings, targets: list[Target]) -> dict[str, str]:
     if settings.uses_sandbox:
         from scripts.sandbox import sandbox_from_settings
         return {s.name: s.url for s in sandbox_from_settings(settings).servers()}
-    return {t.display: f"http://{t.host}/" for t in targets}
+    return {t.display: commands.host_url(t.host) for t in targets}
 
 
 def _servers(settings: Settings):
@@ -98,6 +98,39 @@ def check_action():
     healthy = all(verdicts) and not any(errors)
     if not healthy:
         raise ToolkitError("pre-deploy checks failed (see FAILED above); nothing was changed")
+
+
+@user_errors_fail_task
+def target_action():
+    """Ask every server for its Python, architecture and glibc; the build ships wheels for them."""
+    from scripts.build.target import ServerFacts, record_fleet_target
+
+    settings = load_settings()
+    if settings.target_python and settings.target_platform:
+        print(f"ok       target Python {settings.target_python} on {settings.target_platform} "
+              f"(TARGET_PYTHON, TARGET_PLATFORM)")
+        return
+    if settings.dry_run:
+        print("DRY_RUN=1: the servers' Python is not asked for")
+        return
+    facts: list[ServerFacts] = []
+
+    def ask(server, reporter):
+        with server:
+            if not server.ensure_tool():
+                raise ToolkitError(f"{server.name}: {settings.deploy_path} is not set up for "
+                                   f"deploys; run `doit setup`")
+            state = server.tool_call("probe", str(settings.deploy_path))
+            facts.append(ServerFacts(server.name, state["python"], state["machine"],
+                                     state.get("glibc", "")))
+    errors = run_parallel([lambda pair=pair: ask(*pair) for pair in _servers(settings)],
+                          settings.deploy_parallel)
+    for error in errors:
+        if error:
+            raise error
+    target, changed = record_fleet_target(settings, sorted(facts, key=lambda f: f.server))
+    print(f"{'changed' if changed else 'ok':8} target Python {target['python']} on "
+          f"{target['platform']} (what the servers report)")
 
 
 def _event(settings: Settings, action: str, result: str, release: str, **details) -> Event:

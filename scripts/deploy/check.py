@@ -4,6 +4,7 @@ check; a failure says what is wrong and what to do."""
 from __future__ import annotations
 
 import math
+import re
 
 from scripts.deploy import commands
 from scripts.deploy.lock import describe, holder_is_dead
@@ -20,6 +21,45 @@ def required_sudo(settings: Settings) -> list[str]:
             "/usr/sbin/nginx -t"]
 
 
+REBUILD = ("run `doit deploy` (it builds for what the servers report) or `doit target build`, "
+           "or set TARGET_PYTHON and TARGET_PLATFORM and rebuild")
+
+
+def python_results(state: dict, target: dict) -> list[tuple[bool, str]]:
+    """The server's Python, venv support, architecture and glibc against the package's wheels."""
+    results = []
+    wanted = target["python"]
+    if state["python"] == wanted:
+        results.append((True, f"server Python {state['python']} matches the wheels"))
+    else:
+        results.append((False, f"server Python is {state['python']} but the package's wheels are "
+                               f"for {wanted}; {REBUILD}"))
+    if state.get("venv", True):
+        results.append((True, "server Python can create virtualenvs"))
+    else:
+        results.append((False, f"server Python {state['python']} cannot create virtualenvs "
+                               f"(ensurepip is missing); install the python3-venv package "
+                               f"(`apt-get install python3-venv`) or run `doit setup`"))
+    platform = target["platform"]
+    if not platform.endswith(state["machine"]):
+        results.append((False, f"server is {state['machine']}, the wheels are for {platform}; "
+                               f"{REBUILD}"))
+    elif _glibc_too_new(platform, state.get("glibc", "")):
+        results.append((False, f"server has glibc {state['glibc']}, the wheels need {platform}; "
+                               f"{REBUILD}"))
+    else:
+        results.append((True, f"server architecture {state['machine']}"))
+    return results
+
+
+def _glibc_too_new(platform: str, server_glibc: str) -> bool:
+    match = re.fullmatch(r"manylinux_(\d+)_(\d+)_\w+", platform)
+    have = re.fullmatch(r"(\d+)\.(\d+)", server_glibc)
+    if not (match and have):
+        return False
+    return tuple(map(int, match.groups())) > tuple(map(int, have.groups()))
+
+
 def needed_mb(manifest: dict, settings: Settings) -> int:
     unpacked = sum(entry["size"] for entry in manifest["files"] + manifest["wheels"])
     return math.ceil(unpacked * 3 / 1e6) + settings.min_free_mb  # package + release + venv
@@ -31,18 +71,7 @@ def check_server(server: Server, settings: Settings, manifest: dict) -> list[tup
     if not server.ensure_tool():
         return results + [(False, f"{path} is not set up for deploys; run `doit setup`")]
     state = server.tool_call("probe", path)
-    wanted = manifest["target"]["python"]
-    if state["python"] == wanted:
-        results.append((True, f"server Python {state['python']} matches the wheels"))
-    else:
-        results.append((False, f"server Python is {state['python']} but the package's wheels are "
-                               f"for {wanted}; set TARGET_PYTHON={state['python']} and rebuild"))
-    platform = manifest["target"]["platform"]
-    if platform.endswith(state["machine"]):
-        results.append((True, f"server architecture {state['machine']}"))
-    else:
-        results.append((False, f"server is {state['machine']}, the wheels are for {platform}; "
-                               f"set TARGET_PLATFORM and rebuild"))
+    results += python_results(state, manifest["target"])
     listing = server.sudo(["-l"], check=False).stdout
     missing = [command for command in required_sudo(settings) if command not in listing]
     if missing:

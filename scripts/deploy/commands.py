@@ -31,6 +31,17 @@ def health_url(port: int, health_path: str) -> str:
     return f"http://127.0.0.1:{port}{health_path}"
 
 
+def host_url(host: str) -> str:
+    """http://host/ for a name or an address; an IPv6 literal goes in brackets (RFC 3986)."""
+    bare = host.strip("[]")
+    return f"http://[{bare}]/" if ":" in bare else f"http://{bare}/"
+
+
+def app_log_files(log_path: str = "/var/log/flask_helpdesk") -> dict[str, str]:
+    """The guide's app logs by check label: optional, since an app may log to the journal."""
+    return {"tail app.log": f"{log_path}/app.log", "tail error.log": f"{log_path}/error.log"}
+
+
 def package_path(deploy_path: PurePosixPath, package_name: str) -> PurePosixPath:
     return deploy_path / "packages" / package_name
 
@@ -52,8 +63,8 @@ def guide_checks(settings: Settings, log_path: str = "/var/log/flask_helpdesk") 
         ("venv python --version", ["sudo", "-n", "-u", "www-data", venv_python, "--version"]),
         ("sudo nginx -t", ["sudo", "-n", "nginx", "-t"]),
         ("sudo systemctl status nginx", ["sudo", "-n", "systemctl", "status", "nginx"]),
-        ("tail app.log", ["sudo", "-n", "tail", "-n", "100", f"{log_path}/app.log"]),
-        ("tail error.log", ["sudo", "-n", "tail", "-n", "100", f"{log_path}/error.log"]),
+        *((label, ["sudo", "-n", "tail", "-n", "100", log_file])
+          for label, log_file in app_log_files(log_path).items()),
         ("tail nginx access log", ["sudo", "-n", "tail", "-n", "100",
                                    f"/var/log/nginx/{site}_access.log"]),
         ("tail nginx error log", ["sudo", "-n", "tail", "-n", "100",

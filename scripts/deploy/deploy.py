@@ -102,7 +102,8 @@ def migrate(server: Server, settings: Settings, release: str,
     """(ran, what it says): MIGRATE_COMMAND in the new release, unless there is none or the
     MIGRATIONS_PATHS are the same as in the live release, whose migrations already ran."""
     path = str(server.deploy_path)
-    answer = server.tool_call("set-next", path, release, ",".join(settings.migrations_paths))
+    answer = server.tool_call("set-next", path, release, ",".join(settings.migrations_paths),
+                              settings.migrate_command)
     if not settings.migrate_command:
         return False, "no MIGRATE_COMMAND"
     if answer.get("migrations_unchanged"):

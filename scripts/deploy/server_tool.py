@@ -101,8 +101,13 @@ def cmd_probe(root):
     releases = sorted(name for name in os.listdir(path(root, "releases"))
                       if not name.endswith(".partial")) if os.path.isdir(
         path(root, "releases")) else []
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or ""  # "glibc 2.41"
+    import importlib.util
     out(current=release_id_of(path(root, "current")), good=read_good(root), lock=lock,
         releases=releases, python="%d.%d" % sys.version_info[:2], machine=os.uname().machine,
+        glibc=libc.split()[-1] if libc.startswith("glibc ") else "",
+        # Debian and Ubuntu keep ensurepip, which `python3 -m venv` needs, in python3-venv.
+        venv=importlib.util.find_spec("ensurepip") is not None,
         layout=os.path.isdir(path(root, "releases")) and os.path.isdir(path(root, "shared")))
 
 
@@ -325,11 +330,19 @@ def cmd_backups(backup_root):
 
 
 # -- switching --------------------------------------------------------------------------------
-def cmd_set_next(root, release, migrations_paths=""):
+MIGRATE_COMMAND_FILE = ".migrate-command"
+
+
+def cmd_set_next(root, release, migrations_paths="", migrate_command=None):
     """Point `next` at the release; with MIGRATIONS_PATHS, also say whether they are the same
-    as in the live release (then its migrations have already run)."""
+    as in the live release (then its migrations have already run). MIGRATE_COMMAND is kept in
+    the release, where the -migrate unit (the app user, hardened) runs it: it can change with
+    any deploy, and root never reads it."""
     if not os.path.isfile(path(root, "releases", release, ".unpacked")):
         raise Refusal("release %s is not on this server; deploy it first" % release)
+    if migrate_command is not None:  # a deploy's; a rollback runs no migrations
+        write_atomically(path(root, "releases", release, MIGRATE_COMMAND_FILE),
+                         migrate_command + "\n", mode=0o640)
     link_atomically(path(root, "next"), path("releases", release))
     paths = [item for item in migrations_paths.split(",") if item]
     current = release_id_of(path(root, "current"))
@@ -387,10 +400,11 @@ def cmd_health(url, expect_release, timeout):
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 body = response.read().decode(errors="replace")
-            try:
-                release = json.loads(body).get("release")
+            try:  # JSON with `release` is checked; plain text (or other JSON) is just healthy
+                answer = json.loads(body)
             except ValueError:
-                release = None
+                answer = None
+            release = answer.get("release") if isinstance(answer, dict) else None
             if not expect_release or release in (None, expect_release):
                 out(ok=True, release=release)
                 return

@@ -1,4 +1,4 @@
-"""Local sandbox servers: real Debian 12 with systemd, booted with systemd-nspawn."""
+"""Local sandbox servers: real Debian 12 or 13 with systemd, booted with systemd-nspawn."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ DEMO_HTTP_PORT = 8080
 
 def sandbox_from_settings(settings: Settings, log=print) -> Sandbox:
     return Sandbox(settings.sandbox_dir, settings.sandbox_cache, settings.sandbox_mirror,
-                   preferred_ssh_port=DEMO_SSH_PORT, preferred_http_port=DEMO_HTTP_PORT, log=log)
+                   preferred_ssh_port=DEMO_SSH_PORT, preferred_http_port=DEMO_HTTP_PORT, log=log,
+                   suite=settings.sandbox_suite)
 
 
 def root_target(sandbox: Sandbox, server: SandboxServer) -> Target:

@@ -1,4 +1,4 @@
-"""Throwaway Debian 12 servers: an overlay copy of the cached image booted with systemd-nspawn in a
+"""Throwaway Debian servers (12 or 13): an overlay copy of the cached image booted with systemd-nspawn in a
 private network namespace, reachable only through socat forwarders on 127.0.0.1.
 
 `Sandbox.up` is idempotent (healthy servers are reused), `Sandbox.down` ends exactly the processes
@@ -8,6 +8,7 @@ read to find ports, keys and known_hosts."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from scripts.errors import ToolkitError
 from scripts.sandbox import processes
-from scripts.sandbox.image import ADMIN_USER, APT_PROXY_PORT, ensure_image
+from scripts.sandbox.image import ADMIN_USER, APT_PROXY_PORT, DEFAULT_SUITE, SUITES, ensure_image
+from scripts.sandbox.mirror import DebianMirror, resolve_mirror
 
 BOOT_TIMEOUT_S = 60
 SHUTDOWN_GRACE_S = 10
@@ -84,18 +86,26 @@ def check_host_ready() -> None:
 class Sandbox:
     """The sandbox servers recorded in one state folder."""
 
-    def __init__(self, state_dir: Path, cache_dir: Path, mirror: str,
+    def __init__(self, state_dir: Path, cache_dir: Path, mirror: str = "",
                  preferred_ssh_port: int | None = None, preferred_http_port: int | None = None,
-                 log=print):
+                 log=print, suite: str = DEFAULT_SUITE):
+        if suite not in SUITES:
+            raise ToolkitError(f"setting SANDBOX_SUITE={suite!r} is not a Debian release the "
+                               f"sandbox boots; use one of {', '.join(SUITES)}")
         self.state_dir = state_dir
         self.cache_dir = cache_dir
-        self.mirror = mirror
+        self.mirror_setting = mirror  # SANDBOX_MIRROR; empty: this machine's apt sources
+        self.suite = suite
         self.preferred_ssh_port = preferred_ssh_port
         self.preferred_http_port = preferred_http_port
         self.log = log
         # Machine names must be unique on this host (nspawn keeps per-name runtime folders).
         digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:4]
         self.name_prefix = f"sbx{digest}"
+
+    @functools.cached_property
+    def mirror(self) -> DebianMirror:
+        return resolve_mirror(self.mirror_setting)
 
     # -- files other tools read -------------------------------------------------------------
     @property
@@ -146,7 +156,7 @@ class Sandbox:
         missing = [name for name in wanted if name not in {s.name for s in kept}]
         if not missing:
             return kept
-        image_dir = ensure_image(self.cache_dir, self.mirror, self.log)
+        image_dir = ensure_image(self.cache_dir, self.mirror, self.suite, self.log)
         planned = self._plan(missing, kept)
         with ThreadPoolExecutor(max_workers=len(planned)) as pool:
             lower = f"{layer}:{image_dir}" if layer else str(image_dir)
@@ -318,7 +328,7 @@ class Sandbox:
         pid = processes.spawn_detached(
             ["nsenter", "-t", str(server.init_pid), "-n", "socat", f"{listen},fork,reuseaddr",
              f"EXEC:nsenter --net=/proc/{server.nspawn_pid}/ns/net socat STDIO "
-             f"TCP\\:deb.debian.org\\:80"], log_file)
+             f"TCP\\:{self.mirror.host}\\:{self.mirror.port}"], log_file)
         # nsenter execs socat, so the marker is what socat's own command line holds.
         server.helpers.append(Helper(pid, f"--net=/proc/{server.nspawn_pid}/ns/net socat"))
 

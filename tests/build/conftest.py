@@ -16,8 +16,8 @@ HELPDESK = REPO_ROOT / "examples" / "helpdesk"
 DOIT = [sys.executable, "-m", "doit", "-f", str(REPO_ROOT / "dodo.py")]
 
 
-def copy_app(destination: Path) -> Path:
-    shutil.copytree(HELPDESK, destination,
+def copy_app(destination: Path, source: Path = HELPDESK) -> Path:
+    shutil.copytree(source, destination,
                     ignore=shutil.ignore_patterns("__pycache__", "instance", "tests"))
     return destination
 

@@ -12,15 +12,16 @@ import requests
 
 from scripts.remote import Target, connect
 from scripts.sandbox import Sandbox
+from scripts.settings import REPO_ROOT
 from tests.build.conftest import copy_app
 from tests.integration.helpers import DOIT, doit, doit_env
 
 
 class Site:
-    def __init__(self, work: Path, sandbox: Sandbox, wheel_cache: Path):
+    def __init__(self, work: Path, sandbox: Sandbox, wheel_cache: Path, app: str = "helpdesk"):
         self.work = work
         self.sandbox = sandbox
-        self.app_dir = copy_app(work / "helpdesk")
+        self.app_dir = copy_app(work / app, REPO_ROOT / "examples" / app)
         self.settings = {"APP_DIR": str(self.app_dir), "DIST_DIR": str(work / "dist"),
                          "WHEEL_CACHE": str(wheel_cache)}
 
@@ -62,7 +63,8 @@ class Site:
         return self.doit("-s", "ship", **settings)
 
     def built_release(self) -> str:
-        return json.loads((self.work / "dist" / "helpdesk.json").read_text())["release_id"]
+        return json.loads((self.work / "dist" / f"{self.app_dir.name}.json").read_text())[
+            "release_id"]
 
     def served_release(self) -> str:
         return requests.get(self.url + "healthz", timeout=10).json()["release"]

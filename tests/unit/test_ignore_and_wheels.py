@@ -48,6 +48,42 @@ def test_a_file_inside_an_ignored_folder_stays_out_even_if_negated(tmp_path):
     assert IgnoreRules(tmp_path).ignores("node_modules/keep.js")
 
 
+@pytest.mark.parametrize("pattern, ignored, kept", [
+    # `**` spans any number of folders, none included
+    ("**/secrets", ["secrets", "a/secrets", "a/b/secrets/key.pem"], ["secretsx", "a/secrets.py"]),
+    ("docs/**/*.md", ["docs/a.md", "docs/x/y/b.md"], ["a.md", "other/docs/a.md", "docs/a.txt"]),
+    ("assets/**/raw", ["assets/raw/x.png", "assets/a/b/raw/x.png"], ["raw/x.png"]),
+    ("scratch/**", ["scratch/a", "scratch/b/c.py"], ["scratch.py"]),
+    # a `/` at the start or in the middle anchors to APP_DIR; none matches at any depth
+    ("/local.cfg", ["local.cfg"], ["app/local.cfg"]),
+    ("config/dev.cfg", ["config/dev.cfg"], ["app/config/dev.cfg"]),
+    ("*.bak", ["x.bak", "a/b/x.bak"], ["x.bak.py"]),
+    # `*` and `?` do not cross a `/`
+    ("notes/*.txt", ["notes/a.txt"], ["notes/sub/a.txt"]),
+    # a trailing `/` matches folders only
+    ("media/", ["media/logo.png", "app/media/x"], ["media"]),
+])
+def test_deployignore_has_gitignore_semantics(tmp_path, pattern, ignored, kept):
+    (tmp_path / ".deployignore").write_text(pattern + "\n")
+    rules = IgnoreRules(tmp_path)
+    assert [path for path in ignored if not rules.ignores(path)] == []
+    assert [path for path in kept if rules.ignores(path)] == []
+
+
+def test_negation_re_includes_and_the_last_matching_rule_wins(tmp_path):
+    (tmp_path / ".deployignore").write_text("data/*\n!data/seed.json\n*.json\n!/config.json\n")
+    rules = IgnoreRules(tmp_path)
+    assert rules.ignores("data/dump.csv")
+    assert rules.ignores("data/seed.json"), "*.json comes after the negation and wins"
+    assert not rules.ignores("config.json")
+    assert rules.ignores("sub/config.json"), "the negation is anchored"
+
+
+def test_a_negated_default_ships_again(tmp_path):
+    (tmp_path / ".deployignore").write_text("!tests/\n")
+    assert not IgnoreRules(tmp_path).ignores("tests/test_app.py")
+
+
 def test_manylinux_tag_expands_to_older_glibc_levels():
     tags = platform_tags("manylinux_2_36_x86_64")
     assert tags[0] == "manylinux_2_36_x86_64"

@@ -28,5 +28,14 @@ def test_missing_tool_names_the_package_to_install(monkeypatch, tool, package):
 
 def test_image_name_changes_with_the_recipe():
     from scripts.sandbox import image
-    assert image.image_name("http://a/debian") != image.image_name("http://b/debian")
-    assert image.image_name("http://a/debian") == image.image_name("http://a/debian")
+    from scripts.sandbox.mirror import DebianMirror
+    a, b = DebianMirror("http://a/debian"), DebianMirror("http://b/debian")
+    assert image.image_name(a) != image.image_name(b)
+    assert image.image_name(a) == image.image_name(DebianMirror("http://a/debian"))
+    assert image.image_name(a, "trixie") != image.image_name(a, "bookworm")
+    assert image.image_name(a, "trixie").startswith("debian-trixie-")
+
+
+def test_an_unknown_suite_is_one_clear_error(tmp_path):
+    with pytest.raises(ToolkitError, match=r"SANDBOX_SUITE='jessie' .* bookworm, trixie"):
+        servers.Sandbox(tmp_path, tmp_path, suite="jessie")

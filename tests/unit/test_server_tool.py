@@ -141,6 +141,19 @@ def test_set_next_says_whether_the_migrations_are_those_of_the_live_release(root
     assert "setting MIGRATIONS_PATHS: app/missing.py is not in release r4" in error
 
 
+def test_set_next_keeps_the_deploys_migrate_command_in_the_release(root):
+    release(root, "r1")
+    tool("set-next", root, "r1", "", "touch migrated-by-r1")
+    command_file = root / "next" / ".migrate-command"
+    assert command_file.read_text() == "touch migrated-by-r1\n"
+    assert command_file.stat().st_mode & 0o777 == 0o640  # the app user reads it via its group
+    # What the -migrate unit runs: /bin/sh DEPLOY_PATH/next/.migrate-command, in next/.
+    subprocess.run(["/bin/sh", str(command_file)], cwd=root / "next", check=True)
+    assert (root / "releases" / "r1" / "migrated-by-r1").exists()
+    tool("set-next", root, "r1", "", "")  # a new MIGRATE_COMMAND, or none, with any deploy
+    assert command_file.read_text() == "\n"
+
+
 def test_rollback_walks_good_releases_in_recorded_order(root):
     for name in ("r1", "r2", "r3"):
         release(root, name)
@@ -192,9 +205,10 @@ def test_no_database_no_backup(root, tmp_path):
 
 class Health(BaseHTTPRequestHandler):
     release = "r1"
+    body = b""  # when set, the answer instead of the JSON
 
     def do_GET(self):
-        body = json.dumps({"status": "ok", "release": Health.release}).encode()
+        body = Health.body or json.dumps({"status": "ok", "release": Health.release}).encode()
         self.send_response(200)
         self.end_headers()
         self.wfile.write(body)
@@ -211,6 +225,18 @@ def test_health_wants_the_expected_release():
         assert tool("health", url, "r1", 2) == {"ok": True, "release": "r1"}
         error = tool("health", url, "r2", 0.5, expect_ok=False)
         assert "it runs release r1, not r2" in error
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("body", [b"OK", b"pong\n", b"[1, 2]", b"1"])
+def test_health_takes_a_plain_2xx_answer_that_names_no_release(monkeypatch, body):
+    monkeypatch.setattr(Health, "body", body)
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/ping"
+        assert tool("health", url, "r1", 2) == {"ok": True, "release": None}
     finally:
         server.shutdown()
 

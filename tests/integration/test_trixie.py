@@ -1,0 +1,73 @@
+"""A second server OS: a bare Debian 13 (trixie, Python 3.13) server, provisioned by `doit deploy`
+itself, gets a package whose wheels the build chose from what the server reported."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+
+from tests.conftest import new_sandbox
+from tests.integration.site import Site
+
+pytestmark = pytest.mark.integration
+
+TRIXIE = {"SANDBOX_SUITE": "trixie"}
+
+
+@pytest.fixture(scope="module")
+def trixie(tmp_path_factory, wheel_cache):
+    work = tmp_path_factory.mktemp("trixie")
+    sandbox = new_sandbox(work / "sandbox", suite="trixie")
+    sandbox.up(1)
+    site = Site(work, sandbox, wheel_cache)
+    first = site.doit("deploy", **TRIXIE)
+    yield site, first
+    sandbox.down()
+
+
+def test_deploy_provisions_a_bare_debian_13_server_and_serves_the_app(trixie):
+    site, first = trixie
+    assert first.returncode == 0, first.stdout + first.stderr
+    with site.admin() as machine:
+        assert "VERSION_CODENAME=trixie" in machine["cat"]("/etc/os-release")
+        assert machine["python3"]("--version").startswith("Python 3.13")
+    assert "target Python 3.13 on manylinux_2_" in first.stdout
+    assert site.served_release() == site.built_release()
+    ticket = site.create_ticket("printer on fire")
+    assert ticket > 0 and "printer on fire" in site.ticket_titles()
+
+
+def test_the_package_carries_wheels_for_the_servers_python(trixie):
+    site, _ = trixie
+    record = json.loads((site.work / "dist" / "helpdesk.json").read_text())
+    with tarfile.open(site.work / "dist" / record["package"]) as package:
+        manifest = json.load(package.extractfile("manifest.json"))
+        wheels = [name for name in package.getnames() if name.endswith(".whl")]
+    assert manifest["target"]["python"] == "3.13"
+    compiled = [name for name in wheels if "-cp3" in name]
+    assert compiled and all("-cp313-" in name for name in compiled), wheels
+
+
+def test_a_second_deploy_keeps_the_data_and_builds_nothing_new(trixie):
+    site, _ = trixie
+    site.create_ticket("kept across deploys")
+    again = site.doit("deploy", **TRIXIE)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "-- build_for_servers" in again.stdout, "same sources and target: no rebuild"
+    assert "kept across deploys" in site.ticket_titles()
+
+
+def test_check_names_a_missing_python3_venv(trixie):
+    site, _ = trixie
+    with site.admin() as machine:
+        machine.env["DEBIAN_FRONTEND"] = "noninteractive"
+        machine["sudo"]["-E", "apt-get", "remove", "-y", "-q", "python3.13-venv"]()
+        try:
+            check = site.doit("-s", "check", **TRIXIE)
+        finally:
+            machine["sudo"]["-E", "apt-get", "install", "-y", "-q", "python3-venv"]()
+    assert check.returncode != 0
+    assert ("FAILED   server Python 3.13 cannot create virtualenvs (ensurepip is missing); "
+            "install the python3-venv package") in check.stdout
