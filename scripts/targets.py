@@ -1,13 +1,17 @@
-"""Which servers a task acts on, and as whom: from DEPLOY_SERVER, or the local sandbox."""
+"""Which servers a task acts on, and as whom: from DEPLOY_SERVER, or the local sandbox.
+
+An entry may be an alias of the user's SSH configuration (`Host prod`): what the entry and the
+settings the user gave leave open (port, user, key, known_hosts, ProxyJump) is what ssh itself
+would use for it, as `ssh -G` tells."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from scripts.errors import ToolkitError
 from scripts.remote import Target
 from scripts.settings import Settings, split_host
+from scripts.ssh_config import resolve
 
 SANDBOX_SETUP_USER = "admin"
 
@@ -24,24 +28,31 @@ def _sandbox(settings: Settings):
     return sandbox, servers
 
 
-
-
 def deploy_targets(settings: Settings) -> list[Target]:
     """The deploy user on every server."""
     if settings.uses_sandbox:
         sandbox, servers = _sandbox(settings)
         key = settings.ssh_key_file or sandbox.deploy_key_file
         return [Target(s.host, s.ssh_port, settings.deploy_user, key, sandbox.known_hosts_file,
-                       name=s.name) for s in servers]
-    return [_target(entry, settings, settings.deploy_user) for entry in settings.deploy_servers]
+                       name=s.name, ssh_config=settings.ssh_config) for s in servers]
+    user = settings.deploy_user if "DEPLOY_USER" in settings.given else None
+    return [_target(entry, settings, user, fallback_user=settings.deploy_user)
+            for entry in settings.deploy_servers]
 
 
-def _target(entry: str, settings: Settings, default_user: str) -> Target:
-    user, host, port = split_host(entry)
-    port_number = int(port) if port else settings.ssh_port
-    name = host if not port else f"{host}:{port}"
-    return Target(host, port_number, user or default_user, settings.ssh_key_file,
-                  settings.ssh_known_hosts_file, name=name)
+def _target(entry: str, settings: Settings, user: str | None, fallback_user: str = "") -> Target:
+    """An entry `[user@]host[:port]`: what it says wins, then the settings the user gave, then
+    the SSH configuration, then the defaults."""
+    entry_user, host, entry_port = split_host(entry)
+    if entry_port:
+        port = int(entry_port)
+    else:
+        port = settings.ssh_port if "SSH_PORT" in settings.given else None
+    view = resolve(host, port, entry_user or user, settings.ssh_config,
+                   settings.ssh_known_hosts_file, fallback_user)
+    return Target(host, view.port, view.user, settings.ssh_key_file,
+                  settings.ssh_known_hosts_file, name=host if not entry_port else f"{host}:{port}",
+                  ssh_config=settings.ssh_config, view=view)
 
 
 def setup_targets(settings: Settings) -> list[Target]:
@@ -50,10 +61,10 @@ def setup_targets(settings: Settings) -> list[Target]:
         sandbox, servers = _sandbox(settings)
         user = settings.setup_user or SANDBOX_SETUP_USER
         return [Target(s.host, s.ssh_port, user, sandbox.key_file, sandbox.known_hosts_file,
-                       name=s.name) for s in servers]
+                       name=s.name, ssh_config=settings.ssh_config) for s in servers]
     user = settings.setup_user or "root"
     # The entry's user is the deploy user; setup always logs in as SETUP_USER.
-    return [replace(_target(entry, settings, user), user=user)
+    return [_target(f"{user}@{entry.rpartition('@')[2]}", settings, user)
             for entry in settings.deploy_servers]
 
 
