@@ -174,9 +174,12 @@ def explain_ssh_failure(target: Target, stderr: str) -> str:
         return (f"{where}: the bastion {target.jump or 'of ProxyJump'} cannot reach "
                 f"{target.address}:{target.port} ({reason}); check HostName and Port of "
                 f"{target.host} in {config}")
+    if "Connection refused" in stderr and target.jump:  # the target's own refusal is above
+        return (f"{where}: the bastion {target.jump} refused the connection; is it up, with SSH "
+                f"on the port its entry in {config} names?")
     if "Connection refused" in stderr:
-        return (f"{where}: connection refused; is the server{bastion} up, with SSH on port "
-                f"{target.port} ({port_setting})?")
+        return (f"{where}: connection refused; is the server up, with SSH on port {target.port} "
+                f"({port_setting})?")
     if "timed out" in stderr or "Operation timed out" in stderr:
         return (f"{where}: no answer within {CONNECT_TIMEOUT_S} s; check DEPLOY_SERVER, "
                 f"{port_setting} and the firewall")

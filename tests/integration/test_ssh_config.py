@@ -169,6 +169,14 @@ Host app
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert site.served_release() == site.built_release()
 
+    # A HostName the bastion cannot reach is told apart from a bastion that cannot be reached.
+    with config.open("a") as more:
+        more.write("Host ghost\n  HostName 192.0.2.3\n  ProxyJump bastion\n")
+    ghost = site.doit("status", **{**via, "DEPLOY_SERVER": "ghost"})
+    assert ghost.returncode != 0
+    assert "error: SSH to ghost (deploy@192.0.2.3:22 via bastion): the bastion bastion cannot " \
+           "reach 192.0.2.3:22" in ghost.stderr, ghost.stderr
+
     # Provisioning's own connection (server_setup.sh and conf/ uploaded) goes the same way.
     setup = site.doit("setup", "--check", SETUP_USER="admin",
                       DEPLOY_PUBLIC_KEY_FILE=f"{site.sandbox.deploy_key_file}.pub", **via)

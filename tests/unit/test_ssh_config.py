@@ -29,7 +29,7 @@ Host inner
   ProxyJump bastion
 Host bastion
   HostName 127.0.0.1
-  Port 2299
+  Port {closed}
   StrictHostKeyChecking no
   BatchMode no
 Host refused
@@ -100,7 +100,7 @@ def test_the_toolkit_rules_bind_every_hop_and_its_default_user_only_the_target(s
     # ssh hands this -F file on to the ssh that ProxyJump starts for the bastion.
     bastion = ssh_g(connection_config, "bastion")
     assert bastion["stricthostkeychecking"] == "true" and bastion["batchmode"] == "yes"
-    assert bastion["user"] != "deploy" and bastion["port"] == "2299"
+    assert bastion["user"] != "deploy" and bastion["port"] != "22"
 
 
 def test_a_known_hosts_setting_holds_the_keys_of_every_hop(ssh_config, tmp_path):
@@ -145,3 +145,12 @@ def test_the_connection_config_has_no_fallback_user_and_keeps_the_rules_first():
     text = config_file(None, None).read_text().splitlines()
     assert text.index("StrictHostKeyChecking yes") < text.index("Include ~/.ssh/config")
     assert not any(line.strip().startswith("User ") for line in text)
+
+
+def test_a_bastion_that_refuses_is_named_as_the_bastion(ssh_config):
+    [target] = targets(ssh_config, DEPLOY_SERVER="inner")
+    with pytest.raises(ToolkitError) as raised:
+        remote.open_session(target)
+    assert str(raised.value) == (
+        f"SSH to inner (deploy@192.0.2.2:22 via bastion): the bastion bastion refused the "
+        f"connection; is it up, with SSH on the port its entry in {ssh_config} names?")
