@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from scripts.sandbox import processes
+from scripts.remote import connect
+from scripts.sandbox import processes, root_target
 from tests.conftest import new_sandbox
 from tests.inbox import Inbox
 from tests.integration.site import Site
+from tests.integration.test_gitlab import job_passed, make_project, run_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -182,3 +184,30 @@ Host app
                       DEPLOY_PUBLIC_KEY_FILE=f"{site.sandbox.deploy_key_file}.pub", **via)
     assert setup.returncode == 0, setup.stdout + setup.stderr
     assert "setup: 1 server(s), 0 would change" in setup.stdout, setup.stdout
+
+
+def test_the_pipeline_deploys_through_the_bastion_with_the_documented_variables(relayed,
+                                                                               tmp_path):
+    site, bastion_box = relayed
+    bastion = bastion_box.servers()[0]
+    # The job's one key (SSH_PRIVATE_KEY, in its ssh-agent) is offered to both hops.
+    with connect(root_target(bastion_box, bastion)) as machine:
+        (machine["tee"]["-a", "/home/admin/.ssh/authorized_keys"]
+         << Path(f"{site.sandbox.deploy_key_file}.pub").read_text())()
+    project = make_project(tmp_path / "project")
+    config = (f"Host bastion\n  HostName 127.0.0.1\n  Port {bastion.ssh_port}\n  User admin\n"
+              f"Host app\n  HostName {TARGET_ADDRESS}\n  ProxyJump bastion\n")
+    variables = {"DEPLOY_SERVER": "app", "PUBLIC_URL": site.url,
+                 "SSH_CONFIG": {"type": "file", "values": {"*": config}},
+                 "SSH_PRIVATE_KEY": {"type": "file",
+                                     "values": {"*": site.sandbox.deploy_key_file.read_text()}},
+                 "SSH_KNOWN_HOSTS": f"{bastion.known_hosts_line()}\n"
+                                    f"{TARGET_ADDRESS} {site.server.host_key}\n"}
+    (project / ".gitlab-ci-local-variables.yml").write_text(json.dumps(variables, indent=2))
+    result = run_pipeline(project)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    for job in ("pre_deploy_checks", "deploy_to_server", "post_deploy_verification"):
+        assert job_passed(output, job), f"{job} did not pass:\n{output[-4000:]}"
+    assert f"SSH as deploy@{TARGET_ADDRESS}:22 via bastion" in output
+    assert site.served_release() in (project / "dist" / "helpdesk.json").read_text()
