@@ -16,21 +16,14 @@ import pytest
 from scripts.remote import connect
 from scripts.sandbox import processes, root_target
 from tests.conftest import new_sandbox
-from tests.inbox import Inbox
 from tests.integration.site import Site
 from tests.integration.test_gitlab import job_passed, make_project, run_pipeline
+from tests.integration.test_notify_history import inbox  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
 
 BASTION_ADDRESS = "192.0.2.1"  # TEST-NET-1, only on the veth pair made here
 TARGET_ADDRESS = "192.0.2.2"
-
-
-@pytest.fixture()
-def inbox():
-    box = Inbox()
-    yield box
-    box.close()
 
 
 def write_config(path: Path, text: str) -> Path:

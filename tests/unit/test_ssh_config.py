@@ -52,6 +52,14 @@ def targets(ssh_config: Path, **settings: str):
                                         environ={"SSH_CONFIG": str(ssh_config), **settings}))
 
 
+def connection_error(ssh_config: Path, entry: str) -> tuple[str, remote.Target]:
+    """The one line a failed connection to `entry` stops with, and its target."""
+    [target] = targets(ssh_config, DEPLOY_SERVER=entry)
+    with pytest.raises(ToolkitError) as raised:
+        remote.open_session(target)
+    return str(raised.value), target
+
+
 def ssh_g(config: Path, host: str) -> dict[str, str]:
     """What ssh will use for a host with this -F file (the toolkit's connections use it)."""
     output = subprocess.run(["ssh", "-F", str(config), "-G", host], capture_output=True,
@@ -112,20 +120,16 @@ def test_a_known_hosts_setting_holds_the_keys_of_every_hop(ssh_config, tmp_path)
 
 
 def test_an_alias_that_is_no_host_and_does_not_resolve_is_named_in_one_line(ssh_config):
-    [target] = targets(ssh_config, DEPLOY_SERVER="ceoa-typo")
-    with pytest.raises(ToolkitError) as raised:
-        remote.open_session(target)
-    assert str(raised.value) == (
+    error, _ = connection_error(ssh_config, "ceoa-typo")
+    assert error == (
         f"SSH to ceoa-typo: ceoa-typo is neither a Host of the SSH configuration ({ssh_config}) "
         f"nor a name that resolves; add `Host ceoa-typo` with its HostName there (SSH_CONFIG "
         f"names another file), or correct DEPLOY_SERVER")
 
 
 def test_a_refused_connection_points_at_the_configuration_that_named_the_port(ssh_config):
-    [target] = targets(ssh_config, DEPLOY_SERVER="refused")
-    with pytest.raises(ToolkitError) as raised:
-        remote.open_session(target)
-    assert str(raised.value) == (
+    error, target = connection_error(ssh_config, "refused")
+    assert error == (
         f"SSH to refused (deploy@127.0.0.1:{target.port}): connection refused; is the server up, "
         f"with SSH on port {target.port} (Port of refused in {ssh_config}, or SSH_PORT)?")
 
@@ -148,9 +152,7 @@ def test_the_connection_config_has_no_fallback_user_and_keeps_the_rules_first():
 
 
 def test_a_bastion_that_refuses_is_named_as_the_bastion(ssh_config):
-    [target] = targets(ssh_config, DEPLOY_SERVER="inner")
-    with pytest.raises(ToolkitError) as raised:
-        remote.open_session(target)
-    assert str(raised.value) == (
+    error, _ = connection_error(ssh_config, "inner")
+    assert error == (
         f"SSH to inner (deploy@192.0.2.2:22 via bastion): the bastion bastion refused the "
         f"connection; is it up, with SSH on the port its entry in {ssh_config} names?")
