@@ -16,7 +16,7 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scripts.errors import ToolkitError
@@ -96,11 +96,28 @@ class SshView:
         return bool(self.proxy_jump or self.proxy_command)
 
 
+# A name no `Host` entry names: what ssh -G says for it is what catch-all entries say.
+UNNAMED_HOST = "flask-deploy-unnamed-host.invalid"
+
+
 @functools.lru_cache(maxsize=None)
 def resolve(host: str, port: int | None, user: str | None, user_config: Path | None,
             known_hosts_file: Path | None, fallback_user: str) -> SshView:
     """What ssh will use for `host`; `port` and `user`, when given, override the configuration,
-    and `fallback_user` applies where it names no User."""
+    and `fallback_user` applies where it names no User for this host. A User that only a
+    catch-all entry (`Host *`) gives is a person's own login name, not the account that owns
+    the releases, so it does not count."""
+    view = _ssh_g(host, port, user, user_config, known_hosts_file, fallback_user)
+    if user is None and fallback_user and host != UNNAMED_HOST:
+        catch_all = resolve(UNNAMED_HOST, None, None, user_config, known_hosts_file,
+                            fallback_user)
+        if view.user == catch_all.user:
+            view = replace(view, user=fallback_user)
+    return view
+
+
+def _ssh_g(host: str, port: int | None, user: str | None, user_config: Path | None,
+           known_hosts_file: Path | None, fallback_user: str) -> SshView:
     argv = ["ssh", "-F", str(config_file(user_config, known_hosts_file, fallback_user)), "-G"]
     if port is not None:
         argv += ["-p", str(port)]

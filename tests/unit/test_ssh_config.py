@@ -86,6 +86,14 @@ def test_settings_the_user_gave_win_over_the_configuration_and_defaults_do_not(s
     assert (nouser.address, nouser.port, nouser.user) == ("127.0.0.2", 22, "deploy")
 
 
+def test_a_user_of_a_catch_all_entry_is_not_the_deploy_user(ssh_config):
+    ssh_config.write_text(ssh_config.read_text() + "Host *\n  User olga\n  Port 2201\n")
+    ceoa, nouser, address = (targets(ssh_config, DEPLOY_SERVER=entry)[0]
+                             for entry in ("ceoa", "nouser", "10.1.2.3"))
+    assert (ceoa.user, nouser.user, address.user) == ("alice", "deploy", "deploy")
+    assert (nouser.port, address.port) == (2201, 2201)  # where plain ssh would connect
+
+
 def test_setup_logs_in_as_the_setup_user_at_the_configured_address(ssh_config):
     settings = load_settings(Path("/nonexistent"), environ={"SSH_CONFIG": str(ssh_config),
                                                             "DEPLOY_SERVER": "alice@ceoa"})
