@@ -81,6 +81,7 @@ class SshView:
     user: str
     identity_files: tuple[str, ...]
     known_hosts_files: tuple[str, ...]
+    own_identity_files: tuple[str, ...] = ()  # those this host's entries name, not `Host *`
     proxy_jump: str = ""            # the bastion(s), as written in ProxyJump
     proxy_command: str = ""
     user_config: Path | None = None
@@ -108,11 +109,13 @@ def resolve(host: str, port: int | None, user: str | None, user_config: Path | N
     catch-all entry (`Host *`) gives is a person's own login name, not the account that owns
     the releases, so it does not count."""
     view = _ssh_g(host, port, user, user_config, known_hosts_file, fallback_user)
-    if user is None and fallback_user and host != UNNAMED_HOST:
-        catch_all = resolve(UNNAMED_HOST, None, None, user_config, known_hosts_file,
-                            fallback_user)
-        if view.user == catch_all.user:
-            view = replace(view, user=fallback_user)
+    if host == UNNAMED_HOST:
+        return view
+    catch_all = resolve(UNNAMED_HOST, None, None, user_config, known_hosts_file, fallback_user)
+    own_keys = tuple(key for key in view.identity_files if key not in catch_all.identity_files)
+    view = replace(view, own_identity_files=own_keys)
+    if user is None and fallback_user and view.user == catch_all.user:
+        view = replace(view, user=fallback_user)
     return view
 
 

@@ -68,21 +68,26 @@ def setup_targets(settings: Settings) -> list[Target]:
             for entry in settings.deploy_servers]
 
 
-def deploy_public_key(settings: Settings) -> str:
-    """The public key `doit setup` installs for the deploy user, checked to be one."""
+def deploy_public_key(settings: Settings, target: Target | None = None) -> str:
+    """The public key `doit setup` installs for the deploy user on target, checked to be one."""
+    view = target.view if target else None
     if settings.deploy_public_key_file:
         path = settings.deploy_public_key_file
         setting = "DEPLOY_PUBLIC_KEY_FILE"
     elif settings.ssh_key_file:
         path = Path(f"{settings.ssh_key_file}.pub")
         setting = "SSH_KEY_FILE (+ .pub)"
+    elif view and view.own_identity_files:  # the key ssh offers this host, as for `ssh prod`
+        path = Path(f"{view.own_identity_files[0]}.pub").expanduser()
+        setting = f"IdentityFile of {view.alias} in the SSH configuration (+ .pub)"
     elif settings.uses_sandbox:
         from scripts.sandbox import sandbox_from_settings
         path = Path(f"{sandbox_from_settings(settings).deploy_key_file}.pub")
         setting = "the sandbox deploy key"
     else:
-        raise ToolkitError("setting DEPLOY_PUBLIC_KEY_FILE (or SSH_KEY_FILE) is needed: `doit "
-                           "setup` installs that public key for the deploy user")
+        raise ToolkitError("setting DEPLOY_PUBLIC_KEY_FILE (or SSH_KEY_FILE, or an IdentityFile "
+                           "in the server's SSH configuration) is needed: `doit setup` installs "
+                           "that public key for the deploy user")
     try:
         key = path.read_text().strip()
     except OSError:

@@ -113,9 +113,9 @@ def _setup_plan(settings):
     from scripts.provision import setup_flags
     from scripts.targets import deploy_public_key, deploy_targets, setup_targets
 
-    public_key = deploy_public_key(settings)
     plan = []
     for setup_target, deploy_target in zip(setup_targets(settings), deploy_targets(settings)):
+        public_key = deploy_public_key(settings, deploy_target)
         # The firewall keeps open the port SSH really comes in on: SSH_PORT, the entry's, or
         # the SSH configuration's (a sandbox's forward ends on 22).
         inside_ssh_port = 22 if settings.uses_sandbox else deploy_target.port

@@ -12,7 +12,7 @@ from scripts import remote
 from scripts.errors import ToolkitError
 from scripts.settings import load_settings
 from scripts.ssh_config import config_file
-from scripts.targets import deploy_targets, setup_targets
+from scripts.targets import deploy_public_key, deploy_targets, setup_targets
 from tests.unit.test_remote import closed_port
 
 CONFIG = """
@@ -164,3 +164,18 @@ def test_a_bastion_that_refuses_is_named_as_the_bastion(ssh_config):
     assert error == (
         f"SSH to inner (deploy@192.0.2.2:22 via bastion): the bastion bastion refused the "
         f"connection; is it up, with SSH on the port its entry in {ssh_config} names?")
+
+
+def test_setup_installs_the_public_half_of_the_identity_file_the_configuration_names(
+        ssh_config, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                    str(tmp_path / "id_test")], check=True)
+    ssh_config.write_text(ssh_config.read_text() + "Host *\n  IdentityFile ~/.ssh/personal\n")
+    [ceoa] = targets(ssh_config, DEPLOY_SERVER="ceoa")
+    assert deploy_public_key(load_settings(Path("/nonexistent"), environ={}), ceoa) == \
+        (tmp_path / "id_test.pub").read_text().strip()
+    # Only the catch-all's key: not this server's; the user is told what to set.
+    [nouser] = targets(ssh_config, DEPLOY_SERVER="nouser")
+    with pytest.raises(ToolkitError, match="setting DEPLOY_PUBLIC_KEY_FILE .* is needed"):
+        deploy_public_key(load_settings(Path("/nonexistent"),
+                                        environ={"DEPLOY_SERVER": "nouser"}), nouser)
