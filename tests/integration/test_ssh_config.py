@@ -172,9 +172,9 @@ Host app
     assert "error: SSH to ghost (deploy@192.0.2.3:22 via bastion): the bastion bastion cannot " \
            "reach 192.0.2.3:22" in ghost.stderr, ghost.stderr
 
-    # Provisioning's own connection (server_setup.sh and conf/ uploaded) goes the same way.
-    setup = site.doit("setup", "--check", SETUP_USER="admin",
-                      DEPLOY_PUBLIC_KEY_FILE=f"{site.sandbox.deploy_key_file}.pub", **via)
+    # Provisioning's own connection (server_setup.sh and conf/ uploaded) goes the same way, and
+    # the deploy key it would install is the public half of the alias's first IdentityFile.
+    setup = site.doit("setup", "--check", SETUP_USER="admin", **via)
     assert setup.returncode == 0, setup.stdout + setup.stderr
     assert "setup: 1 server(s), 0 would change" in setup.stdout, setup.stdout
 
