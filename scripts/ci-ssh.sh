@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sourced by every GitLab job that reaches the server (see .gitlab-ci.yml): loads
 # SSH_PRIVATE_KEY into an ssh-agent that ends with the job, and writes SSH_KNOWN_HOSTS to a
-# known_hosts file the toolkit uses. Both may be plain variables or GitLab "file" variables.
+# known_hosts file the toolkit uses. Both may be plain variables or GitLab "file" variables, and
+# so may SSH_CONFIG (the `Host` entries of a server behind a bastion), which the toolkit reads
+# as a file.
 # Nothing here echoes a key; a missing SSH_KNOWN_HOSTS stops the job instead of trusting any key.
 
 # The value of a variable, or the content of the file it names (a GitLab file variable).
@@ -30,6 +32,10 @@ ci_ssh_setup() {
   ssh_dir="$(mktemp -d)" || return 1
   ci_variable_value "${SSH_KNOWN_HOSTS}" > "${ssh_dir}/known_hosts"
   export SSH_KNOWN_HOSTS_FILE="${ssh_dir}/known_hosts"
+  if [[ -n "${SSH_CONFIG:-}" && ! -f "${SSH_CONFIG}" ]]; then
+    printf '%s\n' "${SSH_CONFIG}" > "${ssh_dir}/config"
+    export SSH_CONFIG="${ssh_dir}/config"
+  fi
   eval "$(ssh-agent -s)" >/dev/null
   # The agent and the folder are ours: end them with the job's shell.
   # shellcheck disable=SC2064  # expand ssh_dir now: it is local to this function

@@ -1,6 +1,9 @@
 """The one place that opens SSH connections (plumbum SshMachine), always with host-key checking.
 
-plumbum's SshMachine connects in its constructor, so call `connect` only inside actions."""
+Every ssh reads the toolkit's config file (scripts.ssh_config): its rules, then the user's SSH
+configuration, so a `Host` alias with its HostName, Port, User, IdentityFile and ProxyJump works
+as it does for plain `ssh`. plumbum's SshMachine connects in its constructor, so call `connect`
+only inside actions."""
 
 from __future__ import annotations
 
@@ -15,22 +18,40 @@ from plumbum.commands.processes import ProcessExecutionError
 from plumbum.machines.session import ShellSession, ShellSessionError
 
 from scripts.errors import ToolkitError
-
-CONNECT_TIMEOUT_S = 10
+from scripts.ssh_config import CONNECT_TIMEOUT_S, SshView, config_file, describe_config
 
 
 @dataclass(frozen=True)
 class Target:
-    """One server as the toolkit reaches it."""
+    """One server as the toolkit reaches it: `host` is what ssh is given (an address, or an
+    alias of the SSH configuration), `port` and `user` what it will use there."""
     host: str
     port: int
     user: str
     key_file: Path | None = None
     known_hosts_file: Path | None = None
-    name: str = ""  # how output names the server (sandbox name or host)
+    name: str = ""  # how output names the server (sandbox name, or the entry as written)
+    ssh_config: Path | None = None  # SSH_CONFIG; None: ssh's own
+    view: SshView | None = None  # what `ssh -G` said about host, for DEPLOY_SERVER entries
+
+    @property
+    def address(self) -> str:
+        """Where ssh really connects: the HostName behind an alias."""
+        return self.view.hostname if self.view else self.host
+
+    @property
+    def jump(self) -> str:
+        return self.view.proxy_jump if self.view else ""
+
+    def reached(self) -> str:
+        """user@address:port, and the bastion it goes through."""
+        via = f" via {self.jump}" if self.jump else ""
+        return f"{self.user}@{self.address}:{self.port}{via}"
 
     def label(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
+        if self.address != self.host:  # name the alias, then where it leads
+            return f"{self.host} ({self.reached()})"
+        return self.reached()
 
     @property
     def display(self) -> str:
@@ -38,13 +59,9 @@ class Target:
 
 
 def ssh_options(target: Target) -> list[str]:
-    """ssh -o options shared by every connection: strict host keys, no prompts, bounded waits."""
-    options = ["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-               "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
-               "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
-    if target.known_hosts_file is not None:
-        options += ["-o", f"UserKnownHostsFile={target.known_hosts_file}",
-                    "-o", "GlobalKnownHostsFile=/dev/null"]
+    """Options of every connection: the toolkit's config file (strict host keys on every hop, no
+    prompts, bounded waits, then the user's SSH configuration)."""
+    options = ["-F", str(config_file(target.ssh_config, target.known_hosts_file))]
     if target.key_file is not None:
         options += ["-o", "IdentitiesOnly=yes"]
     return options
@@ -122,29 +139,59 @@ def _ssh_diagnosis(target: Target) -> str:
 def explain_ssh_failure(target: Target, stderr: str) -> str:
     """ssh's own words, turned into what to check."""
     where = f"SSH to {target.label()}"
-    known_hosts = target.known_hosts_file or "~/.ssh/known_hosts"
-    key = target.key_file or "ssh-agent"
+    view = target.view
+    config = describe_config(target.ssh_config)
+    known_hosts = target.known_hosts_file or \
+        (view.known_hosts_files[0] if view and view.known_hosts_files else "~/.ssh/known_hosts")
+    if target.key_file:
+        key, key_setting = f"the key {target.key_file}", "SSH_KEY_FILE"
+    elif view:
+        key, key_setting = "the keys ssh offered", f"IdentityFile of {target.host} in {config}, " \
+                                                   f"or SSH_KEY_FILE"
+    else:
+        key, key_setting = "the keys of ssh-agent", "SSH_KEY_FILE"
+    port_setting = f"Port of {target.host} in {config}, or SSH_PORT" \
+        if view and "port" in view.from_config else "SSH_PORT"
+    bastion = f" (or the bastion {target.jump})" if target.jump else ""
+    bastions = f" (or the bastion {target.jump}'s)" if target.jump else ""
     if "IDENTIFICATION HAS CHANGED" in stderr or "has changed" in stderr:
-        return (f"{where}: the server's host key CHANGED since it was recorded in {known_hosts}; "
-                f"if the server was really reinstalled, verify its new fingerprint and replace "
-                f"the entry, else stop: someone may be in between")
+        return (f"{where}: the server's host key{bastions} CHANGED since it was recorded in "
+                f"{known_hosts}; if the server was really reinstalled, verify its new fingerprint "
+                f"and replace the entry, else stop: someone may be in between")
     if "host key is known" in stderr or "Host key verification failed" in stderr:
-        return (f"{where}: its host key is not in {known_hosts}; check its fingerprint, then add "
-                f"it with `ssh-keyscan -p {target.port} {target.host} >> {known_hosts}` "
-                f"(SSH_KNOWN_HOSTS_FILE / SSH_KNOWN_HOSTS)")
+        return (f"{where}: its host key{bastions} is not in {known_hosts}; check its fingerprint, "
+                f"then add it with `ssh-keyscan -p {target.port} {target.address} >> "
+                f"{known_hosts}` (SSH_KNOWN_HOSTS_FILE / SSH_KNOWN_HOSTS)")
     if "Load key" in stderr or "invalid format" in stderr or "passphrase" in stderr:
-        return (f"{where}: the private key {key} cannot be used (malformed, or protected by a "
-                f"passphrase with no ssh-agent holding it); check SSH_KEY_FILE")
+        return (f"{where}: {key} cannot be used (malformed, or protected by a passphrase with no "
+                f"ssh-agent holding it); check {key_setting}")
     if "Permission denied" in stderr:
-        return (f"{where}: the server refused the key {key}; check SSH_KEY_FILE and that its "
+        return (f"{where}: the server{bastion} refused {key}; check {key_setting}, and that its "
                 f"public key is in ~{target.user}/.ssh/authorized_keys (`doit setup` installs it)")
+    if "open failed" in stderr or "stdio forwarding failed" in stderr:
+        reason = next((line.split("open failed:")[-1].strip() for line in stderr.splitlines()
+                       if "open failed" in line), "the forwarding failed")
+        return (f"{where}: the bastion {target.jump or 'of ProxyJump'} cannot reach "
+                f"{target.address}:{target.port} ({reason}); check HostName and Port of "
+                f"{target.host} in {config}")
+    if "Connection refused" in stderr and target.jump:  # the target's own refusal is above
+        return (f"{where}: the bastion {target.jump} refused the connection; is it up, with SSH "
+                f"on the port its entry in {config} names?")
     if "Connection refused" in stderr:
         return (f"{where}: connection refused; is the server up, with SSH on port {target.port} "
-                f"(SSH_PORT)?")
+                f"({port_setting})?")
     if "timed out" in stderr or "Operation timed out" in stderr:
-        return (f"{where}: no answer within {CONNECT_TIMEOUT_S} s; check DEPLOY_SERVER, SSH_PORT "
-                f"and the firewall")
+        return (f"{where}: no answer within {CONNECT_TIMEOUT_S} s; check DEPLOY_SERVER, "
+                f"{port_setting} and the firewall")
     if "Could not resolve hostname" in stderr:
+        if view and not view.is_alias:
+            return (f"SSH to {target.host}: {target.host} is neither a Host of the SSH "
+                    f"configuration ({config}) nor a name that resolves; add `Host {target.host}` "
+                    f"with its HostName there (SSH_CONFIG names another file), or correct "
+                    f"DEPLOY_SERVER")
+        if view:
+            return (f"{where}: cannot resolve {target.address}, the HostName of {target.host} in "
+                    f"{config}; correct it there")
         return f"{where}: cannot resolve {target.host}; check DEPLOY_SERVER"
     last = stderr.strip().splitlines()[-1] if stderr.strip() else "no error text"
     return f"{where} failed: {last}"

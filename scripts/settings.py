@@ -258,6 +258,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SSH_KEY_FILE", _optional_local_path, "", "private key for SSH (else ssh-agent)"),
     Setting("SSH_KNOWN_HOSTS_FILE", _optional_local_path, "",
             "known_hosts file that holds the servers' host keys (else ~/.ssh/known_hosts)"),
+    Setting("SSH_CONFIG", _optional_local_path, "",
+            "OpenSSH config file whose `Host` entries DEPLOY_SERVER may name (else ssh's own: "
+            "~/.ssh/config and /etc/ssh/ssh_config)"),
     Setting("SETUP_USER", _optional_user, "",
             "account with sudo that provisions (default: root; admin on sandbox servers)"),
     Setting("DEPLOY_PUBLIC_KEY_FILE", _optional_local_path, "",
@@ -328,6 +331,7 @@ class Settings:
     ssh_port: int
     ssh_key_file: Path | None
     ssh_known_hosts_file: Path | None
+    ssh_config: Path | None
     setup_user: str
     deploy_public_key_file: Path | None
     server_name: str
@@ -364,6 +368,9 @@ class Settings:
     sandbox_mirror: str
     sandbox_suite: str
     dry_run: bool
+    # Settings the user gave (in .env or the environment), not defaults: a default DEPLOY_USER or
+    # SSH_PORT gives way to what the SSH configuration names for a host, a given one does not.
+    given: frozenset[str] = frozenset()
 
     @property
     def uses_sandbox(self) -> bool:
@@ -416,4 +423,4 @@ def load_settings(env_file: Path | None = None,
                            "(Settings -> CI/CD -> Variables)")
     if problems:
         raise SettingsError("\n".join(problems))
-    return Settings(**values)
+    return Settings(**values, given=frozenset(raw) & {s.name for s in SETTINGS})

@@ -1,13 +1,17 @@
-"""Which servers a task acts on, and as whom: from DEPLOY_SERVER, or the local sandbox."""
+"""Which servers a task acts on, and as whom: from DEPLOY_SERVER, or the local sandbox.
+
+An entry may be an alias of the user's SSH configuration (`Host prod`): what the entry and the
+settings the user gave leave open (port, user, key, known_hosts, ProxyJump) is what ssh itself
+would use for it, as `ssh -G` tells."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from scripts.errors import ToolkitError
 from scripts.remote import Target
 from scripts.settings import Settings, split_host
+from scripts.ssh_config import resolve
 
 SANDBOX_SETUP_USER = "admin"
 
@@ -24,24 +28,31 @@ def _sandbox(settings: Settings):
     return sandbox, servers
 
 
-
-
 def deploy_targets(settings: Settings) -> list[Target]:
     """The deploy user on every server."""
     if settings.uses_sandbox:
         sandbox, servers = _sandbox(settings)
         key = settings.ssh_key_file or sandbox.deploy_key_file
         return [Target(s.host, s.ssh_port, settings.deploy_user, key, sandbox.known_hosts_file,
-                       name=s.name) for s in servers]
-    return [_target(entry, settings, settings.deploy_user) for entry in settings.deploy_servers]
+                       name=s.name, ssh_config=settings.ssh_config) for s in servers]
+    user = settings.deploy_user if "DEPLOY_USER" in settings.given else None
+    return [_target(entry, settings, user, fallback_user=settings.deploy_user)
+            for entry in settings.deploy_servers]
 
 
-def _target(entry: str, settings: Settings, default_user: str) -> Target:
-    user, host, port = split_host(entry)
-    port_number = int(port) if port else settings.ssh_port
-    name = host if not port else f"{host}:{port}"
-    return Target(host, port_number, user or default_user, settings.ssh_key_file,
-                  settings.ssh_known_hosts_file, name=name)
+def _target(entry: str, settings: Settings, user: str | None, fallback_user: str = "") -> Target:
+    """An entry `[user@]host[:port]`: what it says wins, then the settings the user gave, then
+    the SSH configuration, then the defaults."""
+    entry_user, host, entry_port = split_host(entry)
+    if entry_port:
+        port = int(entry_port)
+    else:
+        port = settings.ssh_port if "SSH_PORT" in settings.given else None
+    view = resolve(host, port, entry_user or user, settings.ssh_config,
+                   settings.ssh_known_hosts_file, fallback_user)
+    return Target(host, view.port, view.user, settings.ssh_key_file,
+                  settings.ssh_known_hosts_file, name=host if not entry_port else f"{host}:{port}",
+                  ssh_config=settings.ssh_config, view=view)
 
 
 def setup_targets(settings: Settings) -> list[Target]:
@@ -50,28 +61,33 @@ def setup_targets(settings: Settings) -> list[Target]:
         sandbox, servers = _sandbox(settings)
         user = settings.setup_user or SANDBOX_SETUP_USER
         return [Target(s.host, s.ssh_port, user, sandbox.key_file, sandbox.known_hosts_file,
-                       name=s.name) for s in servers]
+                       name=s.name, ssh_config=settings.ssh_config) for s in servers]
     user = settings.setup_user or "root"
     # The entry's user is the deploy user; setup always logs in as SETUP_USER.
-    return [replace(_target(entry, settings, user), user=user)
+    return [_target(f"{user}@{entry.rpartition('@')[2]}", settings, user)
             for entry in settings.deploy_servers]
 
 
-def deploy_public_key(settings: Settings) -> str:
-    """The public key `doit setup` installs for the deploy user, checked to be one."""
+def deploy_public_key(settings: Settings, target: Target | None = None) -> str:
+    """The public key `doit setup` installs for the deploy user on target, checked to be one."""
+    view = target.view if target else None
     if settings.deploy_public_key_file:
         path = settings.deploy_public_key_file
         setting = "DEPLOY_PUBLIC_KEY_FILE"
     elif settings.ssh_key_file:
         path = Path(f"{settings.ssh_key_file}.pub")
         setting = "SSH_KEY_FILE (+ .pub)"
+    elif view and view.own_identity_files:  # the key ssh offers this host, as for `ssh prod`
+        path = Path(f"{view.own_identity_files[0]}.pub").expanduser()
+        setting = f"IdentityFile of {view.alias} in the SSH configuration (+ .pub)"
     elif settings.uses_sandbox:
         from scripts.sandbox import sandbox_from_settings
         path = Path(f"{sandbox_from_settings(settings).deploy_key_file}.pub")
         setting = "the sandbox deploy key"
     else:
-        raise ToolkitError("setting DEPLOY_PUBLIC_KEY_FILE (or SSH_KEY_FILE) is needed: `doit "
-                           "setup` installs that public key for the deploy user")
+        raise ToolkitError("setting DEPLOY_PUBLIC_KEY_FILE (or SSH_KEY_FILE, or an IdentityFile "
+                           "in the server's SSH configuration) is needed: `doit setup` installs "
+                           "that public key for the deploy user")
     try:
         key = path.read_text().strip()
     except OSError:

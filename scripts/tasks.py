@@ -120,13 +120,19 @@ def build_action():
 
 
 def _setup_plan(settings):
-    """(setup target, deploy target) pairs and the flags for server_setup.sh."""
+    """(setup target, deploy target, server_setup.sh flags) for each server."""
     from scripts.provision import setup_flags
     from scripts.targets import deploy_public_key, deploy_targets, setup_targets
 
-    pairs = list(zip(setup_targets(settings), deploy_targets(settings)))
-    inside_ssh_port = 22 if settings.uses_sandbox else settings.ssh_port
-    return pairs, setup_flags(settings, deploy_public_key(settings), inside_ssh_port)
+    plan = []
+    for setup_target, deploy_target in zip(setup_targets(settings), deploy_targets(settings)):
+        public_key = deploy_public_key(settings, deploy_target)
+        # The firewall keeps open the port SSH really comes in on: SSH_PORT, the entry's, or
+        # the SSH configuration's (a sandbox's forward ends on 22).
+        inside_ssh_port = 22 if settings.uses_sandbox else deploy_target.port
+        plan.append((setup_target, deploy_target,
+                     setup_flags(settings, public_key, inside_ssh_port)))
+    return plan
 
 
 def setup_fingerprint(settings) -> str:
@@ -136,8 +142,9 @@ def setup_fingerprint(settings) -> str:
     from scripts.provision import script_fingerprint
     from scripts.sandbox import sandbox_from_settings
 
-    pairs, flags = _setup_plan(settings)
-    identity = [script_fingerprint(), *flags, *(t.label() for t, _ in pairs)]
+    identity = [script_fingerprint()]
+    for setup_target, _, flags in _setup_plan(settings):
+        identity += [*flags, setup_target.label()]
     if settings.uses_sandbox:  # a rebooted sandbox server is a new, bare server
         identity += [s.host_key for s in sandbox_from_settings(settings).servers()]
     return hashlib.sha256("\0".join(identity).encode()).hexdigest()
@@ -151,15 +158,15 @@ def setup_action(check=False):
 
     started = time.monotonic()
     settings = load_settings()
-    pairs, flags = _setup_plan(settings)
+    plan = _setup_plan(settings)
     changed = 0
-    for setup_target, deploy_target in pairs:
-        prefix = f"{setup_target.display}: " if len(pairs) > 1 else ""
+    for setup_target, deploy_target, flags in plan:
+        prefix = f"{setup_target.display}: " if len(plan) > 1 else ""
         print(f"setup: {setup_target.display} as {setup_target.user}"
               f"{' (check only)' if check else ''}")
         changed += provision(setup_target, deploy_target, flags, check, prefix).changed
     verb = "would change" if check else "changed"
-    print(f"setup: {len(pairs)} server(s), {changed} {verb} in "
+    print(f"setup: {len(plan)} server(s), {changed} {verb} in "
           f"{time.monotonic() - started:.1f} s")
     return {} if check else {"fingerprint": setup_fingerprint(settings)}
 

@@ -43,7 +43,7 @@ def public_urls(settings: Settings, targets: list[Target]) -> dict[str, str]:
     if settings.uses_sandbox:
         from scripts.sandbox import sandbox_from_settings
         return {s.name: s.url for s in sandbox_from_settings(settings).servers()}
-    return {t.display: commands.host_url(t.host) for t in targets}
+    return {t.display: commands.host_url(t.address) for t in targets}
 
 
 def _servers(settings: Settings):

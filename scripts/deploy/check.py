@@ -66,7 +66,8 @@ def needed_mb(manifest: dict, settings: Settings) -> int:
 
 
 def check_server(server: Server, settings: Settings, manifest: dict) -> list[tuple[bool, str]]:
-    results: list[tuple[bool, str]] = [(True, f"SSH as {server.target.user}, host key verified")]
+    results: list[tuple[bool, str]] = [(True, f"SSH as {server.target.reached()}, host key "
+                                                 f"verified")]
     path = str(server.deploy_path)
     if not server.ensure_tool():
         return results + [(False, f"{path} is not set up for deploys; run `doit setup`")]

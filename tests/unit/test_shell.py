@@ -58,3 +58,20 @@ def test_bats_unit_tests_pass():
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^1\.\.\d+", result.stdout, re.M) and " not ok " not in result.stdout
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+def test_ci_ssh_gives_the_toolkit_ssh_config_as_a_file_whether_a_file_variable_or_text(
+        tmp_path, as_file):
+    config_text = "Host prod\n  HostName 10.0.0.5\n  ProxyJump bastion"
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    if as_file:  # a GitLab File variable holds the path of a file with the text
+        (tmp_path / "config_variable").write_text(config_text + "\n")
+    env = {"PATH": "/usr/bin:/bin", "SSH_KNOWN_HOSTS": "bastion ssh-ed25519 AAAA",
+           "SSH_PRIVATE_KEY": key.read_text(),
+           "SSH_CONFIG": str(tmp_path / "config_variable") if as_file else config_text}
+    script = f'source {REPO_ROOT / "scripts/ci-ssh.sh"} && cat -- "$SSH_CONFIG"'
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == config_text + "\n"
