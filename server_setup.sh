@@ -577,7 +577,7 @@ ensure_venv_link() {
   if [[ -L "${link}" && "$(readlink "${link}")" == "current/.venv" ]]; then
     report_ok "${link} -> current/.venv"
   elif report_change "${link} -> current/.venv"; then
-    as_user "${DEPLOY_USER}" ln -sfn current/.venv "${link}"
+    as_user "${DEPLOY_USER}" ln -sfnT current/.venv "${link}"
   fi
 }
 
