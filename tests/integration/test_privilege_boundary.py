@@ -122,15 +122,15 @@ def test_r4_log_rotation_runs_as_root_and_touches_only_the_apps_files(armed):
                          ids=["authorized_keys", "ssh_folder"])
 def test_r5_r6_setup_never_writes_through_the_deploy_users_home(armed, planted):
     before = root_state(armed)
-    with armed.deploy_user() as deploy:  # this session outlives the key it breaks
-        run(deploy, "cp ~/.ssh/authorized_keys /tmp/keys.mine")
-        status, output = run(deploy, planted)
-        assert status == 0, output
+    status, output = as_deploy(armed, f"cp ~/.ssh/authorized_keys /tmp/keys.mine && {planted}")
+    assert status == 0, output
+    with armed.admin() as admin:  # deploy cannot log in any more: root puts its key back
         try:
             setup = armed.doit("setup")
         finally:
-            run(deploy, "rm -f ~/.ssh; mv ~/.ssh.mine ~/.ssh 2>/dev/null; "
-                        "rm -f ~/.ssh/authorized_keys; cp /tmp/keys.mine ~/.ssh/authorized_keys")
+            run(admin, "cd /home/deploy && sudo rm -f .ssh/authorized_keys; sudo rm -f .ssh; "
+                       "sudo mv .ssh.mine .ssh 2>/dev/null; sudo install -m 600 -o deploy "
+                       "-g deploy /tmp/keys.mine .ssh/authorized_keys")
     assert setup.returncode != 0
     assert "error: could not add the deploy key" in setup.stdout + setup.stderr
     no_secret(setup.stdout, setup.stderr)
