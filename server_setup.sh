@@ -293,7 +293,7 @@ import os, pwd, grp, stat, sys
 def trusted(st):
     return st.st_uid == 0 and not st.st_mode & 0o022
 
-def walk(path, create_last):
+def walk(path):
     """An O_NOFOLLOW fd of path's parent, the last name, and whether every folder above is
     one only root can write."""
     parts, hops = [p for p in path.split("/") if p], 0
@@ -333,7 +333,7 @@ def settle(fd, path, owner, group, mode, check, created):
     print("changed")
 
 def ensure_dir(path, owner, group, mode, check):
-    parent, name, safe = walk(path, True)
+    parent, name, safe = walk(path)
     if owner == "root" and not safe:
         sys.exit("error: %s: a folder above it can be written by a user other than root, who "
                  "could swap it; choose a path under folders only root can write" % path)
@@ -352,7 +352,7 @@ def ensure_dir(path, owner, group, mode, check):
 
 def ensure_file(path, owner, group, mode, check):
     """A regular file with one link, in a folder only root can write (the app's logs)."""
-    parent, name, safe = walk(path, False)
+    parent, name, safe = walk(path)
     if not (safe and trusted(os.fstat(parent))):
         sys.exit("error: %s: its folder can be written by a user other than root" % path)
     try:
@@ -370,7 +370,7 @@ def ensure_file(path, owner, group, mode, check):
 
 def clean(path):
     """Remove links, hard links and other non-files from a folder root now owns."""
-    parent, name, safe = walk(path, False)
+    parent, name, safe = walk(path)
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
     if not (safe and trusted(os.fstat(fd))):
         sys.exit("error: %s: others can write it; not cleaning it" % path)
