@@ -85,11 +85,13 @@ def test_r1_r2_nobody_but_root_can_put_a_link_in_the_log_folder(armed, attacker)
         ln -sf {CANARY_FILE} {LOG_PATH}/app.log; echo "link $?"
         ln -s {CANARY_FILE} {LOG_PATH}/other.log; echo "new $?"
         mv {LOG_PATH}/error.log {LOG_PATH}/moved.log; echo "move $?"
-        ln {CANARY_FILE} {LOG_PATH}/hard.log; echo "hard $?" """)
+        ln {CANARY_FILE} {LOG_PATH}/hard.log; echo "hard $?"
+        ln -sf {CANARY_FILE} /var/log/nginx/flask_helpdesk_error.log; echo "nginx $?" """)
     assert "link 0" not in output and "new 0" not in output and "move 0" not in output
-    assert "hard 0" not in output
+    assert "hard 0" not in output and "nginx 0" not in output and "hard 1" in output
     _, tails = as_deploy(armed, f"sudo -n tail -n 100 {LOG_PATH}/app.log; "
-                                f"sudo -n tail -n 100 {LOG_PATH}/error.log")
+                                f"sudo -n tail -n 100 {LOG_PATH}/error.log; sudo -n tail -n 100 "
+                                f"/var/log/nginx/flask_helpdesk_error.log")
     logs = armed.doit("logs")
     no_secret(output, tails, logs.stdout, logs.stderr)
     assert root_state(armed) == before

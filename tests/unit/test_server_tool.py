@@ -240,3 +240,20 @@ def test_deploy_log_keeps_one_json_line_per_entry(root):
         tool("log", root, json.dumps({"release": f"r{number}"}))
     assert [e["release"] for e in tool("history", root, 2)["entries"]] == ["r1", "r2"]
     assert "Expecting" in tool("log", root, "not json", expect_ok=False)
+
+
+@pytest.mark.parametrize("planted", ["helpdesk.sqlite3-wal", "helpdesk.sqlite3-journal"])
+def test_backup_and_restore_refuse_a_link_the_app_planted_in_its_folder(root, tmp_path, planted):
+    database = root / "shared" / "instance" / "helpdesk.sqlite3"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE t (v TEXT)")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    backup = tool("backup", root, backups, "r1", 2)["backup"]
+    victim = tmp_path / "deploys-own-file"
+    victim.write_text("echo mine\n")
+    (root / "shared" / "instance" / planted).symlink_to(victim)
+    assert "is a link or not a plain file" in tool("restore", root, backup, expect_ok=False)
+    assert "is a link or not a plain file" in tool("backup", root, backups, "r2", 2,
+                                                   expect_ok=False)
+    assert victim.read_text() == "echo mine\n"
