@@ -30,6 +30,9 @@ DEPLOY_KEY_VERIFIED=0
 readonly PACKAGES=(python3 python3-venv python3-systemd nginx supervisor ufw fail2ban logrotate
   curl htop)
 readonly SSH_HARDENING_FILE=/etc/ssh/sshd_config.d/10-flask-deploy-hardening.conf
+# The same pattern as scripts/settings.py's SERVICE_NAME (a unit test holds them equal): it
+# names /etc/<name>/, a sudoers file and units, so no '/', no leading '.' or '-'.
+readonly SERVICE_NAME_PATTERN='^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$'
 
 # Filled in by the steps that need them; templates read them through render_values.
 SUDOERS_NAME=""
@@ -136,7 +139,7 @@ validate_name() {
 validate_settings() {
   validate_name DEPLOY_USER "${DEPLOY_USER}" '^[a-z_][a-z0-9_-]{0,31}$'
   validate_name APP_USER "${APP_USER}" '^[a-z_][a-z0-9_-]{0,31}$'
-  validate_name SERVICE_NAME "${SERVICE_NAME}" '^[A-Za-z0-9_.:-]{1,200}$'
+  validate_name SERVICE_NAME "${SERVICE_NAME}" "${SERVICE_NAME_PATTERN}"
   validate_name SITE_NAME "${SITE_NAME}" '^[A-Za-z0-9_.-]{1,100}$'
   validate_name SERVER_NAME "${SERVER_NAME}" '^[A-Za-z0-9_.* -]{1,250}$'
   validate_name MIGRATE_COMMAND "${MIGRATE_COMMAND}" '^[A-Za-z0-9_ ./:=-]{1,250}$'
@@ -277,6 +280,148 @@ ensure_dir() {
   chmod "${mode}" "${path}"  # install -d leaves the mode of an existing folder alone
 }
 
+# -- paths the deploy user or the app can write -----------------------------------------------
+# Root never acts through a path that deploy or www-data can create or replace (README,
+# Security). Inside their folders, root walks one folder at a time with O_NOFOLLOW and changes
+# what it opened (fchown, fchmod), as systemd's "safe" path resolution does; a link there is
+# refused, except a root-owned link in a folder only root can write. Work that needs no root is
+# done as the user (runuser), with that user's rights and nothing more.
+# Usage: python3 -c "$SAFE_PATH_PY" dir|file|clean PATH [OWNER GROUP MODE CHECK]
+read -r -d '' SAFE_PATH_PY <<'PY' || true
+import os, pwd, grp, stat, sys
+
+def trusted(st):
+    return st.st_uid == 0 and not st.st_mode & 0o022
+
+def walk(path):
+    """An O_NOFOLLOW fd of path's parent, the last name, and whether every folder above is
+    one only root can write."""
+    parts, hops = [p for p in path.split("/") if p], 0
+    fd, safe, done = os.open("/", os.O_RDONLY | os.O_DIRECTORY), True, []
+    while len(parts) > 1:
+        name = parts.pop(0)
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if not (safe and st.st_uid == 0) or hops > 20:
+                sys.exit("error: %s: /%s is a symbolic link in a folder others can write; "
+                         "server_setup.sh acts on real folders only (remove the link, run "
+                         "again)" % (path, "/".join(done + [name])))
+            target = os.readlink(name, dir_fd=fd)
+            base = target if target.startswith("/") else "/".join([""] + done + [target])
+            parts = [p for p in base.split("/") if p] + parts
+            os.close(fd)
+            fd, safe, done = os.open("/", os.O_RDONLY | os.O_DIRECTORY), True, []
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            sys.exit("error: %s: /%s is not a folder" % (path, "/".join(done + [name])))
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd, safe = child, safe and trusted(os.fstat(child))
+        done.append(name)
+    return fd, parts[0], safe
+
+def settle(fd, path, owner, group, mode, check, created):
+    st = os.fstat(fd)
+    uid, gid = pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid
+    if not created and (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (uid, gid, mode):
+        return print("ok")
+    if check:
+        return print("would change")
+    os.fchown(fd, uid, gid)
+    os.fchmod(fd, mode)
+    print("changed")
+
+def ensure_dir(path, owner, group, mode, check):
+    parent, name, safe = walk(path)
+    if owner == "root" and not safe:
+        sys.exit("error: %s: a folder above it can be written by a user other than root, who "
+                 "could swap it; choose a path under folders only root can write" % path)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        created = False
+    except FileNotFoundError:
+        if check:
+            return print("would change")
+        os.mkdir(name, 0o700, dir_fd=parent)
+        fd, created = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                              dir_fd=parent), True
+    except OSError:
+        sys.exit("error: %s is a symbolic link or not a folder; remove it and run again" % path)
+    settle(fd, path, owner, group, mode, check, created)
+
+def ensure_file(path, owner, group, mode, check):
+    """A regular file with one link, in a folder only root can write (the app's logs)."""
+    parent, name, safe = walk(path)
+    if not (safe and trusted(os.fstat(parent))):
+        sys.exit("error: %s: its folder can be written by a user other than root" % path)
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            if check:
+                return print("would change")
+            os.unlink(name, dir_fd=parent)  # a planted link or hard link: never written through
+    except FileNotFoundError:
+        if check:
+            return print("would change")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = os.open(name, flags, 0o600, dir_fd=parent)
+    settle(fd, path, owner, group, mode, check, False)
+
+def clean(path):
+    """Remove links, hard links and other non-files from a folder root now owns."""
+    parent, name, safe = walk(path)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    if not (safe and trusted(os.fstat(fd))):
+        sys.exit("error: %s: others can write it; not cleaning it" % path)
+    removed = []
+    for entry in sorted(os.listdir(fd)):
+        st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            os.unlink(entry, dir_fd=fd)
+            removed.append(entry)
+    print(" ".join(removed))
+
+verb, path = sys.argv[1], sys.argv[2]
+try:
+    if verb == "clean":
+        clean(path)
+    else:
+        owner, group, mode, check = sys.argv[3], sys.argv[4], int(sys.argv[5], 8), sys.argv[6]
+        (ensure_dir if verb == "dir" else ensure_file)(path, owner, group, mode, check == "1")
+except OSError as error:
+    sys.exit("error: %s: %s" % (path, error))
+PY
+readonly SAFE_PATH_PY
+
+safe_path() {
+  python3 -I -c "${SAFE_PATH_PY}" "$@"
+}
+
+# ensure_safe dir|file PATH OWNER GROUP MODE: as ensure_dir, for paths under folders that the
+# deploy user or the app can write.
+ensure_safe() {
+  local kind="$1" path="$2" owner="$3" group="$4" mode="$5" state check=0 label="$2"
+  [[ "${kind}" == file ]] || label="${path}/"
+  [[ "${MODE}" == "check" ]] && check=1
+  if ! command -v python3 >/dev/null; then
+    report_change "${label} (${owner}:${group} ${mode})" || return 0
+    die "python3 is missing; it is installed by the packages step"
+  fi
+  state="$(safe_path "${kind}" "${path}" "${owner}" "${group}" "${mode}" "${check}")" || exit 1
+  case "${state}" in
+    ok) report_ok "${label}" ;;
+    *) report_change "${label} (${owner}:${group} ${mode})" || true ;;
+  esac
+}
+
+# as_user USER COMMAND...: COMMAND with USER's rights only (for files in USER's own folders).
+as_user() {
+  runuser -u "$1" -- "${@:2}"
+}
+
 package_installed() {
   [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
 }
@@ -336,55 +481,128 @@ deploy_home() {
   fi
 }
 
+# Everything in the deploy user's home is done as that user: a link it planted there (to
+# /etc/shadow, say) leads nowhere its own rights do not already reach.
 ensure_deploy_key() {
-  local home keys
+  local home keys exists=0
   home="$(deploy_home)"
   keys="${home}/.ssh/authorized_keys"
+  id "${DEPLOY_USER}" >/dev/null 2>&1 && exists=1
   if [[ -z "${DEPLOY_PUBLIC_KEY}" ]]; then
-    if [[ -s "${keys}" ]]; then
+    if [[ "${exists}" -eq 1 ]] && as_user "${DEPLOY_USER}" test -s "${keys}"; then
       report_ok "${keys} (no new key given)"
     else
       echo "note: no deploy key given; add one with --deploy-key-file (see README, SSH keys)"
     fi
     return 0
   fi
-  ensure_dir "${home}/.ssh" "${DEPLOY_USER}" "${DEPLOY_USER}" 700
-  if [[ -f "${keys}" ]] && grep -qxF "${DEPLOY_PUBLIC_KEY}" "${keys}"; then
+  if [[ "${exists}" -eq 1 ]] \
+    && as_user "${DEPLOY_USER}" grep -qxF -- "${DEPLOY_PUBLIC_KEY}" "${keys}" 2>/dev/null; then
     report_ok "deploy key in ${keys}"
   elif report_change "deploy key added to ${keys}"; then
-    printf '%s\n' "${DEPLOY_PUBLIC_KEY}" >> "${keys}"
-    chown "${DEPLOY_USER}:${DEPLOY_USER}" "${keys}"
-    chmod 600 "${keys}"
+    # shellcheck disable=SC2016 # $1 and $2 belong to the inner sh, not to this script
+    printf '%s\n' "${DEPLOY_PUBLIC_KEY}" | as_user "${DEPLOY_USER}" sh -c \
+      'umask 077 && mkdir -p "$1" && chmod 700 "$1" && cat >> "$2" && chmod 600 "$2"' \
+      sh "${home}/.ssh" "${keys}" || die "could not add the deploy key to ${keys} as" \
+      "${DEPLOY_USER} (is it a link or not writable?)"
   fi
 }
 
 ensure_sudoers() {
   ensure_template sudoers "/etc/sudoers.d/${SUDOERS_NAME}" 440 root root visudo -cqf
+  ensure_python_rule
+}
+
+# The guide's `sudo -u www-data DEPLOY_PATH/venv/bin/python --version` runs through links the
+# deploy user controls, so its sudo rule is bound to the sha256 of the system's python3 (sudo
+# checks it and runs the file it checked): any other program at that path is refused. apt
+# renews the rule after every package change, so a Python update does not break the command.
+ensure_python_rule() {
+  local rule_tool="/usr/local/sbin/${SUDOERS_NAME}-python-rule" state
+  ensure_template python-rule.sh "${rule_tool}" 755 root root sh -n
+  ensure_template apt-python-rule.conf "/etc/apt/apt.conf.d/80${SUDOERS_NAME}-python-rule" \
+    644 root root
+  if [[ "${MODE}" == "check" ]]; then
+    if [[ -f "/etc/sudoers.d/${SUDOERS_NAME}-python" ]]; then
+      report_ok "sudo rule for ${APP_USER}'s python --version"
+    else
+      report_change "sudo rule for ${APP_USER}'s python --version" || true
+    fi
+    return 0
+  fi
+  state="$("${rule_tool}")" || die "the sudo rule for ${APP_USER}'s python --version failed"
+  if [[ "${state}" == "ok" ]]; then
+    report_ok "sudo rule for ${APP_USER}'s python --version (sha256 of python3)"
+  else
+    report_change "sudo rule for ${APP_USER}'s python --version (sha256 of python3)"
+  fi
 }
 
 ensure_directories() {
-  ensure_dir "${DEPLOY_PATH}" "${DEPLOY_USER}" "${APP_USER}" 750
+  ensure_safe dir "${DEPLOY_PATH}" "${DEPLOY_USER}" "${APP_USER}" 750
   # setgid: what the deploy user unpacks or builds here belongs to the app's group, which
   # reads it; the app writes none of it.
-  ensure_dir "${DEPLOY_PATH}/releases" "${DEPLOY_USER}" "${APP_USER}" 2750
-  ensure_dir "${DEPLOY_PATH}/shared" "${DEPLOY_USER}" "${APP_USER}" 750
-  ensure_dir "${DEPLOY_PATH}/shared/venvs" "${DEPLOY_USER}" "${APP_USER}" 2750
+  ensure_safe dir "${DEPLOY_PATH}/releases" "${DEPLOY_USER}" "${APP_USER}" 2750
+  ensure_safe dir "${DEPLOY_PATH}/shared" "${DEPLOY_USER}" "${APP_USER}" 750
+  ensure_safe dir "${DEPLOY_PATH}/shared/venvs" "${DEPLOY_USER}" "${APP_USER}" 2750
   # The app writes only here: its database and uploads (setgid keeps the group on new files).
-  ensure_dir "${DEPLOY_PATH}/shared/instance" "${APP_USER}" "${APP_USER}" 2770
-  ensure_dir "${DEPLOY_PATH}/shared/uploads" "${APP_USER}" "${APP_USER}" 2770
-  ensure_dir "${BACKUP_PATH}" "${DEPLOY_USER}" "${DEPLOY_USER}" 750
-  ensure_dir "${LOG_PATH}" "${APP_USER}" "${APP_USER}" 2770
+  ensure_safe dir "${DEPLOY_PATH}/shared/instance" "${APP_USER}" "${APP_USER}" 2770
+  ensure_safe dir "${DEPLOY_PATH}/shared/uploads" "${APP_USER}" "${APP_USER}" 2770
+  ensure_safe dir "${BACKUP_PATH}" "${DEPLOY_USER}" "${DEPLOY_USER}" 750
+  ensure_log_folder
   ensure_venv_link
 }
 
-# The guide's troubleshooting runs DEPLOY_PATH/venv/bin/python: venv -> current/.venv.
+# The app's logs: a folder only root writes, holding files the app owns. The app appends to
+# them; nobody but root can put a link or another file there, so `sudo tail` of the guide reads
+# the app's own log and nothing else. logrotate rotates it as root (see conf/logrotate.conf).
+ensure_log_folder() {
+  local removed name
+  ensure_safe dir "${LOG_PATH}" root root 755
+  if [[ "${MODE}" == "apply" ]]; then
+    removed="$(safe_path clean "${LOG_PATH}")" || exit 1
+    if [[ -n "${removed}" ]]; then
+      report_change "removed links and non-files from ${LOG_PATH}: ${removed}"
+    fi
+  fi
+  for name in app.log error.log; do
+    ensure_safe file "${LOG_PATH}/${name}" "${APP_USER}" "${APP_USER}" 640
+  done
+}
+
+# The guide's troubleshooting runs DEPLOY_PATH/venv/bin/python: venv -> current/.venv, made
+# by the deploy user in its own folder.
 ensure_venv_link() {
   local link="${DEPLOY_PATH}/venv"
   if [[ -L "${link}" && "$(readlink "${link}")" == "current/.venv" ]]; then
     report_ok "${link} -> current/.venv"
   elif report_change "${link} -> current/.venv"; then
-    ln -sfn current/.venv "${link}"
-    chown -h "${DEPLOY_USER}:${APP_USER}" "${link}"
+    as_user "${DEPLOY_USER}" ln -sfnT current/.venv "${link}"
+  fi
+}
+
+# The app's environment (SECRET_KEY...), read by systemd as root: a file the deploy user owns
+# and writes, in a folder only root writes, so it cannot be swapped for a link. A server set up
+# before keeps its shared/.env: the deploy user's own rights copy it over once.
+ensure_app_env_file() {
+  local env_file="/etc/${SERVICE_NAME}/app.env" old="${DEPLOY_PATH}/shared/.env"
+  if [[ -f "${env_file}" && ! -L "${env_file}" \
+    && "$(stat -c '%a %U' "${env_file}")" == "600 ${DEPLOY_USER}" ]]; then
+    report_ok "${env_file}"
+    return 0
+  fi
+  report_change "${env_file} (${DEPLOY_USER} 600, the app's environment)" || return 0
+  if [[ -f "${env_file}" && ! -L "${env_file}" ]]; then
+    chown "${DEPLOY_USER}:${DEPLOY_USER}" "${env_file}"
+    chmod 600 "${env_file}"
+    return 0
+  fi
+  rm -f "${env_file}"
+  install -m 600 -o "${DEPLOY_USER}" -g "${DEPLOY_USER}" /dev/null "${env_file}"
+  if as_user "${DEPLOY_USER}" test -f "${old}"; then
+    as_user "${DEPLOY_USER}" cat "${old}" > "${env_file}"
+    as_user "${DEPLOY_USER}" rm -f "${old}"
+    echo "note: ${old} moved to ${env_file}"
   fi
 }
 
@@ -397,6 +615,7 @@ ensure_app_units() {
     changed=$((changed + FILE_CHANGED))
   done
   ensure_dir "/etc/${SERVICE_NAME}" root root 755
+  ensure_app_env_file
   ensure_template gunicorn.conf.py "/etc/${SERVICE_NAME}/gunicorn.conf.py" 644 root root
   changed=$((changed + FILE_CHANGED))
   if [[ "${changed}" -gt 0 && "${MODE}" == "apply" ]]; then

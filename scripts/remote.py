@@ -33,6 +33,7 @@ class Target:
     name: str = ""  # how output names the server (sandbox name, or the entry as written)
     ssh_config: Path | None = None  # SSH_CONFIG; None: ssh's own
     view: SshView | None = None  # what `ssh -G` said about host, for DEPLOY_SERVER entries
+    key_setting: str = "SSH_KEY_FILE"  # the setting that names key_file, for error lines
 
     @property
     def address(self) -> str:
@@ -68,10 +69,10 @@ def ssh_options(target: Target) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def check_key_file(key_file: Path) -> None:
+def check_key_file(key_file: Path, setting: str = "SSH_KEY_FILE") -> None:
     """Say what is wrong with a private key before ssh hides it behind "Permission denied"."""
     if not key_file.is_file():
-        raise ToolkitError(f"setting SSH_KEY_FILE: {key_file} does not exist")
+        raise ToolkitError(f"setting {setting}: {key_file} does not exist")
     probe = subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", str(key_file)],
                            capture_output=True, text=True)
     if probe.returncode == 0:
@@ -79,16 +80,16 @@ def check_key_file(key_file: Path) -> None:
     if "passphrase" in probe.stderr:
         if os.environ.get("SSH_AUTH_SOCK"):
             return  # ssh-agent may hold it unlocked
-        raise ToolkitError(f"setting SSH_KEY_FILE: {key_file} is protected by a passphrase and "
+        raise ToolkitError(f"setting {setting}: {key_file} is protected by a passphrase and "
                            f"no ssh-agent is running; start one and `ssh-add` the key")
-    raise ToolkitError(f"setting SSH_KEY_FILE: {key_file} is not a usable private key "
-                       f"(malformed); point it at the private half of the deploy key")
+    raise ToolkitError(f"setting {setting}: {key_file} is not a usable private key "
+                       f"(malformed); point it at the private half of the key")
 
 
 def connect(target: Target) -> SshMachine:
     """An open connection, or a ToolkitError that says in one line what went wrong."""
     if target.key_file is not None:
-        check_key_file(Path(target.key_file))
+        check_key_file(Path(target.key_file), target.key_setting)
     try:
         return SshMachine(target.host, user=target.user, port=target.port,
                           keyfile=str(target.key_file) if target.key_file else None,
@@ -102,7 +103,7 @@ def open_session(target: Target) -> ShellSession:
     """A shell over one SSH connection, for the deploy steps. (SshMachine opens a connection of
     its own for bookkeeping, and a session on top would be a second handshake per server.)"""
     if target.key_file is not None:
-        check_key_file(Path(target.key_file))
+        check_key_file(Path(target.key_file), target.key_setting)
     process = subprocess.Popen([*ssh_argv(target, "-T"), "/bin/sh"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -144,12 +145,12 @@ def explain_ssh_failure(target: Target, stderr: str) -> str:
     known_hosts = target.known_hosts_file or \
         (view.known_hosts_files[0] if view and view.known_hosts_files else "~/.ssh/known_hosts")
     if target.key_file:
-        key, key_setting = f"the key {target.key_file}", "SSH_KEY_FILE"
+        key, key_setting = f"the key {target.key_file}", target.key_setting
     elif view:
         key, key_setting = "the keys ssh offered", f"IdentityFile of {target.host} in {config}, " \
-                                                   f"or SSH_KEY_FILE"
+                                                   f"or {target.key_setting}"
     else:
-        key, key_setting = "the keys of ssh-agent", "SSH_KEY_FILE"
+        key, key_setting = "the keys of ssh-agent", target.key_setting
     port_setting = f"Port of {target.host} in {config}, or SSH_PORT" \
         if view and "port" in view.from_config else "SSH_PORT"
     bastion = f" (or the bastion {target.jump})" if target.jump else ""
@@ -165,6 +166,10 @@ def explain_ssh_failure(target: Target, stderr: str) -> str:
     if "Load key" in stderr or "invalid format" in stderr or "passphrase" in stderr:
         return (f"{where}: {key} cannot be used (malformed, or protected by a passphrase with no "
                 f"ssh-agent holding it); check {key_setting}")
+    if "Permission denied" in stderr and target.key_setting != "SSH_KEY_FILE":
+        return (f"{where}: the server refused {key}; set {target.key_setting} to "
+                f"{target.user}'s own key (or load it into ssh-agent). Never give {target.user} "
+                f"the deploy key: it would open more than the deploy user")
     if "Permission denied" in stderr:
         return (f"{where}: the server{bastion} refused {key}; check {key_setting}, and that its "
                 f"public key is in ~{target.user}/.ssh/authorized_keys (`doit setup` installs it)")

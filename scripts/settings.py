@@ -19,7 +19,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_TARGET = "sandbox"
 
 _SAFE_REMOTE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
-_UNIT_NAME = re.compile(r"^[A-Za-z0-9_.@\\:-]{1,250}$")
+# The same pattern as server_setup.sh's SERVICE_NAME_PATTERN (a unit test holds them equal): the
+# name makes /etc/<name>/, a sudoers file and unit names, so no '/' and no leading '.' or '-'.
+SERVICE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
+# Release and backup names as the server lists them: never ".", ".." or a path.
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 _USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _IPV6 = re.compile(r"^\[?[0-9A-Fa-f:.]+\]?$")
@@ -55,10 +59,10 @@ _optional_http_url = _matching(r"http://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/-]*)
                                "must be a plain http:// URL of a Debian mirror", optional=True)
 _sandbox_suite = _matching(r"bookworm|trixie", "must be bookworm (Debian 12) or trixie (Debian 13)")
 _url_path = _matching(r"/[A-Za-z0-9._~/-]*", "must be a URL path such as /healthz")
-_release_id = _matching(r"[A-Za-z0-9._-]{1,64}", "must be a release id as `doit status` lists them",
+_release_id = _matching(_NAME, "must be a release id as `doit status` lists them",
                         optional=True)
-_backup_name = _matching(r"[A-Za-z0-9._-]{1,100}",
-                         "must be a backup name as `doit backups` lists them", optional=True)
+_backup_name = _matching(_NAME, "must be a backup name as `doit backups` lists them",
+                         optional=True)
 
 
 def _text(raw: str) -> str:
@@ -168,8 +172,9 @@ def _batch(raw: str) -> str:
 
 def _unit_name(raw: str) -> str:
     name = raw.removesuffix(".service")
-    if not _UNIT_NAME.match(name) or name.startswith("-"):
-        raise _Invalid("is not a valid systemd unit name (letters, digits, ':', '_', '.', '-')")
+    if not re.match(SERVICE_NAME_PATTERN, name):
+        raise _Invalid("is not a valid service name (a letter or digit, then letters, digits, "
+                       "':', '_', '.', '-'; at most 100)")
     return name
 
 
@@ -263,6 +268,8 @@ SETTINGS: tuple[Setting, ...] = (
             "~/.ssh/config and /etc/ssh/ssh_config)"),
     Setting("SETUP_USER", _optional_user, "",
             "account with sudo that provisions (default: root; admin on sandbox servers)"),
+    Setting("SETUP_KEY_FILE", _optional_local_path, "",
+            "SETUP_USER's own private key (else ssh-agent); never the deploy key"),
     Setting("DEPLOY_PUBLIC_KEY_FILE", _optional_local_path, "",
             "public key installed for DEPLOY_USER by `doit setup` (default: SSH_KEY_FILE.pub)"),
     Setting("SERVER_NAME", _server_name, "_", "nginx server_name: your domain (_ = any)"),
@@ -277,7 +284,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("HEALTH_PATH", _url_path, "/healthz",
             "health URL path; a JSON answer with `release` is checked against the release id"),
     Setting("APP_ENV_FILE", _optional_local_path, "",
-            "local file uploaded as the app's shared/.env (0600); unset: keep the server's"),
+            "local file uploaded as the app's environment, /etc/<SERVICE_NAME>/app.env (0600); "
+            "unset: keep the server's"),
     Setting("DEPLOY_PARALLEL", _positive_int, "4", "servers prepared (upload, venv) at once"),
     Setting("DEPLOY_BATCH", _batch, "1",
             "servers switched at once in a rolling deploy: a count, or a share such as 25%"),
@@ -333,6 +341,7 @@ class Settings:
     ssh_known_hosts_file: Path | None
     ssh_config: Path | None
     setup_user: str
+    setup_key_file: Path | None
     deploy_public_key_file: Path | None
     server_name: str
     migrate_command: str

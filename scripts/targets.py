@@ -6,6 +6,7 @@ would use for it, as `ssh -G` tells."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from scripts.errors import ToolkitError
@@ -60,11 +61,19 @@ def setup_targets(settings: Settings) -> list[Target]:
     if settings.uses_sandbox:
         sandbox, servers = _sandbox(settings)
         user = settings.setup_user or SANDBOX_SETUP_USER
-        return [Target(s.host, s.ssh_port, user, sandbox.key_file, sandbox.known_hosts_file,
-                       name=s.name, ssh_config=settings.ssh_config) for s in servers]
+        key = settings.setup_key_file or sandbox.key_file
+        return [Target(s.host, s.ssh_port, user, key, sandbox.known_hosts_file, name=s.name,
+                       ssh_config=settings.ssh_config, key_setting="SETUP_KEY_FILE")
+                for s in servers]
     user = settings.setup_user or "root"
-    # The entry's user is the deploy user; setup always logs in as SETUP_USER.
-    return [_target(f"{user}@{entry.rpartition('@')[2]}", settings, user)
+    if settings.ssh_key_file and settings.setup_key_file == settings.ssh_key_file:
+        raise ToolkitError("setting SETUP_KEY_FILE is the deploy key (SSH_KEY_FILE): the account "
+                           f"that provisions ({user}) logs in with its own key, so the deploy key "
+                           "never opens more than the deploy user; use another key, or ssh-agent")
+    # The entry's user is the deploy user; setup always logs in as SETUP_USER, with its own key
+    # (SETUP_KEY_FILE, else ssh-agent or the entry's IdentityFile), never the deploy key.
+    return [replace(_target(f"{user}@{entry.rpartition('@')[2]}", settings, user),
+                    key_file=settings.setup_key_file, key_setting="SETUP_KEY_FILE")
             for entry in settings.deploy_servers]
 
 

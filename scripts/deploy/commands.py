@@ -27,6 +27,11 @@ def journal(unit: str, lines: int) -> list[str]:
     return ["journalctl", "-u", unit, "--no-pager", "-n", str(lines)]
 
 
+def env_file(settings: Settings) -> str:
+    """The app's environment: server_setup.sh makes it, in a folder only root writes."""
+    return f"/etc/{settings.service_name}/app.env"
+
+
 def health_url(port: int, health_path: str) -> str:
     return f"http://127.0.0.1:{port}{health_path}"
 

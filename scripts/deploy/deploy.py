@@ -166,9 +166,10 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
             server.put(settings.app_env_file.read_bytes(),
                        server.deploy_path / "shared" / ".env.upload")
             uploaded = "uploaded"
-        outcome.changed = bool(server.tool_call("link-shared", path, release, uploaded)
-                               .get("changed"))
-        outcome.detail = "instance/, uploads/ -> shared/; shared/.env 0600"
+        env_file = commands.env_file(settings)
+        outcome.changed = bool(server.tool_call("link-shared", path, release, env_file,
+                                                uploaded).get("changed"))
+        outcome.detail = f"instance/, uploads/ -> shared/; {env_file} 0600"
     with reporter.step("backup") as outcome:
         backup = server.tool_call("backup", path, str(settings.backup_path), release,
                                   settings.backups_keep).get("backup")

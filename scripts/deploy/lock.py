@@ -1,6 +1,8 @@
 """The deploy lock on a server: taken atomically (mkdir), records who, when and what, released
 on every exit (Ctrl-C and SIGTERM included). A lock left by a deploy that died on this machine
-is recognised safely (its process is gone) and broken; any other is reported with its holder."""
+is recognised safely (its process is gone, or this machine has booted since) and broken; any
+other is reported with its holder. "This machine" is its machine-id, not its host name: two
+laptops called `debian` never break each other's live lock."""
 
 from __future__ import annotations
 
@@ -29,6 +31,19 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def machine_identity() -> dict:
+    """This machine (systemd's machine-id) and this boot of it (the kernel's boot id); empty
+    strings where they cannot be read, and then no lock is ever judged dead."""
+    identity = {}
+    for key, file_name in (("machine_id", "/etc/machine-id"),
+                           ("boot_id", "/proc/sys/kernel/random/boot_id")):
+        try:
+            identity[key] = Path(file_name).read_text().strip()
+        except OSError:
+            identity[key] = ""
+    return identity
+
+
 def process_start_time(pid: int) -> str:
     """Distinguishes a live process from a later one that reused its PID."""
     try:
@@ -39,14 +54,21 @@ def process_start_time(pid: int) -> str:
 
 def lock_info(release: str, action: str) -> dict:
     return {"token": secrets.token_hex(8), "who": who(), "host": socket.gethostname(),
+            **machine_identity(),
             "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "release": release, "action": action}
 
 
 def holder_is_dead(holder: dict) -> bool:
-    """Only provable on the machine that holds it: same host, and that process is gone."""
-    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+    """Only provable on the machine that holds it (same machine-id): that machine has booted
+    since, or, in the same boot, that process is gone."""
+    here = machine_identity()
+    if not here["machine_id"] or holder.get("machine_id") != here["machine_id"]:
+        return False
+    if holder.get("boot_id") != here["boot_id"]:
+        return bool(here["boot_id"])
+    if not holder.get("pid"):
         return False
     return process_start_time(int(holder["pid"])) != holder.get("pid_start")
 

@@ -5,7 +5,8 @@ one line on stderr.
 
 Layout (DEPLOY_PATH):
   releases/<id>/      unpacked package; .venv -> ../../shared/venvs/<requirements hash>
-  shared/             .env (0600, read by systemd), instance/ (SQLite), uploads/, venvs/
+  shared/             instance/ (SQLite), uploads/, venvs/ (the app's environment is
+                      /etc/<service>/app.env: systemd reads it as root)
   packages/           uploaded packages
   current, next       symlinks to releases/<id> (next: the release being deployed)
   good-releases       ids that went live, oldest first (rollback walks it backwards)
@@ -26,6 +27,26 @@ SHARED_LINKS = ("instance", "uploads")
 
 class Refusal(Exception):
     """What the user must hear: printed as `error: ...`, exit status 2."""
+
+
+NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # as scripts/settings.py: never ".", ".." or a path
+
+
+def release_name(value):
+    import re
+    if not re.fullmatch(NAME, value):
+        raise Refusal("%r is not a release name (letters, digits, '.', '_', '-'; `doit status` "
+                      "lists them)" % value)
+    return value
+
+
+def backup_dir_of(value):
+    """A backup folder given as BACKUP_PATH/<name>: the name must be a backup name."""
+    import re
+    parent, name = os.path.split(value)
+    if not re.fullmatch(NAME, name) or ".." in parent.split("/"):
+        raise Refusal("%r is not a backup name (`doit backups` lists them)" % name)
+    return value
 
 
 def out(**values):
@@ -173,6 +194,7 @@ def _safe_members(tar):
 
 
 def cmd_unpack(root, name, release):
+    release = release_name(release)
     import compileall
     import re
     import tarfile
@@ -207,6 +229,7 @@ def _requirements_hash(release_dir, python):
 
 def cmd_venv(root, release):
     """A venv per requirements (and wheels): a code-only release reuses its predecessor's."""
+    release = release_name(release)
     import subprocess
     release_dir = path(root, "releases", release)
     python = "%d.%d" % sys.version_info[:2]
@@ -235,9 +258,12 @@ def cmd_venv(root, release):
     out(changed=changed, venv=key)
 
 
-def cmd_link_shared(root, release, uploaded=""):
-    """instance/ and uploads/ of the release point into shared/; shared/.env exists (0600).
-    With `uploaded`, shared/.env.upload (written privately by the deploy) replaces it."""
+def cmd_link_shared(root, release, env_file, uploaded=""):
+    """instance/ and uploads/ of the release point into shared/. env_file (systemd reads it as
+    root) is the deploy user's file in a folder only root writes: it is written in place, never
+    replaced, and a first deploy puts a random SECRET_KEY in it. With `uploaded`,
+    shared/.env.upload (written privately by the deploy) is its new content."""
+    release = release_name(release)
     import secrets
     release_dir = path(root, "releases", release)
     changed = False
@@ -249,25 +275,31 @@ def cmd_link_shared(root, release, uploaded=""):
                 rmtree(link)
             link_atomically(link, wanted)
             changed = True
-    env_file = path(root, "shared", ".env")
-    if uploaded:
-        upload = env_file + ".upload"
-        with open(upload) as stream:
-            wanted_text = stream.read()
-        current = open(env_file).read() if os.path.exists(env_file) else None
-        if current != wanted_text:
-            os.chmod(upload, 0o600)
-            os.replace(upload, env_file)
-            changed = True
-        else:
+    try:
+        descriptor = os.open(env_file, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        raise Refusal("the app's environment file %s is missing; run `doit setup` (it creates "
+                      "it)" % env_file) from None
+    with open(descriptor, "r+") as stream:
+        current = stream.read()
+        if uploaded:
+            upload = path(root, "shared", ".env.upload")
+            with open(upload) as staged:
+                wanted_text = staged.read()
             os.unlink(upload)
-    elif not os.path.exists(env_file):
-        # A first deploy gets a random secret key, so sessions are signed from day one.
-        write_atomically(env_file, "SECRET_KEY=%s\n" % secrets.token_hex(32), 0o600)
-        changed = True
-    if os.stat(env_file).st_mode & 0o777 != 0o600:
-        os.chmod(env_file, 0o600)
-        changed = True
+        elif not current.strip():
+            # A first deploy gets a random secret key, so sessions are signed from day one.
+            wanted_text = "SECRET_KEY=%s\n" % secrets.token_hex(32)
+        else:
+            wanted_text = current
+        if wanted_text != current:
+            stream.seek(0)
+            stream.truncate()
+            stream.write(wanted_text)
+            changed = True
+        if os.fstat(descriptor).st_mode & 0o777 != 0o600:
+            os.fchmod(descriptor, 0o600)
+            changed = True
     out(changed=changed)
 
 
@@ -279,8 +311,23 @@ def _databases(root):
     return sorted(name for name in os.listdir(instance) if name.endswith(DATABASE_SUFFIXES))
 
 
+def _refuse_planted_links(database):
+    """The app (www-data) writes shared/instance: a link it planted there, as the database or
+    one of SQLite's side files, must not make the deploy user read or write another file."""
+    import stat
+    for name in (database, database + "-wal", database + "-shm", database + "-journal"):
+        try:
+            info = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise Refusal("%s is a link or not a plain file (planted by the app?); remove it, "
+                          "then try again" % name)
+
+
 def cmd_backup(root, backup_root, release, keep):
     """SQLite's online backup: a consistent copy even while the app writes."""
+    release = release_name(release)
     import datetime
     import sqlite3
     databases = _databases(root)
@@ -291,6 +338,7 @@ def cmd_backup(root, backup_root, release, keep):
     target = path(backup_root, "%s-%s" % (stamp, release))
     os.makedirs(target + ".partial")
     for name in databases:
+        _refuse_planted_links(path(root, "shared", "instance", name))
         source = sqlite3.connect(path(root, "shared", "instance", name), timeout=10)
         copy = sqlite3.connect(path(target + ".partial", name))
         with copy:
@@ -307,12 +355,14 @@ def cmd_backup(root, backup_root, release, keep):
 def cmd_restore(root, backup_dir):
     """Write a backup back into the live database files (also through SQLite's backup API)."""
     import sqlite3
+    backup_dir = backup_dir_of(backup_dir)
     if not os.path.isdir(backup_dir):
         raise Refusal("no backup at %s; `doit backups` lists them" % backup_dir)
     restored = []
     for name in sorted(os.listdir(backup_dir)):
         if not name.endswith(DATABASE_SUFFIXES):
             continue
+        _refuse_planted_links(path(root, "shared", "instance", name))
         source = sqlite3.connect(path(backup_dir, name))
         live = sqlite3.connect(path(root, "shared", "instance", name), timeout=30)
         with live:
@@ -338,6 +388,7 @@ def cmd_set_next(root, release, migrations_paths="", migrate_command=None):
     as in the live release (then its migrations have already run). MIGRATE_COMMAND is kept in
     the release, where the -migrate unit (the app user, hardened) runs it: it can change with
     any deploy, and root never reads it."""
+    release = release_name(release)
     if not os.path.isfile(path(root, "releases", release, ".unpacked")):
         raise Refusal("release %s is not on this server; deploy it first" % release)
     if migrate_command is not None:  # a deploy's; a rollback runs no migrations
@@ -381,6 +432,7 @@ def _same_content(old, new):
 
 
 def cmd_switch(root, release):
+    release = release_name(release)
     previous = release_id_of(path(root, "current"))
     if previous == release:
         out(changed=False, previous=previous)
@@ -426,6 +478,7 @@ def _mark_good(root, release):
 
 def cmd_demote(root, release):
     """A release that failed verification is no longer a rollback target."""
+    release = release_name(release)
     good = [name for name in read_good(root) if name != release]
     write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
     out(changed=True)
@@ -479,6 +532,7 @@ def cmd_prune(root, keep):
 
 def cmd_finish(root, release, keep):
     """A release that went live: mark it good, then prune (one round trip for both)."""
+    release = release_name(release)
     _mark_good(root, release)
     cmd_prune(root, keep)
 

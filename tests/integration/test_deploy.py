@@ -12,6 +12,7 @@ import time
 import pytest
 import requests
 
+from scripts.deploy.lock import machine_identity
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +140,8 @@ def test_a_release_with_a_failing_health_check_never_serves(site):
 def test_a_held_lock_refuses_a_second_deploy_with_the_holders_details(site):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        info = {"token": "t", "who": "olga@ci", "host": os.uname().nodename, "pid": holder.pid,
+        info = {"token": "t", "who": "olga@ci", "host": os.uname().nodename,
+                **machine_identity(), "pid": holder.pid,
                 "pid_start": open(f"/proc/{holder.pid}/stat").read().rsplit(")", 1)[1].split()[19],
                 "started": "2026-11-27T10:00:00+00:00", "release": "abc", "action": "deploy"}
         with site.deploy_user() as machine:
@@ -274,8 +276,8 @@ def test_app_secrets_reach_the_app_and_are_never_printed(site):
                    site.doit("status").stdout, site.doit("logs").stdout):
         assert secret not in output
     with site.admin() as machine:
-        stat = machine["sudo"]["stat", "-c", "%a %U", "/var/www/flask_helpdesk/shared/.env"]()
-        content = machine["sudo"]["cat", "/var/www/flask_helpdesk/shared/.env"]()
+        stat = machine["sudo"]["stat", "-c", "%a %U", "/etc/flask-helpdesk/app.env"]()
+        content = machine["sudo"]["cat", "/etc/flask-helpdesk/app.env"]()
         deploy_log = machine["sudo"]["cat", "/var/www/flask_helpdesk/deploy-log.jsonl"]()
     assert stat.split() == ["600", "deploy"]
     assert secret in content and secret not in deploy_log

@@ -192,7 +192,7 @@ BAD_SETTINGS = [
     ({"BACKUP_PATH": "/var/backups/it's"}, "no spaces, quotes"),
     ({"BACKUP_PATH": "/tmp/x;reboot"}, "no spaces, quotes"),
     ({"BACKUP_PATH": "/tmp/$(reboot)"}, "no spaces, quotes"),
-    ({"SERVICE_NAME": "flask helpdesk"}, "not a valid systemd unit name"),
+    ({"SERVICE_NAME": "flask helpdesk"}, "not a valid service name"),
     ({"APP_PORT": "five"}, "must be a port number"),
     ({"SSH_PORT": "70000"}, "must be a port number"),
 ]

@@ -87,6 +87,7 @@ refused() {
   refused "DEPLOY_PATH=/var/www/a;b" "may hold only letters"
   refused APP_PORT=99999 "APP_PORT=99999 must be a port number"
   refused "SERVICE_NAME=bad name" "SERVICE_NAME=bad name is not a valid name"
+  refused "SERVICE_NAME=.." "SERVICE_NAME=.. is not a valid name"
   refused "DEPLOY_PUBLIC_KEY=-----BEGIN OPENSSH PRIVATE KEY-----" "not an SSH public key"
 }
 
@@ -200,6 +201,38 @@ refused() {
   [ "$(stat -c %a "${dir}")" = "750" ]
   run ensure_dir "${dir}" "${ME}" "${MYGROUP}" 750
   [ "${output}" = "ok: ${dir}/" ]
+}
+
+@test "ensure_safe creates a folder under a user's folder by its fd, then says ok" {
+  local dir="${BATS_TEST_TMPDIR}/app/releases"
+  mkdir "${BATS_TEST_TMPDIR}/app"
+  run ensure_safe dir "${dir}" nobody nogroup 2750
+  [[ "${output}" == "changed: ${dir}/ (nobody:nogroup 2750)" ]]
+  [ "$(stat -c '%a %U %G' "${dir}")" = "2750 nobody nogroup" ]
+  run ensure_safe dir "${dir}" nobody nogroup 2750
+  [ "${output}" = "ok: ${dir}/" ]
+}
+
+@test "ensure_safe refuses a link in a folder others can write, changing nothing through it" {
+  local victim="${BATS_TEST_TMPDIR}/victim"
+  mkdir -p "${victim}" "${BATS_TEST_TMPDIR}/app"
+  chmod 700 "${victim}"
+  ln -s "${victim}" "${BATS_TEST_TMPDIR}/app/releases"
+  run ensure_safe dir "${BATS_TEST_TMPDIR}/app/releases" nobody nogroup 2777
+  [ "${status}" -ne 0 ]
+  [[ "${output}" == *"symbolic link or not a folder"* ]]
+  ln -s "${victim}" "${BATS_TEST_TMPDIR}/app/shared"
+  run ensure_safe dir "${BATS_TEST_TMPDIR}/app/shared/instance" nobody nogroup 2777
+  [ "${status}" -ne 0 ]
+  [[ "${output}" == *"is a symbolic link in a folder others can write"* ]]
+  [ "$(stat -c '%a %U' "${victim}")" = "700 ${ME}" ]
+  [ ! -e "${victim}/instance" ]
+}
+
+@test "a folder root owns needs folders above it that only root can write" {
+  run ensure_safe dir "${BATS_TEST_TMPDIR}/logs" root root 755
+  [ "${status}" -ne 0 ]
+  [[ "${output}" == *"a folder above it can be written by a user other than root"* ]]
 }
 
 @test "templates render every value and carry the hardening block" {

@@ -93,22 +93,42 @@ def test_unpack_refuses_unsafe_paths(root):
     assert not (root / "escape.py").exists() and not (root / "releases" / "r1").exists()
 
 
-def test_shared_links_and_a_private_env_file(root):
+def test_shared_links_and_the_env_file_written_in_place(root, tmp_path):
     release(root, "r1")
-    assert tool("link-shared", root, "r1")["changed"]
+    env_file = tmp_path / "app.env"
+    assert "run `doit setup`" in tool("link-shared", root, "r1", env_file, expect_ok=False)
+    env_file.touch(mode=0o600)
+    inode = env_file.stat().st_ino
+    assert tool("link-shared", root, "r1", env_file)["changed"]
     release_dir = root / "releases" / "r1"
     assert os.readlink(release_dir / "instance") == "../../shared/instance"
-    env_file = root / "shared" / ".env"
     assert env_file.stat().st_mode & 0o777 == 0o600
     assert env_file.read_text().startswith("SECRET_KEY=")
-    assert not tool("link-shared", root, "r1")["changed"]
+    assert not tool("link-shared", root, "r1", env_file)["changed"]
     wanted = "SECRET_KEY=mine\nMAIL=x\n"
     (root / "shared" / ".env.upload").write_text(wanted)
-    assert tool("link-shared", root, "r1", "uploaded")["changed"]
+    assert tool("link-shared", root, "r1", env_file, "uploaded")["changed"]
     assert env_file.read_text() == wanted and env_file.stat().st_mode & 0o777 == 0o600
     (root / "shared" / ".env.upload").write_text(wanted)
-    assert not tool("link-shared", root, "r1", "uploaded")["changed"]
+    assert not tool("link-shared", root, "r1", env_file, "uploaded")["changed"]
     assert not (root / "shared" / ".env.upload").exists()
+    assert env_file.stat().st_ino == inode  # written in place: its folder is root's
+
+
+def test_the_env_file_is_never_written_through_a_link(root, tmp_path):
+    release(root, "r1")
+    victim = tmp_path / "victim"
+    victim.write_text("root's\n")
+    (tmp_path / "app.env").symlink_to(victim)
+    assert "missing" in tool("link-shared", root, "r1", tmp_path / "app.env", expect_ok=False)
+    assert victim.read_text() == "root's\n"
+
+
+def test_names_that_are_not_release_or_backup_names_are_refused(root):
+    for name in (".", "..", "../x", "a/b", "", "-r"):
+        assert "not a release name" in tool("switch", root, name, expect_ok=False), name
+        assert "not a release name" in tool("set-next", root, name, expect_ok=False), name
+    assert "not a backup name" in tool("restore", root, str(root / ".."), expect_ok=False)
 
 
 def test_switch_is_atomic_and_reports_the_previous_release(root):
@@ -246,3 +266,20 @@ def test_deploy_log_keeps_one_json_line_per_entry(root):
         tool("log", root, json.dumps({"release": f"r{number}"}))
     assert [e["release"] for e in tool("history", root, 2)["entries"]] == ["r1", "r2"]
     assert "Expecting" in tool("log", root, "not json", expect_ok=False)
+
+
+@pytest.mark.parametrize("planted", ["helpdesk.sqlite3-wal", "helpdesk.sqlite3-journal"])
+def test_backup_and_restore_refuse_a_link_the_app_planted_in_its_folder(root, tmp_path, planted):
+    database = root / "shared" / "instance" / "helpdesk.sqlite3"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE t (v TEXT)")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    backup = tool("backup", root, backups, "r1", 2)["backup"]
+    victim = tmp_path / "deploys-own-file"
+    victim.write_text("echo mine\n")
+    (root / "shared" / "instance" / planted).symlink_to(victim)
+    assert "is a link or not a plain file" in tool("restore", root, backup, expect_ok=False)
+    assert "is a link or not a plain file" in tool("backup", root, backups, "r2", 2,
+                                                   expect_ok=False)
+    assert victim.read_text() == "echo mine\n"

@@ -74,8 +74,16 @@ def test_several_servers_and_the_sandbox_word(tmp_path):
     ("BACKUP_PATH", "/var/b'k", "no spaces, quotes"),
     ("BACKUP_PATH", "/var/bk;rm -rf", "no spaces, quotes"),
     ("BACKUP_PATH", "/var/$(reboot)", "no spaces, quotes"),
-    ("SERVICE_NAME", "flask helpdesk", "not a valid systemd unit name"),
-    ("SERVICE_NAME", "-x", "not a valid systemd unit name"),
+    ("SERVICE_NAME", "flask helpdesk", "not a valid service name"),
+    ("SERVICE_NAME", "-x", "not a valid service name"),
+    ("SERVICE_NAME", "..", "not a valid service name"),
+    ("SERVICE_NAME", "a/b", "not a valid service name"),
+    ("RELEASE", ".", "must be a release id"),
+    ("RELEASE", "..", "must be a release id"),
+    ("RELEASE", "../etc", "must be a release id"),
+    ("RESTORE_BACKUP", "..", "must be a backup name"),
+    ("RESTORE_BACKUP", ".hidden", "must be a backup name"),
+    ("RESTORE_BACKUP", "a/b", "must be a backup name"),
     ("APP_PORT", "http", "must be a port number from 1 to 65535"),
     ("APP_PORT", "70000", "must be a port number from 1 to 65535"),
     ("SSH_PORT", "0", "must be a port number from 1 to 65535"),
@@ -129,3 +137,16 @@ def test_a_gitlab_pipeline_must_name_its_server(tmp_path):
     ok = load_settings(tmp_path / "none", environ={"GITLAB_CI": "true",
                                                    "DEPLOY_SERVER": "helpdesk.example.com"})
     assert ok.deploy_servers == ("helpdesk.example.com",)
+
+
+def test_service_name_is_validated_by_one_pattern_in_python_and_in_bash():
+    import re
+
+    from scripts.settings import REPO_ROOT, SERVICE_NAME_PATTERN
+    script = (REPO_ROOT / "server_setup.sh").read_text()
+    bash_pattern = re.search(r"^readonly SERVICE_NAME_PATTERN='([^']+)'$", script, re.M).group(1)
+    assert bash_pattern == SERVICE_NAME_PATTERN
+    for name in ("flask-helpdesk", "app_2", "web:blue", "a.b"):
+        assert re.match(SERVICE_NAME_PATTERN, name), name
+    for name in (".", "..", "-x", "a/b", "a b", "x@y", "a" * 101):
+        assert not re.match(SERVICE_NAME_PATTERN, name), name

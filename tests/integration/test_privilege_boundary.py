@@ -1,0 +1,317 @@
+"""The deploy user and the app can never become root (README, Security): an attacker holding the
+deploy key, or running code as the app (www-data), plants links and files wherever that user
+can write, then everything root runs afterwards runs: server_setup.sh (`doit setup`), deploys,
+rollbacks, restores, `doit logs`, log rotation, and every sudo rule with its allowed arguments.
+Pass: no root-owned file changes owner, mode or content, no root-only content is ever printed
+or copied, and no shell as root or as another user is gained. Each test names its route (R1..)
+as the README's table does."""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+
+import pytest
+
+from tests.integration.helpers import script_lines
+
+pytestmark = pytest.mark.integration
+
+DEPLOY_PATH = "/var/www/flask_helpdesk"
+LOG_PATH = "/var/log/flask_helpdesk"
+BACKUP_PATH = "/var/backups/flask_helpdesk"
+CANARY_FILE = "/root/canary"       # root-only content: must never be printed or copied
+CANARY_DIR = "/root/canary-dir"    # a root-owned folder: must never change owner or mode
+SECRET = "ROOT-ONLY-" + secrets.token_hex(8)
+# What root owns and an attack would aim at: owner, mode, size and content of each.
+WATCHED = [CANARY_FILE, CANARY_DIR, f"{CANARY_DIR}/f", "/etc/shadow", "/etc/passwd",
+           "/etc/group", "/etc/sudoers", "/etc/sudoers.d", "/etc/systemd/system",
+           "/etc/flask-helpdesk", "/etc/logrotate.d", "/usr/local/sbin", "/etc/cron.d", "/root"]
+
+
+def run(machine, script: str) -> tuple[int, str]:
+    """A shell script on the server; its status and its output (stderr joined)."""
+    status, stdout, stderr = machine["sh"]["-c", f"exec 2>&1; {script}"].run(retcode=None)
+    return status, stdout + stderr
+
+
+@pytest.fixture(scope="module")
+def armed(site):
+    """A deployed server with root-only canaries, and `less` (the pager a user may add)."""
+    result = site.deploy()
+    assert result.returncode == 0, result.stdout + result.stderr
+    with site.admin() as admin:
+        status, output = run(admin, f"""
+            sudo install -m 600 /dev/null {CANARY_FILE}
+            echo 'ROOT_SECRET={SECRET}' | sudo tee {CANARY_FILE} >/dev/null
+            sudo install -d -m 700 {CANARY_DIR}
+            echo '{SECRET}' | sudo tee {CANARY_DIR}/f >/dev/null
+            sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q less >/dev/null""")
+        assert status == 0, output
+    return site
+
+
+def root_state(site) -> str:
+    paths = " ".join(WATCHED)
+    with site.admin() as admin:
+        status, output = run(admin, f"sudo find {paths} -xdev -maxdepth 2 "
+                                    f"-printf '%p %u %g %m %s %l\\n' | sort; sudo find {paths} "
+                                    f"-xdev -maxdepth 2 -type f -exec sha256sum {{}} + | sort")
+    assert status == 0, output
+    return output
+
+
+def as_deploy(site, script: str) -> tuple[int, str]:
+    with site.deploy_user() as machine:
+        return run(machine, script)
+
+
+def as_app(site, script: str) -> tuple[int, str]:
+    """As www-data outside its sandbox: more than a compromised app can do inside it."""
+    with site.admin() as admin:
+        return run(admin, f"cd / && sudo -u www-data sh -c {shlex.quote(script)}")
+
+
+def no_secret(*outputs: str) -> None:
+    for output in outputs:
+        assert SECRET not in output
+
+
+@pytest.mark.parametrize("attacker", ["deploy", "www-data"])
+def test_r1_r2_nobody_but_root_can_put_a_link_in_the_log_folder(armed, attacker):
+    before = root_state(armed)
+    plant = as_deploy if attacker == "deploy" else as_app
+    status, output = plant(armed, f"""
+        ln -sf {CANARY_FILE} {LOG_PATH}/app.log; echo "link $?"
+        ln -s {CANARY_FILE} {LOG_PATH}/other.log; echo "new $?"
+        mv {LOG_PATH}/error.log {LOG_PATH}/moved.log; echo "move $?"
+        ln {CANARY_FILE} {LOG_PATH}/hard.log; echo "hard $?"
+        ln -sf {CANARY_FILE} /var/log/nginx/flask_helpdesk_error.log; echo "nginx $?" """)
+    assert "link 0" not in output and "new 0" not in output and "move 0" not in output
+    assert "hard 0" not in output and "nginx 0" not in output and "hard 1" in output
+    _, tails = as_deploy(armed, f"sudo -n tail -n 100 {LOG_PATH}/app.log; "
+                                f"sudo -n tail -n 100 {LOG_PATH}/error.log; sudo -n tail -n 100 "
+                                f"/var/log/nginx/flask_helpdesk_error.log")
+    logs = armed.doit("logs")
+    no_secret(output, tails, logs.stdout, logs.stderr)
+    assert root_state(armed) == before
+
+
+def test_r3_the_app_writes_only_its_own_log_files(armed):
+    status, output = as_app(armed, f"echo line-from-the-app >> {LOG_PATH}/app.log && "
+                                   f"rm -f {LOG_PATH}/app.log; echo rm $?")
+    assert "rm 0" not in output
+    _, listing = as_deploy(armed, f"stat -c '%U %G %a' {LOG_PATH} {LOG_PATH}/app.log")
+    assert listing.split("\n")[:2] == ["root root 755", "www-data www-data 640"]
+    _, tail = as_deploy(armed, f"sudo -n tail -n 100 {LOG_PATH}/app.log")
+    assert "line-from-the-app" in tail
+
+
+def test_r4_log_rotation_runs_as_root_and_touches_only_the_apps_files(armed):
+    before = root_state(armed)
+    as_app(armed, f"ln -s {CANARY_FILE} {LOG_PATH}/app.log.1; echo x >> {LOG_PATH}/app.log")
+    with armed.admin() as admin:
+        status, output = run(admin, "sudo logrotate -f /etc/logrotate.d/flask_helpdesk && "
+                                    f"sudo ls -l {LOG_PATH} && sudo zcat -f {LOG_PATH}/*")
+    assert status == 0, output
+    assert "www-data www-data" in output and "app.log.1" in output
+    no_secret(output)
+    assert root_state(armed) == before
+
+
+@pytest.mark.parametrize("planted", [f"ln -sf {CANARY_FILE} ~/.ssh/authorized_keys",
+                                     f"mv ~/.ssh ~/.ssh.mine && ln -s {CANARY_DIR} ~/.ssh"],
+                         ids=["authorized_keys", "ssh_folder"])
+def test_r5_r6_setup_never_writes_through_the_deploy_users_home(armed, planted):
+    before = root_state(armed)
+    status, output = as_deploy(armed, f"cp ~/.ssh/authorized_keys /tmp/keys.mine && {planted}")
+    assert status == 0, output
+    with armed.admin() as admin:  # deploy cannot log in any more: root puts its key back
+        try:
+            setup = armed.doit("setup")
+        finally:
+            run(admin, "cd /home/deploy && sudo rm -f .ssh/authorized_keys; sudo rm -f .ssh; "
+                       "sudo mv .ssh.mine .ssh 2>/dev/null; sudo install -m 600 -o deploy "
+                       "-g deploy /tmp/keys.mine .ssh/authorized_keys")
+    assert setup.returncode != 0
+    assert "error: could not add the deploy key" in setup.stdout + setup.stderr
+    no_secret(setup.stdout, setup.stderr)
+    assert root_state(armed) == before
+    assert armed.doit("setup").returncode == 0
+
+
+@pytest.mark.parametrize("folder", ["releases", "shared/instance", "shared/venvs"])
+def test_r7_r8_r9_setup_refuses_a_folder_swapped_for_a_link(armed, folder):
+    before = root_state(armed)
+    moved = f"{DEPLOY_PATH}/{folder}.mine"
+    # Even the app's folder: deploy owns the folder that holds it, so deploy can rename it.
+    status, output = as_deploy(armed, f"mv {DEPLOY_PATH}/{folder} {moved} && "
+                                      f"ln -s {CANARY_DIR} {DEPLOY_PATH}/{folder}")
+    assert status == 0, output
+    with armed.admin() as admin:
+        try:
+            setup = armed.doit("setup")
+        finally:
+            run(admin, f"sudo rm {DEPLOY_PATH}/{folder} && sudo mv {moved} {DEPLOY_PATH}/{folder}")
+    assert setup.returncode != 0
+    errors = [line for line in (setup.stdout + setup.stderr).splitlines() if "error:" in line]
+    assert errors and "symbolic link" in errors[0]
+    assert root_state(armed) == before
+    assert armed.doit("setup").returncode == 0
+
+
+def test_r10_the_apps_environment_is_never_read_through_a_link(armed):
+    before = root_state(armed)
+    _, output = as_deploy(armed, f"""
+        ln -sf {CANARY_FILE} /etc/flask-helpdesk/app.env; echo "swap $?"
+        ln -sf {CANARY_FILE} {DEPLOY_PATH}/shared/.env
+        sudo -n systemctl restart flask-helpdesk; echo "restart $?" """)
+    assert "swap 0" not in output and "restart 0" in output
+    with armed.admin() as admin:
+        _, environ = run(admin, "sudo cat /proc/$(systemctl show -p MainPID --value "
+                                "flask-helpdesk)/environ | tr '\\0' '\\n'")
+        run(admin, f"sudo rm -f {DEPLOY_PATH}/shared/.env")
+    assert "SECRET_KEY=" in environ  # the app's own environment was read
+    no_secret(environ, output)
+    assert root_state(armed) == before
+
+
+def test_r11_sudo_runs_no_program_of_deploys_as_www_data(armed):
+    _, output = as_deploy(armed, f"""
+        sudo -n -u www-data {DEPLOY_PATH}/venv/bin/python --version; echo "genuine $?"
+        mkdir -p /tmp/evil/bin && printf '#!/bin/sh\\nid\\n' > /tmp/evil/bin/python
+        chmod +x /tmp/evil/bin/python
+        ln -sfnT /tmp/evil {DEPLOY_PATH}/venv
+        sudo -n -u www-data {DEPLOY_PATH}/venv/bin/python --version; echo "linked $?"
+        ln -sfnT current/.venv {DEPLOY_PATH}/venv
+        python=$(readlink -f {DEPLOY_PATH}/current/.venv)/bin/python
+        mv "$python" "$python.real" && cp /tmp/evil/bin/python "$python"
+        sudo -n -u www-data {DEPLOY_PATH}/venv/bin/python --version; echo "replaced $?"
+        mv -f "$python.real" "$python" """)
+    assert "Python 3." in output and "genuine 0" in output
+    assert "linked 0" not in output and "replaced 0" not in output
+    assert "uid=" not in output
+
+
+def test_r12_no_sudo_rule_gives_deploy_a_shell_or_another_file(armed):
+    _, rules = as_deploy(armed, "sudo -n -l")
+    allowed = rules.split("may run the following commands")[1]
+    assert "ALL" not in allowed.replace("NOPASSWD", "") and "*" not in allowed
+    attempts = ["/bin/sh -c id", "-u www-data /bin/sh -c id", "-u root /bin/bash",
+                "tail -n 100 /etc/shadow", f"tail -n 100 {LOG_PATH}/../../../etc/shadow",
+                "tail -f /etc/shadow", "journalctl -u flask-helpdesk -f --file /etc/shadow",
+                "systemctl start flask-helpdesk@x", "systemctl edit flask-helpdesk",
+                "nginx -c /root/canary -t", "-u www-data /usr/bin/python3 -c 'print(1)'",
+                f"-u www-data {DEPLOY_PATH}/venv/bin/python -c 'print(1)'",
+                f"python3 {DEPLOY_PATH}/.deploy-tool/x.py", "-e /etc/shadow"]
+    for attempt in attempts:
+        status, output = as_deploy(armed, f"sudo -n {attempt}")
+        assert status != 0 and "uid=0" not in output, attempt
+        no_secret(output)
+    # Every program a rule runs as root is root's, in folders only root can write.
+    programs = sorted({line.split()[0] for line in allowed.replace(",", "\n").splitlines()
+                       if line.strip().startswith("/")} | {"/usr/bin/systemctl"})
+    _, owners = as_deploy(armed, "stat -L -c '%U %a' " + " ".join(
+        f"{p} $(dirname {p})" for p in programs))
+    for line in owners.splitlines():
+        owner, mode = line.split()
+        assert owner == "root" and int(mode, 8) & 0o022 == 0, owners
+
+
+@pytest.mark.parametrize("command", ["journalctl -u flask-helpdesk",
+                                     "systemctl status flask-helpdesk"])
+def test_r13_the_pager_of_sudo_journalctl_and_systemctl_opens_no_shell(armed, command):
+    marker = f"/tmp/pager-shell-{command.split()[0]}"
+    typed = f"(sleep 1; printf '!touch {marker}\\r'; sleep 1; printf '\\rq'; sleep 1)"
+    with armed.deploy_user() as deploy:
+        _, control = run(deploy, f"export TERM=xterm; {typed} | timeout 20 script -qc "
+                                 f"'stty rows 5 cols 80; less /etc/services' /dev/null; "
+                                 f"test -e {marker} && echo control-ran; rm -f {marker}")
+        assert "control-ran" in control  # the keys reach a pager: this test can fail
+        _, output = run(deploy, f"export TERM=xterm; {typed} | timeout 20 script -qc "
+                                f"'stty rows 5 cols 80; sudo -n {command}' /dev/null")
+    assert "Command not available" in output
+    with armed.admin() as admin:
+        assert run(admin, f"test -e {marker}")[0] != 0
+
+
+def test_r14_root_never_runs_the_server_tool_deploy_can_rewrite(armed):
+    armed.change_code("a second release, to roll back from")
+    assert armed.deploy().returncode == 0
+    with armed.deploy_user() as deploy:
+        _, tool = run(deploy, f"ls {DEPLOY_PATH}/.deploy-tool/*.py")
+        tool = tool.split()[0]
+        status, output = run(deploy, f"""
+            cp {tool} /tmp/tool.real && cat > {tool} <<'EOF'
+import os, runpy, sys
+open("/tmp/tool-ran-as-%d" % os.getuid(), "w").close()
+sys.argv[0] = "/tmp/tool.real"
+runpy.run_path("/tmp/tool.real", run_name="__main__")
+EOF""")
+        assert status == 0, output
+        try:
+            results = [armed.doit(*task) for task in
+                       (("setup",), ("status",), ("logs",), ("backups",), ("rollback",))]
+        finally:
+            run(deploy, f"cp /tmp/tool.real {tool}")
+    assert all(result.returncode == 0 for result in results), results[-1].stderr
+    with armed.admin() as admin:
+        _, markers = run(admin, "ls /tmp/tool-ran-as-*")
+    assert "tool-ran-as-" in markers  # the rewritten tool did run, as deploy
+    assert "tool-ran-as-0" not in markers
+    assert armed.deploy().returncode == 0
+
+
+def test_r15_backups_and_restores_follow_no_planted_link(armed):
+    before = root_state(armed)
+    armed.create_ticket("before the planted links")
+    as_deploy(armed, f"ln -sfn {CANARY_DIR} {BACKUP_PATH}/20990101T000000000000Z-evil")
+    profile_before = as_deploy(armed, "sha256sum ~/.profile")[1]
+    instance = f"{DEPLOY_PATH}/shared/instance"
+    as_app(armed, f"ln -sf /home/deploy/.profile {instance}/helpdesk.sqlite3-journal")
+    try:
+        evil = armed.doit("restore", RESTORE_BACKUP="20990101T000000000000Z-evil")
+        backups = armed.doit("backups")
+        name = [line.split()[-1] for line in backups.stdout.splitlines()
+                if "RESTORE_BACKUP=" not in line and "Z-" in line][0]
+        planted = armed.doit("restore", RESTORE_BACKUP=name)
+    finally:
+        as_app(armed, f"rm -f {instance}/helpdesk.sqlite3-journal")
+        as_deploy(armed, f"rm -f {BACKUP_PATH}/20990101T000000000000Z-evil")
+    assert evil.returncode != 0 and planted.returncode != 0
+    assert "is a link or not a plain file" in planted.stderr
+    assert as_deploy(armed, "sha256sum ~/.profile")[1] == profile_before
+    no_secret(evil.stdout, evil.stderr, planted.stdout, planted.stderr, backups.stdout)
+    assert root_state(armed) == before
+    assert "before the planted links" in armed.ticket_titles()
+
+
+@pytest.mark.parametrize("setting, value", [("RELEASE", ".."), ("RELEASE", "."),
+                                            ("RESTORE_BACKUP", ".."),
+                                            ("RESTORE_BACKUP", "../../../root")])
+def test_r16_names_that_are_not_releases_or_backups_are_refused(armed, setting, value):
+    served = armed.served_release()
+    task = "rollback" if setting == "RELEASE" else "restore"
+    result = armed.doit(task, **{setting: value})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"setting {setting}=" in errors[0], result.stderr
+    assert armed.served_release() == served
+
+
+def test_r17_a_deploy_after_deploy_planted_links_everywhere_changes_nothing_of_roots(armed):
+    before = root_state(armed)
+    as_deploy(armed, f"""
+        ln -sfn {CANARY_DIR} {DEPLOY_PATH}/releases/zzz-planted
+        ln -sfn {CANARY_DIR} {DEPLOY_PATH}/shared/venvs/planted
+        ln -sf {CANARY_FILE} {DEPLOY_PATH}/packages/helpdesk-planted.tar.gz
+        ln -sf {CANARY_FILE} {DEPLOY_PATH}/shared/.env.upload""")
+    as_app(armed, f"ln -sfn {CANARY_DIR} {DEPLOY_PATH}/shared/uploads/planted")
+    armed.change_code("after planted links")
+    result = armed.deploy()
+    setup = armed.doit("setup")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert setup.returncode == 0 and "changed:" not in "\n".join(script_lines(setup.stdout))
+    no_secret(result.stdout, result.stderr, setup.stdout)
+    assert root_state(armed) == before
+    assert armed.served_release() == armed.built_release()

@@ -1,0 +1,47 @@
+"""`doit setup` logs in as SETUP_USER with that account's own key, never the deploy key, and
+its error lines never advise giving the provisioning account the deploy key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scripts.errors import ToolkitError
+from scripts.remote import explain_ssh_failure
+from scripts.settings import load_settings
+from scripts.targets import deploy_targets, setup_targets
+
+
+def settings_with(tmp_path, **values):
+    return load_settings(tmp_path / "missing.env", environ={"DEPLOY_SERVER": "web-1.example.com",
+                                                            **values})
+
+
+def test_setup_logs_in_with_its_own_key_and_deploys_with_the_deploy_key(tmp_path):
+    settings = settings_with(tmp_path, SSH_KEY_FILE="/keys/deploy", SETUP_KEY_FILE="/keys/admin")
+    (setup,) = setup_targets(settings)
+    (deploy,) = deploy_targets(settings)
+    assert (setup.user, setup.key_file, setup.key_setting) == ("root", Path("/keys/admin"),
+                                                               "SETUP_KEY_FILE")
+    assert (deploy.user, deploy.key_file) == ("deploy", Path("/keys/deploy"))
+
+
+def test_without_setup_key_file_setup_uses_ssh_agent_not_the_deploy_key(tmp_path):
+    settings = settings_with(tmp_path, SSH_KEY_FILE="/keys/deploy")
+    (setup,) = setup_targets(settings)
+    assert setup.key_file is None
+
+
+def test_the_deploy_key_as_setup_key_is_refused(tmp_path):
+    settings = settings_with(tmp_path, SSH_KEY_FILE="/keys/deploy", SETUP_KEY_FILE="/keys/deploy")
+    with pytest.raises(ToolkitError, match=r"^setting SETUP_KEY_FILE is the deploy key"):
+        setup_targets(settings)
+
+
+def test_a_refused_setup_key_is_explained_without_advising_the_deploy_key(tmp_path):
+    settings = settings_with(tmp_path, SETUP_KEY_FILE="/keys/admin")
+    (setup,) = setup_targets(settings)
+    line = explain_ssh_failure(setup, "root@web-1.example.com: Permission denied (publickey).")
+    assert "set SETUP_KEY_FILE to root's own key" in line
+    assert "authorized_keys" not in line and "Never give root the deploy key" in line
