@@ -48,8 +48,8 @@ def test_first_deploy_passes_verify_with_a_plain_health_page_and_journal_logs(no
     assert first.returncode == 0, first.stdout + first.stderr
     assert re.search(r"changed +migrate .* flask --app notes init-db", first.stdout)
     assert "/ping from here answers 2xx (it reports no release)" in first.stdout
-    assert "guide: tail app.log: no /var/log/flask_helpdesk/app.log; the app logs to the " \
-           "journal" in first.stdout
+    assert "guide: tail app.log: /var/log/flask_helpdesk/app.log is empty; the app logs to " \
+           "the journal" in first.stdout
     assert requests.get(site.url + "ping", timeout=10).text == "pong\n"
 
 
