@@ -1,31 +1,11 @@
-"""doit actions: thin adapters from doit's calling convention to the toolkit's modules.
-
-A doit python-action fails the task by returning False; user-facing errors are printed as one
-line without a traceback."""
+"""doit actions of the local and provisioning stages: sandbox, build, setup."""
 
 from __future__ import annotations
 
-import functools
-import sys
-
 from scripts import TOOL_VERSION
+from scripts.actions import user_errors_fail_task
 from scripts.errors import ToolkitError
 from scripts.settings import load_settings
-
-
-def user_errors_fail_task(action):
-    """Turn a ToolkitError into one line on stderr and a failed task (no traceback)."""
-    @functools.wraps(action)
-    def wrapper(*args, **kwargs):
-        try:
-            result = action(*args, **kwargs)
-        except ToolkitError as error:
-            for line in str(error).splitlines():
-                print(f"error: {line}", file=sys.stderr)
-            return False
-        # A dict is what doit saves as the task's values (read back by uptodate callables).
-        return result if isinstance(result, dict) else result is not False
-    return wrapper
 
 
 @user_errors_fail_task

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.actions import user_errors_fail_task
 from scripts.build.package import BuildRecord, record_path, sha256_file, verify_package
 from scripts.deploy import commands
 from scripts.deploy.check import check_server
@@ -21,7 +22,6 @@ from scripts.notify import Event, Notifier
 from scripts.remote import Target
 from scripts.settings import Settings, load_settings
 from scripts.targets import deploy_targets
-from scripts.tasks import user_errors_fail_task
 
 
 def built_package(settings: Settings) -> tuple[BuildRecord, Path]:
