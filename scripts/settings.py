@@ -369,13 +369,53 @@ class Settings:
 def read_raw(env_file: Path | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The raw values: `.env` first, then the real environment wins (as CI variables must)."""
     environ = os.environ if environ is None else environ
-    if env_file is None:  # ENV_FILE points elsewhere (tests use it to ignore a user's .env)
-        env_file = Path(environ.get("ENV_FILE") or REPO_ROOT / ".env")
     raw: dict[str, str] = {}
+    env_file = _env_file(env_file, environ)
     if env_file.is_file():
         raw.update({key: value or "" for key, value in dotenv_values(env_file).items()})
     raw.update({s.name: environ[s.name] for s in SETTINGS if s.name in environ})
     return raw
+
+
+def _env_file(env_file: Path | None, environ: Mapping[str, str]) -> Path:
+    # ENV_FILE points elsewhere (tests use it to ignore a user's .env)
+    return env_file or Path(environ.get("ENV_FILE") or REPO_ROOT / ".env")
+
+
+def meant_setting(name: str) -> str | None:
+    """The setting a misspelt name most likely meant (DEPLOY_SEVRER -> DEPLOY_SERVER), if any:
+    close in spelling and starting with the same word, so PATH or CI_SERVER never match."""
+    import difflib
+
+    if any(s.name == name for s in SETTINGS):
+        return None
+    same_word = [s.name for s in SETTINGS if s.name.split("_")[0] == name.split("_")[0]]
+    close = difflib.get_close_matches(name, same_word, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+_warned: set[str] = set()
+
+
+def _unknown_names(raw: Mapping[str, str], environ: Mapping[str, str],
+                   env_file: Path) -> list[str]:
+    """Problems for names that look like a misspelt setting (in .env or the environment); a
+    warning, once, for any other name in .env, which the toolkit ignores."""
+    import sys
+
+    problems = []
+    known = {s.name for s in SETTINGS}
+    for name in sorted(set(raw) | set(environ)):
+        meant = meant_setting(name)
+        where = ".env" if name in raw and name not in known else "the environment"
+        if meant and meant not in raw and meant not in environ:
+            problems.append(f"setting {name} (in {where}) is unknown; did you mean {meant}? "
+                            f"rename it there")
+        elif name in raw and name not in known and name not in _warned and not meant:
+            _warned.add(name)
+            print(f"warning: {env_file}: {name} is not a toolkit setting and is ignored (the "
+                  f"app's own settings belong in APP_ENV_FILE)", file=sys.stderr)
+    return problems
 
 
 def load_settings(env_file: Path | None = None,
@@ -384,7 +424,7 @@ def load_settings(env_file: Path | None = None,
     environ = os.environ if environ is None else environ
     raw = read_raw(env_file, environ)
     values: dict[str, object] = {}
-    problems: list[str] = []
+    problems = _unknown_names(raw, environ, _env_file(env_file, environ))
     for setting in SETTINGS:
         if setting.name in raw:
             text = raw[setting.name]

@@ -25,6 +25,11 @@ def user_errors_fail_task(action):
             for line in str(error).splitlines():
                 print(f"error: {line}", file=sys.stderr)
             return ReportedFailure()
+        except Exception as error:  # noqa: BLE001 - a bug: one line a user can quote in a report
+            print(f"error: {action.__name__.removesuffix('_action')}: unexpected "
+                  f"{type(error).__name__}: {error}; this is a bug in the toolkit, please "
+                  f"report it with this line", file=sys.stderr)
+            return ReportedFailure()
         # A dict is what doit saves as the task's values (read back by uptodate callables).
         if isinstance(result, dict):
             return result

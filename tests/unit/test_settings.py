@@ -128,3 +128,26 @@ def test_a_gitlab_pipeline_must_name_its_server(tmp_path):
     ok = load_settings(tmp_path / "none", environ={"GITLAB_CI": "true",
                                                    "DEPLOY_SERVER": "helpdesk.example.com"})
     assert ok.deploy_servers == ("helpdesk.example.com",)
+
+
+@pytest.mark.parametrize("typo, meant", [("DEPLOY_SEVRER", "DEPLOY_SERVER"),
+                                         ("KEEP_RELEASE", "KEEP_RELEASES"),
+                                         ("HEALTH_PAHT", "HEALTH_PATH")])
+def test_a_misspelt_setting_in_env_file_or_environment_is_an_error_naming_the_setting(
+        tmp_path, typo, meant):
+    for env_file, environ in ((write_env(tmp_path, f"{typo}=x\n"), {}),
+                              (tmp_path / "missing.env", {typo: "x"})):
+        with pytest.raises(SettingsError) as error:
+            load_settings(env_file, environ=environ)
+        assert f"setting {typo} " in str(error.value)
+        assert f"did you mean {meant}?" in str(error.value)
+
+
+def test_other_unknown_names_in_env_file_are_a_warning_and_in_the_environment_nothing(
+        tmp_path, capsys):
+    env_file = write_env(tmp_path, "SECRET_KEY=abc\n")
+    settings = load_settings(env_file, environ={"PATH": "/usr/bin", "CI_SERVER": "yes",
+                                                "RELEASES": "x"})
+    assert settings.uses_sandbox
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "SECRET_KEY is not a toolkit setting" in err
