@@ -49,7 +49,8 @@ def public_urls(settings: Settings, targets: list[Target]) -> dict[str, str]:
 def _servers(settings: Settings):
     targets = deploy_targets(settings)
     for target in targets:
-        reporter = Reporter(server=target.display, show_server=len(targets) > 1)
+        reporter = Reporter(server=target.display, show_server=len(targets) > 1,
+                            dry_run=settings.dry_run)
         yield Server(target, settings.deploy_path, settings.dry_run, log=reporter.line), reporter
 
 
@@ -93,11 +94,13 @@ def check_action():
     errors = run_parallel([lambda pair=pair: check_one(*pair) for pair in _servers(settings)],
                           settings.deploy_parallel)
     for error in errors:
-        if error:
-            print(f"error: {error}", file=sys.stderr)
+        if error:  # an unreachable server: its own line, the one error line comes below
+            print(f"{'FAILED':8} {error}")
     healthy = all(verdicts) and not any(errors)
     if not healthy:
-        raise ToolkitError("pre-deploy checks failed (see FAILED above); nothing was changed")
+        first = next((str(e) for e in errors if e), "see FAILED above")
+        raise ToolkitError(f"pre-deploy checks failed ({first.splitlines()[0]}); nothing was "
+                           f"changed")
 
 
 def _event(settings: Settings, action: str, result: str, release: str, **details) -> Event:
@@ -126,8 +129,10 @@ def ship_action():
             outcomes = deploy_fleet(pairs, settings, record, package, on_start=announce_once)
         for (_, reporter), outcome in zip(pairs, outcomes):
             verb = "deployed" if outcome.changed else "already current"
+            if settings.dry_run:
+                verb = "would be deployed" if outcome.changed else "already current"
             reporter.line(f"deploy: release {outcome.release} {verb} in {outcome.seconds:.1f} s "
-                          f"(previous: {outcome.previous})")
+                          f"(previous: {outcome.previous or 'none'})")
     except BaseException as error:
         failed_steps = [r.failed_step for _, r in pairs if r.failed_step]
         notifier.send(_event(settings, "deploy", "failed", record.release_id,
@@ -139,6 +144,10 @@ def ship_action():
     if announced:
         notifier.send(_event(settings, "deploy", "ok", record.release_id,
                              commit=record.git_commit, seconds=time.monotonic() - started))
+    if settings.dry_run:
+        print(f"DRY_RUN=1: nothing was changed; without it, {count} server(s) would go to "
+              f"release {record.release_id}")
+        return
     print(f"deploy: {count} server(s) on release {record.release_id} in "
           f"{time.monotonic() - started:.1f} s")
 
@@ -184,8 +193,9 @@ def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = 
             outcome = rollback_server(server, settings, reporter,
                                       undo_last_deploy=undo_last_deploy)
         targets.append(outcome.release)
-        reporter.line(f"rollback: {server.name} serves release {outcome.release} "
-                      f"(was {outcome.previous}) after {outcome.seconds:.1f} s")
+        verb = "would serve" if settings.dry_run else "serves"
+        reporter.line(f"rollback: {server.name} {verb} release {outcome.release} "
+                      f"(was {outcome.previous or 'none'}) after {outcome.seconds:.1f} s")
     target = settings.release
     try:
         errors = run_parallel([lambda pair=pair: roll_back_one(*pair)
@@ -228,14 +238,14 @@ def status_action():
     for server, reporter in _set_up_servers(settings):
         state = server.tool_call("probe", str(server.deploy_path))
         active = server.run(commands.systemctl("is-active", settings.service_name),
-                            check=False).stdout.strip()
+                            check=False, reads=True).stdout.strip()
         good = state.get("good", [])
         current = state.get("current")
         previous = good[good.index(current) - 1] if current in good and \
             good.index(current) > 0 else None
         reporter.line(f"service  {settings.service_name}: {active}")
-        reporter.line(f"current  {current}")
-        reporter.line(f"previous {previous} (what `doit rollback` goes back to)")
+        reporter.line(f"current  {current or 'none'}")
+        reporter.line(f"previous {previous or 'none'} (what `doit rollback` goes back to)")
         reporter.line(f"releases {', '.join(state.get('releases', [])) or 'none'} "
                       f"(good: {', '.join(good) or 'none'})")
         if state.get("lock"):
@@ -256,10 +266,11 @@ def logs_action():
         with server:
             for name in files:
                 reporter.line(f"==> {name} <==")
-                print(server.sudo(["tail", "-n", "100", name], check=False).stdout.rstrip())
+                print(server.sudo(["tail", "-n", "100", name], check=False,
+                                  reads=True).stdout.rstrip())
             reporter.line(f"==> journalctl -u {settings.service_name} <==")
             print(server.sudo(commands.journal(settings.service_name, 50),
-                              check=False).stdout.rstrip())
+                              check=False, reads=True).stdout.rstrip())
 
 
 @user_errors_fail_task

@@ -45,7 +45,7 @@ def log_entry(action: str, release: str, previous: str | None, started: float, r
 
 
 def journal_tail(server: Server, unit: str) -> str:
-    lines = server.sudo(commands.journal(unit, 30), check=False).stdout.strip().splitlines()
+    lines = server.sudo(commands.journal(unit, 30), check=False, reads=True).stdout.strip().splitlines()
     return " | ".join(line.split(": ", 1)[-1] for line in lines[-4:])
 
 
@@ -80,7 +80,7 @@ def _serves(server: Server, settings: Settings, release: str) -> bool:
     deploy killed between switch and restart leaves those two different)."""
     try:
         server.tool_call("health", commands.health_url(settings.app_port, settings.health_path),
-                         release, 1)
+                         release, 1, reads=True)
     except ToolkitError:
         return False
     return True
@@ -134,10 +134,28 @@ def needs_deploy(server: Server, settings: Settings, release: str) -> tuple[bool
         raise ToolkitError(f"{server.name}: {path} is not set up for deploys; run `doit setup`")
     state = server.tool_call("probe", path)
     current = state.get("current")
-    if current == release and release in state.get("good", []) and not server.dry_run \
+    if current == release and release in state.get("good", []) \
             and _serves(server, settings, release):
         return False, current
     return True, current
+
+
+def dry_run_facts(server: Server, record: BuildRecord, package: Path) -> dict:
+    """What the server holds that decides each step's outcome (read, never changed), so a dry
+    run's plan says what a real run would do."""
+    import hashlib
+    import tarfile
+
+    from scripts.build.package import MANIFEST_NAME
+    from scripts.deploy.server_tool import requirements_key
+
+    path = str(server.deploy_path)
+    with tarfile.open(package, "r:gz") as tar:
+        manifest = json.load(tar.extractfile(MANIFEST_NAME))
+    key = requirements_key(manifest, server.tool_call("probe", path)["python"])
+    facts = server.tool_call("plan", path, record.release_id, key)
+    facts["venv"] = key
+    return facts
 
 
 def prepare(server: Server, settings: Settings, record: BuildRecord, package: Path,
@@ -145,32 +163,42 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
     """Everything before the switch: the old release keeps serving, untouched."""
     path = str(server.deploy_path)
     release = record.release_id
+    facts = dry_run_facts(server, record, package) if server.dry_run else {}
     with reporter.step("upload") as outcome:
         outcome.changed = upload_package(server, record, package)
         outcome.detail = (f"{record.package} ({record.size / 1e6:.2f} MB)" if outcome.changed
                           else "package already on the server")
     with reporter.step("unpack") as outcome:
-        outcome.changed = server.tool_call("unpack", path, record.package, release)["changed"] \
-            if not server.dry_run else True
+        answer = server.tool_call("unpack", path, record.package, release)
+        outcome.changed = not facts["unpacked"] if server.dry_run else answer["changed"]
         outcome.detail = f"releases/{release}"
     with reporter.step("venv") as outcome:
         answer = server.tool_call("venv", path, release)
-        outcome.changed = bool(answer.get("changed"))
-        outcome.detail = (f"built shared/venvs/{answer.get('venv')} from wheels"
-                          if outcome.changed else
-                          f"reused shared/venvs/{answer.get('venv')} (same requirements)")
+        outcome.changed = (not facts["venv_ready"] if server.dry_run
+                           else bool(answer.get("changed")))
+        venv = facts.get("venv") or answer.get("venv")
+        outcome.detail = (f"built shared/venvs/{venv} from wheels" if outcome.changed else
+                          f"reused shared/venvs/{venv} (same requirements)")
     with reporter.step("shared") as outcome:
         uploaded = ""
         if settings.app_env_file:  # secrets: sent as a private file, never on a command line
             server.put(settings.app_env_file.read_bytes(),
                        server.deploy_path / "shared" / ".env.upload")
             uploaded = "uploaded"
-        outcome.changed = bool(server.tool_call("link-shared", path, release, uploaded)
-                               .get("changed"))
+        answer = server.tool_call("link-shared", path, release, uploaded)
+        if server.dry_run:
+            wanted = (hashlib.sha256(settings.app_env_file.read_bytes()).hexdigest()
+                      if settings.app_env_file else facts["env_sha256"])
+            outcome.changed = not facts["unpacked"] or facts["env_sha256"] in (None, "") \
+                or wanted != facts["env_sha256"]
+        else:
+            outcome.changed = bool(answer.get("changed"))
         outcome.detail = "instance/, uploads/ -> shared/; shared/.env 0600"
     with reporter.step("backup") as outcome:
         backup = server.tool_call("backup", path, str(settings.backup_path), release,
                                   settings.backups_keep).get("backup")
+        if server.dry_run and facts["databases"]:
+            backup = f"{settings.backup_path}/<now>-{release} ({', '.join(facts['databases'])})"
         outcome.changed = bool(backup)
         outcome.detail = backup or "no database yet"
     with reporter.step("migrate") as outcome:
@@ -185,8 +213,12 @@ def go_live(server: Server, settings: Settings, release: str, reporter: Reporter
     """Switch and restart; if the restarted service is unhealthy, switch this server back."""
     with reporter.step("switch") as outcome:
         answer = server.tool_call("switch", str(server.deploy_path), release)
+        if server.dry_run:
+            current = server.tool_call("probe", str(server.deploy_path)).get("current")
+            answer = {"changed": current != release, "previous": current}
         outcome.changed = bool(answer.get("changed", True))
-        outcome.detail = f"current -> releases/{release} (was {answer.get('previous')})"
+        outcome.detail = (f"current -> releases/{release} (was "
+                          f"{answer.get('previous') or 'none: the first deploy'})")
     with reporter.step("restart") as outcome:
         try:
             restart_and_check(server, settings, release)

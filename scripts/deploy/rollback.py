@@ -32,7 +32,7 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
     target = current if stay_on_current else settings.release or answer.get("previous")
     if undo_last_deploy:
         target = _served_before_last_deploy(server, current) or target
-    if not target and not server.dry_run:
+    if not target:
         raise ToolkitError(f"{server.name}: nothing to roll back to: release {current} is the "
                            f"only good release on the server")
     if target == current and not settings.restore_backup:

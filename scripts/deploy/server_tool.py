@@ -106,6 +106,18 @@ def cmd_probe(root):
         layout=os.path.isdir(path(root, "releases")) and os.path.isdir(path(root, "shared")))
 
 
+def cmd_plan(root, release, venv_key):
+    """What a dry run needs beyond probe to say what each deploy step would do."""
+    env_file = path(root, "shared", ".env")
+    env_sha256 = None
+    if os.path.isfile(env_file):
+        with open(env_file, "rb") as stream:
+            env_sha256 = _sha256(stream.read()).hexdigest()
+    out(unpacked=os.path.isfile(path(root, "releases", release, ".unpacked")),
+        venv_ready=os.path.isfile(path(root, "shared", "venvs", venv_key, ".complete")),
+        databases=_databases(root), env_sha256=env_sha256)
+
+
 def cmd_lock(root, info_json):
     """mkdir is atomic: exactly one deploy gets the lock."""
     lock_dir = path(root, ".deploy-lock")
@@ -192,12 +204,17 @@ def cmd_unpack(root, name, release):
     out(changed=True)
 
 
-def _requirements_hash(release_dir, python):
-    with open(path(release_dir, "manifest.json")) as stream:
-        manifest = json.load(stream)
+def requirements_key(manifest, python):
+    """The shared venv a release uses: its requirements, wheels and the server's Python. A dry
+    run computes it from the local package's manifest."""
     wheels = sorted(entry["sha256"] for entry in manifest.get("wheels", []))
     text = manifest["requirements_sha256"] + "|" + python + "|" + ",".join(wheels)
     return _sha256(text.encode()).hexdigest()[:16]
+
+
+def _requirements_hash(release_dir, python):
+    with open(path(release_dir, "manifest.json")) as stream:
+        return requirements_key(json.load(stream), python)
 
 
 def cmd_venv(root, release):
@@ -497,7 +514,7 @@ def cmd_disk(*folders):
 
 
 COMMANDS = {
-    "probe": cmd_probe, "lock": cmd_lock, "unlock": cmd_unlock,
+    "probe": cmd_probe, "plan": cmd_plan, "lock": cmd_lock, "unlock": cmd_unlock,
     "has-package": cmd_has_package, "accept-package": cmd_accept_package,
     "unpack": cmd_unpack, "venv": cmd_venv, "link-shared": cmd_link_shared,
     "backup": cmd_backup, "restore": cmd_restore, "backups": cmd_backups,

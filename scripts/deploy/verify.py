@@ -14,20 +14,21 @@ from scripts.settings import Settings
 def verify_server(server: Server, settings: Settings, expected: str,
                   public_url: str) -> list[tuple[bool, str]]:
     results: list[tuple[bool, str]] = []
-    state = server.run(commands.systemctl("is-active", settings.service_name), check=False)
+    state = server.run(commands.systemctl("is-active", settings.service_name), check=False,
+                       reads=True)
     active = state.stdout.strip() == "active"
     results.append((active, f"{settings.service_name} is {state.stdout.strip() or 'unknown'}"))
     for label, port in (("app on 127.0.0.1:%d" % settings.app_port, settings.app_port),
                         ("nginx on port 80", 80)):
         try:
             answer = server.tool_call("health", commands.health_url(port, settings.health_path),
-                                      expected, 10)
+                                      expected, 10, reads=True)
             results.append((True, f"{label} answers with release {answer.get('release')}"))
         except ToolkitError as error:
             results.append((False, f"{label}: {error}"))
     results.append(_from_outside(public_url, settings.health_path, expected))
     for label, argv in commands.guide_checks(settings):
-        outcome = server.run(argv, check=False)
+        outcome = server.run(argv, check=False, reads=True)
         results.append((outcome.status == 0, f"guide: {label}" if outcome.status == 0 else
                         f"guide: {label} fails: {outcome.error_line}"))
     return results

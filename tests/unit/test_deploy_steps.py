@@ -43,20 +43,20 @@ class FakeServer:
     def ensure_tool(self):
         return True
 
-    def tool_call(self, subcommand, *args, what=""):
+    def tool_call(self, subcommand, *args, what="", reads=None):
         self.calls.append(f"tool {subcommand}")
         if subcommand in self.failing:
             raise ToolkitError(f"{subcommand} failed")
         return self.answers.get(subcommand, {})
 
-    def run(self, argv, check=True, what=""):
+    def run(self, argv, check=True, what="", reads=False):
         self.calls.append(" ".join(map(str, argv)))
         failed = any(" ".join(argv).endswith(f) for f in self.failing)
         if failed and check:
             raise ToolkitError(f"{argv} failed")
         return Result(1 if failed else 0, "active\n", "")
 
-    def sudo(self, argv, check=True, what=""):
+    def sudo(self, argv, check=True, what="", reads=False):
         return self.run(["sudo", *argv], check=check, what=what)
 
     def put(self, data, path):

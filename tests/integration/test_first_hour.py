@@ -1,0 +1,125 @@
+"""A new user's first hour (issue #15): dry runs plan from the server's real state, each stage
+task does only its stage, and every failure is one `error:` line with nothing from doit or
+Python after it. Real doit, real sandbox server."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+
+from tests.integration.helpers import doit
+
+STEP_LINE = re.compile(r"^(would change|changed|ok)\s+(\w+)\s+\d+\.\d+ s")
+INTERNALS = ("Traceback", "Python Task failed", "TaskFailed", "TaskError", "<function",
+             "returned False", "None")
+
+
+def steps(output: str) -> list[tuple[str, str]]:
+    """(step, verdict) of every step line, a dry run's `would change` read as `changed`."""
+    found = []
+    for line in output.splitlines():
+        match = STEP_LINE.match(line)
+        if match:
+            verdict = "changed" if match.group(1) == "would change" else match.group(1)
+            found.append((match.group(2), verdict))
+    return found
+
+
+def assert_one_error_line(result, *words: str) -> str:
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0, output
+    assert len(errors) == 1, output
+    for leak in INTERNALS:
+        assert leak not in output, output
+    for word in words:
+        assert word in errors[0], output
+    return errors[0]
+
+
+def test_a_dry_run_plans_from_the_server_and_the_real_run_then_does_exactly_that(site):
+    assert site.deploy().returncode == 0
+    before = site.served_release()
+    site.change_code("dry run plan")
+    assert site.doit("-s", "build").returncode == 0
+    plan = site.doit("-s", "ship", DRY_RUN="1")
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert site.served_release() == before, "a dry run changed what serves"
+    assert "None" not in plan.stdout + plan.stderr
+    real = site.doit("-s", "ship")
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert steps(plan.stdout) == steps(real.stdout), plan.stdout + "\n----\n" + real.stdout
+    # The server's state shows in the plan: the venv is reused, the database is backed up.
+    assert ("venv", "ok") in steps(plan.stdout) and ("backup", "changed") in steps(plan.stdout)
+    assert f"(was {before})" in plan.stdout
+    again = site.doit("-s", "ship", DRY_RUN="1")
+    assert "already current" in again.stdout and steps(again.stdout) == []
+
+
+@pytest.mark.parametrize("task", ["check", "status", "history", "rollback", "verify", "logs"])
+def test_every_read_and_plan_task_works_with_dry_run_and_changes_nothing(site, task):
+    if site.doit("-s", "status").returncode != 0 or "previous none" in site.doit(
+            "-s", "status").stdout:
+        site.change_code(f"second release for {task}")
+        assert site.deploy().returncode == 0
+    serving = site.served_release()
+    result = site.doit("-s", task, DRY_RUN="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "error:" not in result.stdout + result.stderr
+    assert site.served_release() == serving
+
+
+def test_stage_tasks_do_only_their_stage(site, tmp_path):
+    assert site.deploy().returncode == 0
+    serving = site.served_release()
+    site.change_code("not built yet")
+    # verify checks what serves: it neither builds nor ships the changed code.
+    verify = site.doit("verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert site.served_release() == serving
+    assert ".  build" not in verify.stdout and ".  ship" not in verify.stdout
+    # check without a package says so; it builds nothing and provisions nothing.
+    empty_dist = tmp_path / "dist"
+    check = site.doit("check", DIST_DIR=str(empty_dist))
+    assert_one_error_line(check, "no package built", "doit build")
+    assert not empty_dist.exists() or not any(empty_dist.iterdir())
+    assert ".  setup" not in check.stdout
+    # deploy alone chains build, check, ship and verify.
+    deploy = site.doit("deploy")
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    assert site.served_release() == site.built_release() != serving
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+SERVER_TASKS = ["setup", "check", "ship", "verify", "deploy", "rollback", "restore", "status",
+                "history", "logs", "unlock", "backups"]
+
+
+@pytest.mark.parametrize("task", SERVER_TASKS)
+def test_every_task_that_cannot_reach_its_server_prints_one_error_line_and_nothing_else(
+        site, tmp_path, task):
+    settings = {"DEPLOY_SERVER": "127.0.0.1", "SSH_PORT": str(_closed_port()),
+                "SSH_KEY_FILE": str(site.sandbox.deploy_key_file),
+                "SSH_KNOWN_HOSTS_FILE": str(site.sandbox.known_hosts_file),
+                "RESTORE_BACKUP": "20260101T000000000000Z-abc"}
+    assert site.doit("-s", "build").returncode == 0
+    result = doit(site.work, site.sandbox.state_dir, task, **{**site.settings, **settings})
+    assert_one_error_line(result)
+
+
+@pytest.mark.parametrize("task, settings, words", [
+    ("build", {"APP_DIR": "/nonexistent/app"}, ["APP_DIR"]),
+    ("check", {"KEEP_RELEASE": "3"}, ["KEEP_RELEASE", "KEEP_RELEASES"]),
+    ("deploy", {"DEPLOY_SEVRER": "web-1.example.com"}, ["DEPLOY_SEVRER", "DEPLOY_SERVER"]),
+    ("sandbox", {"SANDBOX_SERVERS": "zero"}, ["SANDBOX_SERVERS"]),
+])
+def test_bad_settings_fail_every_task_with_one_error_line_naming_the_setting(
+        site, task, settings, words):
+    assert_one_error_line(site.doit(task, **settings), *words)
