@@ -268,9 +268,13 @@ def logs_action():
                 reporter.line(f"==> {name} <==")
                 print(server.sudo(["tail", "-n", "100", name], check=False,
                                   reads=True).stdout.rstrip())
-            reporter.line(f"==> journalctl -u {settings.service_name} <==")
-            print(server.sudo(commands.journal(settings.service_name, 50),
-                              check=False, reads=True).stdout.rstrip())
+            # The migrate and preflight units hold why a release did not start.
+            units = commands.units(settings)
+            for unit, lines in ((units["app"], 50), (units["migrate"], 30),
+                                (units["preflight"], 30)):
+                reporter.line(f"==> journalctl -u {unit} <==")
+                print(server.sudo(commands.journal(unit, lines), check=False,
+                                  reads=True).stdout.rstrip())
 
 
 @user_errors_fail_task

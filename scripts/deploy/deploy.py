@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +45,33 @@ def log_entry(action: str, release: str, previous: str | None, started: float, r
     return entry
 
 
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))(?::|$)")
+_FRAME_LINE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def explain_failure(journal_lines: list[str]) -> str:
+    """The cause in a failed unit's journal: the last exception with the file and line it was
+    raised at (its path inside the release), else the journal's last lines."""
+    messages = [line.split(": ", 1)[-1].rstrip() for line in journal_lines]
+    for index in range(len(messages) - 1, -1, -1):
+        if not _EXCEPTION_LINE.match(messages[index].strip()):
+            continue
+        cause = messages[index].strip()
+        frames = [_FRAME_LINE.search(text) for text in messages[:index]]
+        frames = [frame for frame in frames if frame]
+        if frames:
+            file_name = re.sub(r"^.*/releases/[^/]+/", "", frames[-1].group(1))
+            cause += f" (in {file_name}, line {frames[-1].group(2)})"
+        if cause.startswith("ModuleNotFoundError"):
+            cause += "; is the package in the app's requirements.txt?"
+        return cause
+    return " | ".join(message for message in messages[-4:] if message.strip()) or "no journal"
+
+
 def journal_tail(server: Server, unit: str) -> str:
-    lines = server.sudo(commands.journal(unit, 30), check=False, reads=True).stdout.strip().splitlines()
-    return " | ".join(line.split(": ", 1)[-1] for line in lines[-4:])
+    lines = server.sudo(commands.journal(unit, 30), check=False,
+                        reads=True).stdout.strip().splitlines()
+    return explain_failure(lines)
 
 
 def start_preflight(server: Server, settings: Settings, release: str) -> None:

@@ -123,3 +123,22 @@ def test_every_task_that_cannot_reach_its_server_prints_one_error_line_and_nothi
 def test_bad_settings_fail_every_task_with_one_error_line_naming_the_setting(
         site, task, settings, words):
     assert_one_error_line(site.doit(task, **settings), *words)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda text: text + "\nimport markdown\n",
+     ["ModuleNotFoundError: No module named 'markdown'", "helpdesk/views.py, line",
+      "requirements.txt", "old release keeps serving"]),
+    (lambda text: text + "\ndef broken(:\n    pass\n",
+     ["SyntaxError", "helpdesk/views.py, line", "old release keeps serving"]),
+])
+def test_an_app_that_cannot_import_is_explained_by_its_exception_file_and_line(
+        site, edit, words):
+    assert site.deploy().returncode == 0
+    serving = site.served_release()
+    with site.edited("helpdesk/views.py", edit):
+        result = site.ship()
+    assert_one_error_line(result, *words)
+    assert site.served_release() == serving
+    logs = site.doit("-s", "logs")
+    assert logs.returncode == 0 and words[0] in logs.stdout, logs.stdout + logs.stderr

@@ -215,3 +215,22 @@ def test_a_lock_released_while_python_exits_warns_instead_of_reconnecting(monkey
     monkeypatch.setattr(lock.sys, "is_finalizing", lambda: False)
     lock.release_lock(server, "token", log=lines.append)
     assert "reconnect" in server.calls  # a cut connection, otherwise, gets one more try
+
+
+def test_a_failed_units_journal_is_explained_by_its_exception_file_and_line():
+    from scripts.deploy.deploy import explain_failure
+    journal = [
+        "Nov 29 08:00:01 web gunicorn[11]: Traceback (most recent call last):",
+        'Nov 29 08:00:01 web gunicorn[11]:   File "/var/www/flask_helpdesk/next/.venv/lib/'
+        'python3.11/site-packages/flask/cli.py", line 245, in locate_app',
+        'Nov 29 08:00:01 web gunicorn[11]:   File "/var/www/flask_helpdesk/releases/abc/'
+        'helpdesk/views.py", line 3, in <module>',
+        "Nov 29 08:00:01 web gunicorn[11]:     import markdown",
+        "Nov 29 08:00:01 web gunicorn[11]: ModuleNotFoundError: No module named 'markdown'",
+        "Nov 29 08:00:01 web gunicorn[11]: Usage: flask [OPTIONS] COMMAND [ARGS]...",
+        "Nov 29 08:00:01 web gunicorn[11]: Error: No such command 'migrate'.",
+    ]
+    assert explain_failure(journal) == ("ModuleNotFoundError: No module named 'markdown' (in "
+                                        "helpdesk/views.py, line 3); is the package in the "
+                                        "app's requirements.txt?")
+    assert explain_failure(["Nov 29 x[1]: plain failure"]) == "plain failure"
