@@ -158,6 +158,12 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _wait_seconds(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 600:
+        raise _Invalid("must be a whole number of seconds from 1 to 600")
+    return int(raw)
+
+
 def _batch(raw: str) -> str:
     if not re.fullmatch(r"[1-9][0-9]*%?", raw) or (raw.endswith("%") and int(raw[:-1]) > 100):
         raise _Invalid("must be a number of servers (2) or a share of them (25%)")
@@ -276,6 +282,8 @@ SETTINGS: tuple[Setting, ...] = (
             "where people open the app (default http://<server>/); verify checks it from here"),
     Setting("HEALTH_PATH", _url_path, "/healthz",
             "health URL path; a JSON answer with `release` is checked against the release id"),
+    Setting("HEALTH_TIMEOUT_S", _wait_seconds, "30",
+            "longest wait for a new release to answer healthy (an error answer fails at once)"),
     Setting("APP_ENV_FILE", _optional_local_path, "",
             "local file uploaded as the app's shared/.env (0600); unset: keep the server's"),
     Setting("DEPLOY_PARALLEL", _positive_int, "4", "servers prepared (upload, venv) at once"),
@@ -333,6 +341,7 @@ class Settings:
     gunicorn_workers: int
     public_url: str
     health_path: str
+    health_timeout_s: int
     app_env_file: Path | None
     deploy_parallel: int
     deploy_batch: str

@@ -21,8 +21,6 @@ from scripts.deploy.server import Server
 from scripts.errors import ToolkitError
 from scripts.settings import Settings
 
-HEALTH_TIMEOUT_S = 30
-
 
 @dataclass
 class DeployOutcome:
@@ -83,9 +81,14 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
         if started.status != 0:
             raise ToolkitError(f"{server.name}: release {release} does not start: "
                                f"{journal_tail(server, unit)}")
-        server.tool_call("health", commands.health_url(commands.preflight_port(settings),
-                                                       settings.health_path),
-                         release, HEALTH_TIMEOUT_S, what="health check of the new release")
+        try:
+            server.tool_call("health", commands.health_url(commands.preflight_port(settings),
+                                                           settings.health_path),
+                             release, settings.health_timeout_s,
+                             what="health check of the new release")
+        except ToolkitError as error:
+            raise ToolkitError(f"{error} (HEALTH_TIMEOUT_S={settings.health_timeout_s}); the old "
+                               f"release keeps serving") from None
     finally:
         server.sudo(commands.systemctl("stop", unit), check=False)
 
@@ -97,7 +100,7 @@ def restart_and_check(server: Server, settings: Settings, release: str) -> None:
     server.sudo(commands.systemctl("reset-failed", unit), check=False)
     server.sudo(commands.systemctl("restart", unit), what="restarting the service")
     server.tool_call("health", commands.health_url(settings.app_port, settings.health_path),
-                     release, HEALTH_TIMEOUT_S, what="health check after the restart")
+                     release, settings.health_timeout_s, what="health check after the restart")
 
 
 def _serves(server: Server, settings: Settings, release: str) -> bool:
@@ -247,8 +250,12 @@ def go_live(server: Server, settings: Settings, release: str, reporter: Reporter
     with reporter.step("restart") as outcome:
         try:
             restart_and_check(server, settings, release)
-        except ToolkitError:
-            switch_back(server, settings, answer.get("previous"))
+        except ToolkitError as error:
+            previous = answer.get("previous")
+            switch_back(server, settings, previous)
+            if previous:
+                raise ToolkitError(f"{error}; switched back: release {previous} serves "
+                                   f"again") from None
             raise
         outcome.changed = True
         outcome.detail = f"{settings.service_name} serves {release}"

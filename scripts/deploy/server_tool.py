@@ -22,6 +22,8 @@ import sys
 
 DATABASE_SUFFIXES = (".sqlite3", ".sqlite", ".db")
 SHARED_LINKS = ("instance", "uploads")
+# Answers a starting or restarting server gives before it is ready; any other is final.
+RETRYABLE_HTTP = (429, 502, 503, 504)
 
 
 class Refusal(Exception):
@@ -414,6 +416,10 @@ def cmd_health(url, expect_release, timeout):
             last = "it runs release %s, not %s" % (release, expect_release)
         except urllib.error.HTTPError as error:
             last = "HTTP %d" % error.code
+            if error.code not in RETRYABLE_HTTP:
+                # The app answered, and answered wrong: waiting will not change that.
+                raise Refusal("%s answered %s; not healthy (waiting would not change it)"
+                              % (url, last))
         except (urllib.error.URLError, OSError) as error:
             last = str(getattr(error, "reason", error))
         if time.monotonic() > deadline:

@@ -151,3 +151,11 @@ def test_other_unknown_names_in_env_file_are_a_warning_and_in_the_environment_no
     assert settings.uses_sandbox
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "SECRET_KEY is not a toolkit setting" in err
+
+
+def test_health_timeout_is_a_bounded_whole_number_of_seconds(tmp_path):
+    assert load_settings(tmp_path / "none", environ={}).health_timeout_s == 30
+    assert load_settings(tmp_path / "none", environ={"HEALTH_TIMEOUT_S": "5"}).health_timeout_s == 5
+    for bad in ("0", "601", "2.5", "soon"):
+        with pytest.raises(SettingsError, match="HEALTH_TIMEOUT_S"):
+            load_settings(tmp_path / "none", environ={"HEALTH_TIMEOUT_S": bad})
