@@ -293,6 +293,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BACKUPS_KEEP", _positive_int, "10", "database backups kept in BACKUP_PATH"),
     Setting("MIN_FREE_MB", _positive_int, "200", "free disk `check` requires beyond the release"),
     Setting("AUTO_ROLLBACK", _flag, "1", "verify rolls back by itself when it fails"),
+    Setting("FORCE_RELEASE", _flag, "0",
+            "ship a release even though it failed verification before"),
     Setting("RELEASE", _release_id, "", "rollback target (default: the previous good release)"),
     Setting("RESTORE_BACKUP", _backup_name, "",
             "rollback also restores this database backup (a name from `doit backups`)"),
@@ -349,6 +351,7 @@ class Settings:
     backups_keep: int
     min_free_mb: int
     auto_rollback: bool
+    force_release: bool
     release: str
     restore_backup: str
     notify_webhook_url: str

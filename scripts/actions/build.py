@@ -83,9 +83,16 @@ def build_task() -> dict:
 def build_action():
     from scripts.build.package import build_package
 
-    record = build_package(load_settings())
+    settings = load_settings()
+    record = build_package(settings)
     print(f"build: release {record.release_id} -> dist/{record.package} (sha256 "
           f"{record.sha256[:12]}…)")
+    if record.git_commit.endswith("-dirty"):
+        import sys
+        print(f"warning: {settings.app_dir} has uncommitted changes: release "
+              f"{record.release_id} holds them, commit {record.git_commit[:-6]} does not "
+              f"(history shows it as {record.git_commit}); commit first to ship what is "
+              f"recorded", file=sys.stderr)
 
 
 def _setup_plan(settings):

@@ -3,6 +3,7 @@ backups: they load settings, find the servers, and print what a person needs to 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -170,6 +171,8 @@ def verify_action():
         print(f"verify: release {expected or 'current'} serves on {len(targets)} server(s); "
               f"open {', '.join(urls.values())}")
         return
+    if not settings.dry_run:
+        _record_failed_verification(settings, expected, [s.name for s in failed])
     if not settings.auto_rollback:
         raise ToolkitError("verification failed; AUTO_ROLLBACK=0, so the release stays; run "
                            "`doit rollback` to go back")
@@ -179,6 +182,20 @@ def verify_action():
     # Every server goes back, not only the failed ones: the fleet stays on one release.
     _roll_back(settings, notifier, undo_last_deploy=True)
     raise ToolkitError("verification failed; rolled back to the release that served before")
+
+
+def _record_failed_verification(settings: Settings, release: str, failed: list[str]) -> None:
+    """On every server, the release is no longer good and not shipped again unless forced;
+    the history says it failed at verify."""
+    from scripts.deploy.deploy import log_entry
+    started = time.monotonic()
+    error = f"verification failed on {', '.join(failed)}"
+    for server, _ in _servers(settings):
+        with server:
+            served = release or server.tool_call("probe", str(server.deploy_path))["current"]
+            server.tool_call("mark-failed", str(server.deploy_path), served)
+            server.tool_call("log", str(server.deploy_path), json.dumps(log_entry(
+                "verify", served, None, started, "failed", step="verify", error=error)))
 
 
 def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = False) -> None:
@@ -246,14 +263,27 @@ def status_action():
         reporter.line(f"service  {settings.service_name}: {active}")
         reporter.line(f"current  {current or 'none'}")
         reporter.line(f"previous {previous or 'none'} (what `doit rollback` goes back to)")
-        reporter.line(f"releases {', '.join(state.get('releases', [])) or 'none'} "
-                      f"(good: {', '.join(good) or 'none'})")
+        # Good releases in the order they went live, newest first: rollback walks this list.
+        reporter.line(f"releases {', '.join(reversed(good)) or 'none'} (good, newest first)")
+        failed = state.get("failed", [])
+        if failed:
+            reporter.line(f"failed   {', '.join(reversed(failed))} (failed verification; "
+                          f"FORCE_RELEASE=1 ships one again)")
         if state.get("lock"):
             reporter.line(f"lock     held by {describe(state['lock'])}")
         history = server.tool_call("history", str(server.deploy_path), 5)["entries"]
         for entry in reversed(history):
-            reporter.line(f"{entry['time']}  {entry['action']:8} {entry['release']}  "
-                          f"{entry['result']:6} {entry['duration_s']:6.1f} s  {entry['who']}")
+            reporter.line(f"{entry.get('time', '?')}  {entry.get('action', '?'):8} "
+                          f"{entry.get('release') or '-'}  {_outcome(entry):6} "
+                          f"{entry.get('duration_s', 0):6.1f} s  {entry.get('who', '?')}")
+
+
+def _outcome(entry: dict) -> str:
+    """`ok`, or `failed at <step>`: where a failed deploy or rollback stopped."""
+    outcome = entry.get("result", "?")
+    if outcome == "failed" and entry.get("step"):
+        outcome += f" at {entry['step']}"
+    return outcome
 
 
 @user_errors_fail_task
@@ -287,15 +317,14 @@ def history_action():
                                    settings.history_count)["entries"]
         rows += [(entry, server.name) for entry in entries]
     rows.sort(key=lambda row: row[0].get("time", ""), reverse=True)
-    print(f"{'when (UTC)':25} {'server':12} {'action':8} {'release':13} {'commit':13} "
+    # The commit column fits a 12-digit commit with its -dirty marker (uncommitted changes).
+    print(f"{'when (UTC)':25} {'server':12} {'action':8} {'release':13} {'commit':18} "
           f"{'who':22} {'time':>7}  result")
     for entry, host in rows[:settings.history_count]:
-        outcome = entry.get("result", "?")
-        if outcome == "failed" and entry.get("step"):
-            outcome += f" at {entry['step']}"
         print(f"{entry.get('time', '?'):25} {host:12} {entry.get('action', '?'):8} "
-              f"{str(entry.get('release')):13} {entry.get('git_commit', '') or '-':13} "
-              f"{entry.get('who', '?')[:22]:22} {entry.get('duration_s', 0):6.1f}s  {outcome}")
+              f"{entry.get('release') or '-':13} {entry.get('git_commit', '') or '-':18} "
+              f"{entry.get('who', '?')[:22]:22} {entry.get('duration_s', 0):6.1f}s  "
+              f"{_outcome(entry)}")
     if not rows:
         print("no deploys yet")
 

@@ -162,6 +162,10 @@ def needs_deploy(server: Server, settings: Settings, release: str) -> tuple[bool
         raise ToolkitError(f"{server.name}: {path} is not set up for deploys; run `doit setup`")
     state = server.tool_call("probe", path)
     current = state.get("current")
+    if release in state.get("failed", []) and not settings.force_release:
+        raise ToolkitError(f"{server.name}: release {release} failed verification before; fix "
+                           f"the app and build again (a new release), or ship it anyway with "
+                           f"FORCE_RELEASE=1")
     if current == release and release in state.get("good", []) \
             and _serves(server, settings, release):
         return False, current

@@ -9,6 +9,7 @@ Layout (DEPLOY_PATH):
   packages/           uploaded packages
   current, next       symlinks to releases/<id> (next: the release being deployed)
   good-releases       ids that went live, oldest first (rollback walks it backwards)
+  failed-releases     ids that failed verification (ship refuses them unless forced)
   deploy-log.jsonl    one line per deploy or rollback
   .deploy-lock/       held while a deploy runs (info.json says by whom)
 """
@@ -104,6 +105,7 @@ def cmd_probe(root):
                       if not name.endswith(".partial")) if os.path.isdir(
         path(root, "releases")) else []
     out(current=release_id_of(path(root, "current")), good=read_good(root), lock=lock,
+        failed=read_failed(root),
         releases=releases, python="%d.%d" % sys.version_info[:2], machine=os.uname().machine,
         layout=os.path.isdir(path(root, "releases")) and os.path.isdir(path(root, "shared")))
 
@@ -427,10 +429,31 @@ def cmd_health(url, expect_release, timeout):
         time.sleep(0.1)
 
 
+def read_failed(root):
+    try:
+        with open(path(root, "failed-releases")) as stream:
+            return [line.strip() for line in stream if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
 def _mark_good(root, release):
     """Newest last: a release deployed again moves to the end."""
     good = [name for name in read_good(root) if name != release] + [release]
     write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
+    if release in read_failed(root):  # forced, and it went live this time
+        write_atomically(path(root, "failed-releases"), "".join(
+            name + "\n" for name in read_failed(root) if name != release))
+
+
+def cmd_mark_failed(root, release):
+    """A release that failed verification: no rollback target, and not shipped again unless
+    the deploy is forced."""
+    good = [name for name in read_good(root) if name != release]
+    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
+    failed = [name for name in read_failed(root) if name != release] + [release]
+    write_atomically(path(root, "failed-releases"), "".join(name + "\n" for name in failed))
+    out(changed=True)
 
 
 def cmd_demote(root, release):
@@ -525,7 +548,7 @@ COMMANDS = {
     "unpack": cmd_unpack, "venv": cmd_venv, "link-shared": cmd_link_shared,
     "backup": cmd_backup, "restore": cmd_restore, "backups": cmd_backups,
     "set-next": cmd_set_next, "switch": cmd_switch, "health": cmd_health,
-    "demote": cmd_demote, "previous-good": cmd_previous_good,
+    "demote": cmd_demote, "mark-failed": cmd_mark_failed, "previous-good": cmd_previous_good,
     "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
 }

@@ -160,3 +160,28 @@ def test_a_health_check_answering_an_error_fails_at_once_and_the_old_release_ser
                                  "HEALTH_TIMEOUT_S=600", "old release keeps serving")
     assert "preflight" in line or "new release" in line
     assert site.served_release() == serving
+
+
+def test_a_release_that_failed_verification_is_recorded_failed_and_not_shipped_again(site):
+    assert site.deploy().returncode == 0
+    good = site.served_release()
+    broken_home = lambda text: text.replace(  # noqa: E731 - healthz answers, / does not
+        '@bp.get("/")\ndef index():\n', '@bp.get("/")\ndef index():\n    abort(500)\n')
+    with site.edited("helpdesk/views.py", broken_home):
+        first = site.deploy()
+        broken = site.built_release()
+        assert first.returncode != 0 and "rolling back by itself" in first.stdout
+        assert site.served_release() == good
+        history = site.doit("history").stdout
+        assert any(f" verify   {broken}" in line and line.endswith("failed at verify")
+                   for line in history.splitlines()), history
+        status = site.doit("status").stdout
+        assert f"failed   {broken}" in status and f"releases {good}" in status, status
+        again = site.doit("-s", "ship")
+        assert_one_error_line(again, broken, "failed verification before", "FORCE_RELEASE=1")
+        assert site.served_release() == good
+        forced = site.doit("-s", "ship", FORCE_RELEASE="1")
+        assert forced.returncode == 0, forced.stdout + forced.stderr
+        assert site.served_release() == broken
+    assert site.deploy().returncode == 0
+    assert site.served_release() == good
