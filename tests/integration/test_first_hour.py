@@ -185,3 +185,19 @@ def test_a_release_that_failed_verification_is_recorded_failed_and_not_shipped_a
         assert site.served_release() == broken
     assert site.deploy().returncode == 0
     assert site.served_release() == good
+
+
+def test_rollback_takes_a_unique_release_prefix_and_a_wrong_one_lists_the_releases(site):
+    assert site.deploy().returncode == 0
+    older = site.served_release()
+    site.change_code("newer, for a rollback by prefix")
+    assert site.deploy().returncode == 0
+    newer = site.served_release()
+    history_before = site.doit("history").stdout
+    wrong = site.doit("rollback", RELEASE="zzzz")
+    line = assert_one_error_line(wrong, "RELEASE=zzzz", newer, older)
+    assert "preflight" not in line
+    assert site.doit("history").stdout == history_before, "a wrong RELEASE was logged"
+    rolled = site.doit("rollback", RELEASE=older[:6])
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert site.served_release() == older

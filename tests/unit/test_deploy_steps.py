@@ -234,3 +234,17 @@ def test_a_failed_units_journal_is_explained_by_its_exception_file_and_line():
                                         "helpdesk/views.py, line 3); is the package in the "
                                         "app's requirements.txt?")
     assert explain_failure(["Nov 29 x[1]: plain failure"]) == "plain failure"
+
+
+def test_release_is_taken_as_a_unique_prefix_and_a_wrong_one_lists_the_releases():
+    from scripts.deploy.rollback import resolve_release
+    state = {"releases": ["f492aa000001", "f4b100000002", "0c0c00000003"],
+             "good": ["0c0c00000003", "f492aa000001"]}
+    assert resolve_release("web", "f492", state) == "f492aa000001"
+    assert resolve_release("web", "0c0c00000003", state) == "0c0c00000003"
+    with pytest.raises(ToolkitError, match=r"matches 2 releases .*give more"):
+        resolve_release("web", "f4", state)
+    with pytest.raises(ToolkitError, match=r"RELEASE=beef is not a release on this server; "
+                       r"releases there \(good, newest first\): f492aa000001, 0c0c00000003, "
+                       r"f4b100000002"):
+        resolve_release("web", "beef", state)
