@@ -201,3 +201,16 @@ def test_rollback_takes_a_unique_release_prefix_and_a_wrong_one_lists_the_releas
     rolled = site.doit("rollback", RELEASE=older[:6])
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
     assert site.served_release() == older
+
+
+def test_the_ssh_command_the_sandbox_prints_logs_in_after_setup(site):
+    import shlex
+    import subprocess
+
+    from scripts.sandbox import describe
+
+    printed = describe(site.server, site.sandbox)
+    argv = shlex.split(printed.split(": ", 1)[1].split("   http:")[0])
+    result = subprocess.run([argv[0], "-o", "BatchMode=yes", *argv[1:], "sudo", "-n", "true"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, printed + "\n" + result.stderr
