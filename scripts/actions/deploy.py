@@ -298,6 +298,10 @@ def logs_action():
                 reporter.line(f"==> {name} <==")
                 print(server.sudo(["tail", "-n", "100", name], check=False,
                                   reads=True).stdout.rstrip())
+            # sudo allows the deploy user exact journal commands only (no free counts, which
+            # could smuggle other journalctl options); say which, since sudo will not.
+            reporter.line(f"(on the server: sudo journalctl -u {settings.service_name} "
+                          f"--no-pager -n 20|50|100, or -f; other counts are refused)")
             # The migrate and preflight units hold why a release did not start.
             units = commands.units(settings)
             for unit, lines in ((units["app"], 50), (units["migrate"], 30),

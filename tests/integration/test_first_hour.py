@@ -214,3 +214,16 @@ def test_the_ssh_command_the_sandbox_prints_logs_in_after_setup(site):
     result = subprocess.run([argv[0], "-o", "BatchMode=yes", *argv[1:], "sudo", "-n", "true"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, printed + "\n" + result.stderr
+
+
+def test_logs_say_which_journal_commands_sudo_allows_and_they_are_exactly_those(site):
+    logs = site.doit("logs")
+    assert logs.returncode == 0
+    assert "sudo journalctl -u flask-helpdesk --no-pager -n 20|50|100, or -f" in logs.stdout
+    with site.deploy_user() as machine:
+        sudo = machine["sudo"]
+        for count in ("20", "50", "100"):
+            sudo["-n", "journalctl", "-u", "flask-helpdesk", "--no-pager", "-n", count]()
+        refused = sudo["-n", "journalctl", "-u", "flask-helpdesk", "--no-pager", "-n", "3"].run(
+            retcode=None)
+        assert refused[0] != 0
