@@ -58,3 +58,11 @@ def test_bats_unit_tests_pass():
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^1\.\.\d+", result.stdout, re.M) and " not ok " not in result.stdout
+
+
+def test_setup_output_leaves_out_apts_debconf_noise_and_keeps_the_steps():
+    from scripts.provision import shown
+    assert not shown("debconf: delaying package configuration, since apt-utils is not installed")
+    assert not shown("debconf: unable to initialize frontend: Dialog")
+    assert shown("changed: install nginx ufw")
+    assert shown("error: apt-get install failed")
