@@ -177,6 +177,7 @@ def test_a_release_that_failed_verification_is_recorded_failed_and_not_shipped_a
                    for line in history.splitlines()), history
         status = site.doit("status").stdout
         assert f"failed   {broken}" in status and f"releases {good}" in status, status
+        assert f"verify   {broken}  failed at verify" in status, status
         again = site.doit("-s", "ship")
         assert_one_error_line(again, broken, "failed verification before", "FORCE_RELEASE=1")
         assert site.served_release() == good
@@ -227,3 +228,27 @@ def test_logs_say_which_journal_commands_sudo_allows_and_they_are_exactly_those(
         refused = sudo["-n", "journalctl", "-u", "flask-helpdesk", "--no-pager", "-n", "3"].run(
             retcode=None)
         assert refused[0] != 0
+
+
+def test_uncommitted_changes_are_warned_of_and_history_keeps_its_columns(site, tmp_path):
+    import subprocess
+
+    from tests.build.conftest import copy_app
+
+    app = copy_app(tmp_path / "app")
+    git = ["git", "-C", str(app), "-c", "user.email=dev@example.com", "-c", "user.name=dev"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "app"], check=True)
+    views = app / "helpdesk" / "views.py"
+    views.write_text(views.read_text() + "\n# not committed\n")
+    build = site.doit("-s", "build", APP_DIR=str(app))
+    assert build.returncode == 0
+    assert "warning:" in build.stderr and "uncommitted changes" in build.stderr
+    assert site.doit("-s", "ship", APP_DIR=str(app)).returncode == 0
+    history = site.doit("history").stdout.splitlines()
+    header = next(line for line in history if line.startswith("when (UTC)"))
+    row = next(line for line in history if "-dirty" in line)
+    start = header.index("who")  # the who column starts where its heading does
+    assert row[start - 1] == " " != row[start], (header, row)
+    assert site.deploy().returncode == 0  # back to the module's own app
