@@ -127,6 +127,7 @@ def setup_action(check=False):
 
     started = time.monotonic()
     settings = load_settings()
+    check = check or settings.dry_run  # DRY_RUN=1 doit deploy provisions nothing either
     pairs, flags = _setup_plan(settings)
     changed = 0
     for setup_target, deploy_target in pairs:

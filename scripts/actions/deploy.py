@@ -158,21 +158,38 @@ def verify_action():
     settings = load_settings()
     record_file = record_path(settings)
     expected = BuildRecord.read(record_file).release_id if record_file.exists() else ""
-    failed = []
+    failed, elsewhere = [], []
     targets = deploy_targets(settings)
     urls = public_urls(settings, targets)
+    if settings.dry_run:  # nothing was shipped: what can be checked is what serves now
+        print("DRY_RUN=1: verify checks the release that serves now and changes nothing")
     for server, reporter in _servers(settings):
         with server:
-            release = expected or server.tool_call("probe", str(server.deploy_path))["current"]
+            current = server.tool_call("probe", str(server.deploy_path))["current"]
+            if expected and current != expected and not settings.dry_run:
+                # Verifying is not deploying: a release that is not live is not rolled back.
+                reporter.line(f"{'FAILED':8} runs release {current or 'none'}, not the built "
+                              f"release {expected}")
+                elsewhere.append(server.name)
+                continue
+            release = current if settings.dry_run else expected or current
             results = verify_server(server, settings, release, urls.get(server.name, ""))
             if not _print_results(reporter, results):
                 failed.append(server)
+    if elsewhere:
+        raise ToolkitError(f"the built release {expected} is not live on "
+                           f"{', '.join(elsewhere)}: ship it first (`doit ship`, or `doit "
+                           f"deploy`); verify changed nothing")
     if not failed:
-        print(f"verify: release {expected or 'current'} serves on {len(targets)} server(s); "
+        print(f"verify: release {expected if expected and not settings.dry_run else 'current'} "
+              f"serves on {len(targets)} server(s); "
               f"open {', '.join(urls.values())}")
         return
-    if not settings.dry_run:
-        _record_failed_verification(settings, expected, [s.name for s in failed])
+    if settings.dry_run:
+        raise ToolkitError(f"what serves now fails verification on "
+                           f"{', '.join(s.name for s in failed)}; DRY_RUN=1, so nothing was "
+                           f"rolled back")
+    _record_failed_verification(settings, expected, [s.name for s in failed])
     if not settings.auto_rollback:
         raise ToolkitError("verification failed; AUTO_ROLLBACK=0, so the release stays; run "
                            "`doit rollback` to go back")

@@ -86,6 +86,16 @@ def test_stage_tasks_do_only_their_stage(site, tmp_path):
     assert_one_error_line(check, "no package built", "doit build")
     assert not empty_dist.exists() or not any(empty_dist.iterdir())
     assert ".  setup" not in check.stdout
+    # verify of a built release that is not live says so and rolls nothing back.
+    assert site.doit("-s", "build").returncode == 0
+    history = site.doit("history").stdout
+    unshipped = site.doit("verify")
+    assert_one_error_line(unshipped, site.built_release(), "not live", "doit ship")
+    assert site.served_release() == serving and site.doit("history").stdout == history
+    # DRY_RUN=1 doit deploy plans every stage and changes nothing.
+    dry = site.doit("deploy", DRY_RUN="1")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "would change" in dry.stdout and site.served_release() == serving
     # deploy alone chains build, check, ship and verify.
     deploy = site.doit("deploy")
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
