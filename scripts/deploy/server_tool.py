@@ -56,12 +56,21 @@ def release_id_of(link):
         return None
 
 
-def read_good(root):
+def read_ids(root, name):
+    """Release ids in a list file (good-releases, failed-releases), oldest first."""
     try:
-        with open(path(root, "good-releases")) as stream:
+        with open(path(root, name)) as stream:
             return [line.strip() for line in stream if line.strip()]
     except FileNotFoundError:
         return []
+
+
+def write_ids(root, name, ids):
+    write_atomically(path(root, name), "".join(item + "\n" for item in ids))
+
+
+def read_good(root):
+    return read_ids(root, "good-releases")
 
 
 def write_atomically(target, text, mode=0o644):
@@ -105,7 +114,7 @@ def cmd_probe(root):
                       if not name.endswith(".partial")) if os.path.isdir(
         path(root, "releases")) else []
     out(current=release_id_of(path(root, "current")), good=read_good(root), lock=lock,
-        failed=read_failed(root),
+        failed=read_ids(root, "failed-releases"),
         releases=releases, python="%d.%d" % sys.version_info[:2], machine=os.uname().machine,
         layout=os.path.isdir(path(root, "releases")) and os.path.isdir(path(root, "shared")))
 
@@ -429,30 +438,22 @@ def cmd_health(url, expect_release, timeout):
         time.sleep(0.1)
 
 
-def read_failed(root):
-    try:
-        with open(path(root, "failed-releases")) as stream:
-            return [line.strip() for line in stream if line.strip()]
-    except FileNotFoundError:
-        return []
-
-
 def _mark_good(root, release):
     """Newest last: a release deployed again moves to the end."""
-    good = [name for name in read_good(root) if name != release] + [release]
-    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
-    if release in read_failed(root):  # forced, and it went live this time
-        write_atomically(path(root, "failed-releases"), "".join(
-            name + "\n" for name in read_failed(root) if name != release))
+    write_ids(root, "good-releases",
+              [name for name in read_good(root) if name != release] + [release])
+    failed = read_ids(root, "failed-releases")
+    if release in failed:  # forced, and it went live this time
+        write_ids(root, "failed-releases", [name for name in failed if name != release])
 
 
 def cmd_mark_failed(root, release):
     """A release that failed verification: no rollback target, and not shipped again unless
     the deploy is forced."""
-    good = [name for name in read_good(root) if name != release]
-    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
-    failed = [name for name in read_failed(root) if name != release] + [release]
-    write_atomically(path(root, "failed-releases"), "".join(name + "\n" for name in failed))
+    write_ids(root, "good-releases", [name for name in read_good(root) if name != release])
+    write_ids(root, "failed-releases",
+              [name for name in read_ids(root, "failed-releases") if name != release] +
+              [release])
     out(changed=True)
 
 

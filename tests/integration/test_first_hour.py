@@ -56,6 +56,13 @@ def test_a_dry_run_plans_from_the_server_and_the_real_run_then_does_exactly_that
     assert f"(was {before})" in plan.stdout
     again = site.doit("-s", "ship", DRY_RUN="1")
     assert "already current" in again.stdout and steps(again.stdout) == []
+    # A rollback's plan too: back to `before`, step by step as the real rollback then does.
+    plan = site.doit("rollback", DRY_RUN="1")
+    assert plan.returncode == 0 and site.served_release() != before, plan.stdout + plan.stderr
+    real = site.doit("rollback")
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert steps(plan.stdout) == steps(real.stdout) != [], plan.stdout + "\n----\n" + real.stdout
+    assert site.served_release() == before
 
 
 @pytest.mark.parametrize("task", ["check", "status", "history", "rollback", "verify", "logs"])
