@@ -394,12 +394,17 @@ def _env_file(env_file: Path | None, environ: Mapping[str, str]) -> Path:
     return env_file or Path(environ.get("ENV_FILE") or REPO_ROOT / ".env")
 
 
+# Names the toolkit reads besides SETTINGS: the GitLab job's SSH variables (scripts/ci-ssh.sh)
+# and the ENV_FILE switch. They are never taken for a misspelt setting.
+OTHER_NAMES = frozenset({"SSH_PRIVATE_KEY", "SSH_KNOWN_HOSTS", "SSH_AUTH_SOCK", "ENV_FILE"})
+
+
 def meant_setting(name: str) -> str | None:
     """The setting a misspelt name most likely meant (DEPLOY_SEVRER -> DEPLOY_SERVER), if any:
     close in spelling and starting with the same word, so PATH or CI_SERVER never match."""
     import difflib
 
-    if any(s.name == name for s in SETTINGS):
+    if name in OTHER_NAMES or any(s.name == name for s in SETTINGS):
         return None
     same_word = [s.name for s in SETTINGS if s.name.split("_")[0] == name.split("_")[0]]
     close = difflib.get_close_matches(name, same_word, n=1, cutoff=0.8)

@@ -165,6 +165,9 @@ def verify_action():
         print("DRY_RUN=1: verify checks the release that serves now and changes nothing")
     for server, reporter in _servers(settings):
         with server:
+            if not server.ensure_tool():
+                raise ToolkitError(f"{server.name}: {server.deploy_path} is not set up for "
+                                   f"deploys; run `doit setup`, then `doit deploy`")
             current = server.tool_call("probe", str(server.deploy_path))["current"]
             if expected and current != expected and not settings.dry_run:
                 # Verifying is not deploying: a release that is not live is not rolled back.

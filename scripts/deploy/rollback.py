@@ -84,8 +84,8 @@ def resolve_release(server_name: str, wanted: str, state: dict) -> str:
     if matches:
         raise ToolkitError(f"{server_name}: RELEASE={wanted} matches {len(matches)} releases "
                            f"({', '.join(matches)}); give more of its characters")
-    raise ToolkitError(f"{server_name}: RELEASE={wanted} is not a release on this server; "
-                       f"releases there (good, newest first): {listed}")
+    raise ToolkitError(f"{server_name}: RELEASE={wanted} is not on this server (as an id or "
+                       f"the start of one); releases there (good, newest first): {listed}")
 
 
 def _served_before_last_deploy(server: Server, current: str | None) -> str | None:

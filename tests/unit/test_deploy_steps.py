@@ -244,7 +244,7 @@ def test_release_is_taken_as_a_unique_prefix_and_a_wrong_one_lists_the_releases(
     assert resolve_release("web", "0c0c00000003", state) == "0c0c00000003"
     with pytest.raises(ToolkitError, match=r"matches 2 releases .*give more"):
         resolve_release("web", "f4", state)
-    with pytest.raises(ToolkitError, match=r"RELEASE=beef is not a release on this server; "
-                       r"releases there \(good, newest first\): f492aa000001, 0c0c00000003, "
-                       r"f4b100000002"):
+    with pytest.raises(ToolkitError, match=r"RELEASE=beef is not on this server \(as an id or "
+                       r"the start of one\); releases there \(good, newest first\): "
+                       r"f492aa000001, 0c0c00000003, f4b100000002"):
         resolve_release("web", "beef", state)

@@ -147,7 +147,8 @@ def test_other_unknown_names_in_env_file_are_a_warning_and_in_the_environment_no
         tmp_path, capsys):
     env_file = write_env(tmp_path, "SECRET_KEY=abc\n")
     settings = load_settings(env_file, environ={"PATH": "/usr/bin", "CI_SERVER": "yes",
-                                                "RELEASES": "x"})
+                                                "RELEASES": "x", "SSH_KNOWN_HOSTS": "key",
+                                                "SSH_PRIVATE_KEY": "key"})
     assert settings.uses_sandbox
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "SECRET_KEY is not a toolkit setting" in err
