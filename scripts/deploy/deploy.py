@@ -7,6 +7,7 @@ and nothing it uses was touched (a failed migration is undone from the backup)."
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import re
 import time
@@ -175,7 +176,6 @@ def needs_deploy(server: Server, settings: Settings, release: str) -> tuple[bool
 def dry_run_facts(server: Server, record: BuildRecord, package: Path) -> dict:
     """What the server holds that decides each step's outcome (read, never changed), so a dry
     run's plan says what a real run would do."""
-    import hashlib
     import tarfile
 
     from scripts.build.package import MANIFEST_NAME

@@ -44,11 +44,13 @@ def test_a_dry_run_plans_from_the_server_and_the_real_run_then_does_exactly_that
     before = site.served_release()
     site.change_code("dry run plan")
     assert site.doit("-s", "build").returncode == 0
-    plan = site.doit("-s", "ship", DRY_RUN="1")
+    env_file = site.work / "plan.env"  # a changed app environment: `shared` would change
+    env_file.write_text("SECRET_KEY=planned-secret\n")
+    plan = site.doit("-s", "ship", DRY_RUN="1", APP_ENV_FILE=str(env_file))
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert site.served_release() == before, "a dry run changed what serves"
     assert "None" not in plan.stdout + plan.stderr
-    real = site.doit("-s", "ship")
+    real = site.doit("-s", "ship", APP_ENV_FILE=str(env_file))
     assert real.returncode == 0, real.stdout + real.stderr
     assert steps(plan.stdout) == steps(real.stdout), plan.stdout + "\n----\n" + real.stdout
     # The server's state shows in the plan: the venv is reused, the database is backed up.
