@@ -5,14 +5,16 @@ inside actions (scripts/), so `doit list` is instant and never touches a server.
 
 import sys
 
-from scripts import tasks
-from scripts.deploy import actions
+from scripts.actions import build as tasks
+from scripts.actions import deploy as actions
+from scripts.actions.reporter import ToolkitReporter
 
 DOIT_CONFIG = {
     "default_tasks": ["build"],
     "verbosity": 2,
     "backend": "json",
     "dep_file": ".doit.db",
+    "reporter": ToolkitReporter,
 }
 
 
@@ -56,34 +58,55 @@ def task_sandbox_if_used():
 
 def task_target():
     """Ask the servers for their Python and platform; the next build ships wheels for them."""
-    return {**_every_time(actions.target_action), "task_dep": ["setup_if_needed"]}
-
-
-def task_build_for_servers():
-    """The build, after `target` has asked the servers (deploy uses it; `build` asks no server)."""
-    # doit starts every ready dependency at once: only a task_dep orders the build after target.
-    return tasks.build_task(after=["target"])
+    return _every_time(actions.target_action)
 
 
 def task_check():
     """pre_deploy_checks: package integrity, SSH and host key, sudo, disk, Python, nginx, lock."""
-    return {**_every_time(actions.check_action),
-            "task_dep": ["setup_if_needed", "build_for_servers"]}
+    return _every_time(actions.check_action)
 
 
 def task_ship():
     """deploy_to_server: upload, unpack, venv, migrate, preflight, switch, zero-downtime restart."""
-    return {**_every_time(actions.ship_action), "task_dep": ["check"]}
+    return _every_time(actions.ship_action)
 
 
 def task_verify():
     """post_deploy_verification: health, nginx, the guide's commands; rolls back on failure."""
-    return {**_every_time(actions.verify_action), "task_dep": ["ship"]}
+    return _every_time(actions.verify_action)
 
 
 def task_deploy():
     """Build, provision if needed, check, ship and verify: the whole deploy in one command."""
-    return {"actions": None, "task_dep": ["verify"]}
+    return {"actions": None, "task_dep": ["_deploy_verify"]}
+
+
+# Each stage task above does only its stage; `deploy` chains them through these private tasks
+# (doit list hides names that start with "_"), so `doit verify` never ships anything.
+def task__deploy_target():
+    """target, once the servers are provisioned: their Python and platform."""
+    return {**_every_time(actions.target_action), "task_dep": ["setup_if_needed"]}
+
+
+def task__deploy_build():
+    """The build, after the servers were asked (`doit build` alone asks no server)."""
+    # doit starts every ready dependency at once: only a task_dep orders the build after target.
+    return tasks.build_task(after=["_deploy_target"])
+
+
+def task__deploy_check():
+    """check, once the package is built for the servers, which are provisioned."""
+    return {**_every_time(actions.check_action), "task_dep": ["_deploy_build"]}
+
+
+def task__deploy_ship():
+    """ship, once check passed."""
+    return {**_every_time(actions.ship_action), "task_dep": ["_deploy_check"]}
+
+
+def task__deploy_verify():
+    """verify, once ship finished."""
+    return {**_every_time(actions.verify_action), "task_dep": ["_deploy_ship"]}
 
 
 def task_rollback():

@@ -63,6 +63,16 @@ def _upload(machine, remote_dir: str) -> None:
     (machine["tar"]["-xzf", "-", "-C", remote_dir] << archive)()
 
 
+# apt's package configuration talks on stderr even when it works ("debconf: delaying package
+# configuration, since apt-utils is not installed", "unable to initialize frontend").
+_APT_NOISE = ("debconf: ", "dpkg-preconfigure: ")
+
+
+def shown(line: str) -> bool:
+    """Whether a line of server_setup.sh's output is worth a person's attention."""
+    return not line.startswith(_APT_NOISE)
+
+
 def _run_streaming(machine, argv: list[str], prefix: str, log) -> tuple[int, list[str]]:
     """Run argv remotely and print its lines as they come (the first setup takes a minute)."""
     # stderr joins stdout remotely, so errors appear in order with the steps.
@@ -71,8 +81,9 @@ def _run_streaming(machine, argv: list[str], prefix: str, log) -> tuple[int, lis
     lines = []
     for raw in process.stdout:
         line = raw.decode(errors="replace").rstrip("\n")
-        lines.append(line)
-        log(f"{prefix}{line}")
+        lines.append(line)  # kept whole: a failure's explanation may need every line
+        if shown(line):
+            log(f"{prefix}{line}")
     process.wait()
     return process.returncode, lines
 

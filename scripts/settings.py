@@ -164,6 +164,12 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _wait_seconds(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 600:
+        raise _Invalid("must be a whole number of seconds from 1 to 600")
+    return int(raw)
+
+
 def _batch(raw: str) -> str:
     if not re.fullmatch(r"[1-9][0-9]*%?", raw) or (raw.endswith("%") and int(raw[:-1]) > 100):
         raise _Invalid("must be a number of servers (2) or a share of them (25%)")
@@ -283,6 +289,8 @@ SETTINGS: tuple[Setting, ...] = (
             "where people open the app (default http://<server>/); verify checks it from here"),
     Setting("HEALTH_PATH", _url_path, "/healthz",
             "health URL path; a JSON answer with `release` is checked against the release id"),
+    Setting("HEALTH_TIMEOUT_S", _wait_seconds, "30",
+            "longest wait for a new release to answer healthy (an error answer fails at once)"),
     Setting("APP_ENV_FILE", _optional_local_path, "",
             "local file uploaded as the app's environment, /etc/<SERVICE_NAME>/app.env (0600); "
             "unset: keep the server's"),
@@ -293,6 +301,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BACKUPS_KEEP", _positive_int, "10", "database backups kept in BACKUP_PATH"),
     Setting("MIN_FREE_MB", _positive_int, "200", "free disk `check` requires beyond the release"),
     Setting("AUTO_ROLLBACK", _flag, "1", "verify rolls back by itself when it fails"),
+    Setting("FORCE_RELEASE", _flag, "0",
+            "ship a release even though it failed verification before"),
     Setting("RELEASE", _release_id, "", "rollback target (default: the previous good release)"),
     Setting("RESTORE_BACKUP", _backup_name, "",
             "rollback also restores this database backup (a name from `doit backups`)"),
@@ -349,6 +359,7 @@ class Settings:
     gunicorn_workers: int
     public_url: str
     health_path: str
+    health_timeout_s: int
     app_env_file: Path | None
     deploy_parallel: int
     deploy_batch: str
@@ -356,6 +367,7 @@ class Settings:
     backups_keep: int
     min_free_mb: int
     auto_rollback: bool
+    force_release: bool
     release: str
     restore_backup: str
     notify_webhook_url: str
@@ -389,13 +401,58 @@ class Settings:
 def read_raw(env_file: Path | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The raw values: `.env` first, then the real environment wins (as CI variables must)."""
     environ = os.environ if environ is None else environ
-    if env_file is None:  # ENV_FILE points elsewhere (tests use it to ignore a user's .env)
-        env_file = Path(environ.get("ENV_FILE") or REPO_ROOT / ".env")
     raw: dict[str, str] = {}
+    env_file = _env_file(env_file, environ)
     if env_file.is_file():
         raw.update({key: value or "" for key, value in dotenv_values(env_file).items()})
     raw.update({s.name: environ[s.name] for s in SETTINGS if s.name in environ})
     return raw
+
+
+def _env_file(env_file: Path | None, environ: Mapping[str, str]) -> Path:
+    # ENV_FILE points elsewhere (tests use it to ignore a user's .env)
+    return env_file or Path(environ.get("ENV_FILE") or REPO_ROOT / ".env")
+
+
+# Names the toolkit reads besides SETTINGS: the GitLab job's SSH variables (scripts/ci-ssh.sh)
+# and the ENV_FILE switch. They are never taken for a misspelt setting.
+OTHER_NAMES = frozenset({"SSH_PRIVATE_KEY", "SSH_KNOWN_HOSTS", "SSH_AUTH_SOCK", "ENV_FILE"})
+
+
+def meant_setting(name: str) -> str | None:
+    """The setting a misspelt name most likely meant (DEPLOY_SEVRER -> DEPLOY_SERVER), if any:
+    close in spelling and starting with the same word, so PATH or CI_SERVER never match."""
+    import difflib
+
+    if name in OTHER_NAMES or any(s.name == name for s in SETTINGS):
+        return None
+    same_word = [s.name for s in SETTINGS if s.name.split("_")[0] == name.split("_")[0]]
+    close = difflib.get_close_matches(name, same_word, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+_warned: set[str] = set()
+
+
+def _unknown_names(raw: Mapping[str, str], environ: Mapping[str, str],
+                   env_file: Path) -> list[str]:
+    """Problems for names that look like a misspelt setting (in .env or the environment); a
+    warning, once, for any other name in .env, which the toolkit ignores."""
+    import sys
+
+    problems = []
+    known = {s.name for s in SETTINGS}
+    for name in sorted(set(raw) | set(environ)):
+        meant = meant_setting(name)
+        where = ".env" if name in raw and name not in known else "the environment"
+        if meant and meant not in raw and meant not in environ:
+            problems.append(f"setting {name} (in {where}) is unknown; did you mean {meant}? "
+                            f"rename it there")
+        elif name in raw and name not in known and name not in _warned and not meant:
+            _warned.add(name)
+            print(f"warning: {env_file}: {name} is not a toolkit setting and is ignored (the "
+                  f"app's own settings belong in APP_ENV_FILE)", file=sys.stderr)
+    return problems
 
 
 def load_settings(env_file: Path | None = None,
@@ -404,7 +461,7 @@ def load_settings(env_file: Path | None = None,
     environ = os.environ if environ is None else environ
     raw = read_raw(env_file, environ)
     values: dict[str, object] = {}
-    problems: list[str] = []
+    problems = _unknown_names(raw, environ, _env_file(env_file, environ))
     for setting in SETTINGS:
         if setting.name in raw:
             text = raw[setting.name]

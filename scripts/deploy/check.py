@@ -73,14 +73,14 @@ def check_server(server: Server, settings: Settings, manifest: dict) -> list[tup
         return results + [(False, f"{path} is not set up for deploys; run `doit setup`")]
     state = server.tool_call("probe", path)
     results += python_results(state, manifest["target"])
-    listing = server.sudo(["-l"], check=False).stdout
+    listing = server.sudo(["-l"], check=False, reads=True).stdout
     missing = [command for command in required_sudo(settings) if command not in listing]
     if missing:
         results.append((False, f"{server.target.user} may not run `sudo {missing[0]}`; run `doit "
                                f"setup` (it installs the sudoers rules)"))
     else:
         results.append((True, f"{server.target.user} has the sudo rights deploys need"))
-    nginx = server.sudo(["nginx", "-t"], check=False)
+    nginx = server.sudo(["nginx", "-t"], check=False, reads=True)
     results.append((nginx.status == 0, "nginx configuration valid" if nginx.status == 0 else
                     f"`nginx -t` fails: {nginx.error_line}; fix nginx before deploying"))
     need = needed_mb(manifest, settings)

@@ -7,7 +7,9 @@ and nothing it uses was touched (a failed migration is undone from the backup)."
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,6 @@ from scripts.deploy.report import Reporter
 from scripts.deploy.server import Server
 from scripts.errors import ToolkitError
 from scripts.settings import Settings
-
-HEALTH_TIMEOUT_S = 30
 
 
 @dataclass
@@ -44,9 +44,33 @@ def log_entry(action: str, release: str, previous: str | None, started: float, r
     return entry
 
 
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))(?::|$)")
+_FRAME_LINE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def explain_failure(journal_lines: list[str]) -> str:
+    """The cause in a failed unit's journal: the last exception with the file and line it was
+    raised at (its path inside the release), else the journal's last lines."""
+    messages = [line.split(": ", 1)[-1].rstrip() for line in journal_lines]
+    for index in range(len(messages) - 1, -1, -1):
+        if not _EXCEPTION_LINE.match(messages[index].strip()):
+            continue
+        cause = messages[index].strip()
+        frames = [_FRAME_LINE.search(text) for text in messages[:index]]
+        frames = [frame for frame in frames if frame]
+        if frames:
+            file_name = re.sub(r"^.*/releases/[^/]+/", "", frames[-1].group(1))
+            cause += f" (in {file_name}, line {frames[-1].group(2)})"
+        if cause.startswith("ModuleNotFoundError"):
+            cause += "; is the package in the app's requirements.txt?"
+        return cause
+    return " | ".join(message for message in messages[-4:] if message.strip()) or "no journal"
+
+
 def journal_tail(server: Server, unit: str) -> str:
-    lines = server.sudo(commands.journal(unit, 30), check=False).stdout.strip().splitlines()
-    return " | ".join(line.split(": ", 1)[-1] for line in lines[-4:])
+    lines = server.sudo(commands.journal(unit, 30), check=False,
+                        reads=True).stdout.strip().splitlines()
+    return explain_failure(lines)
 
 
 def start_preflight(server: Server, settings: Settings, release: str) -> None:
@@ -58,9 +82,14 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
         if started.status != 0:
             raise ToolkitError(f"{server.name}: release {release} does not start: "
                                f"{journal_tail(server, unit)}")
-        server.tool_call("health", commands.health_url(commands.preflight_port(settings),
-                                                       settings.health_path),
-                         release, HEALTH_TIMEOUT_S, what="health check of the new release")
+        try:
+            server.tool_call("health", commands.health_url(commands.preflight_port(settings),
+                                                           settings.health_path),
+                             release, settings.health_timeout_s,
+                             what="health check of the new release")
+        except ToolkitError as error:
+            raise ToolkitError(f"{error} (HEALTH_TIMEOUT_S={settings.health_timeout_s}); the old "
+                               f"release keeps serving") from None
     finally:
         server.sudo(commands.systemctl("stop", unit), check=False)
 
@@ -72,7 +101,7 @@ def restart_and_check(server: Server, settings: Settings, release: str) -> None:
     server.sudo(commands.systemctl("reset-failed", unit), check=False)
     server.sudo(commands.systemctl("restart", unit), what="restarting the service")
     server.tool_call("health", commands.health_url(settings.app_port, settings.health_path),
-                     release, HEALTH_TIMEOUT_S, what="health check after the restart")
+                     release, settings.health_timeout_s, what="health check after the restart")
 
 
 def _serves(server: Server, settings: Settings, release: str) -> bool:
@@ -80,7 +109,7 @@ def _serves(server: Server, settings: Settings, release: str) -> bool:
     deploy killed between switch and restart leaves those two different)."""
     try:
         server.tool_call("health", commands.health_url(settings.app_port, settings.health_path),
-                         release, 1)
+                         release, 1, reads=True)
     except ToolkitError:
         return False
     return True
@@ -135,10 +164,31 @@ def needs_deploy(server: Server, settings: Settings, release: str) -> tuple[bool
         raise ToolkitError(f"{server.name}: {path} is not set up for deploys; run `doit setup`")
     state = server.tool_call("probe", path)
     current = state.get("current")
-    if current == release and release in state.get("good", []) and not server.dry_run \
+    if release in state.get("failed", []) and not settings.force_release:
+        raise ToolkitError(f"{server.name}: release {release} failed verification before; fix "
+                           f"the app and build again (a new release), or ship it anyway with "
+                           f"FORCE_RELEASE=1")
+    if current == release and release in state.get("good", []) \
             and _serves(server, settings, release):
         return False, current
     return True, current
+
+
+def dry_run_facts(server: Server, record: BuildRecord, package: Path) -> dict:
+    """What the server holds that decides each step's outcome (read, never changed), so a dry
+    run's plan says what a real run would do."""
+    import tarfile
+
+    from scripts.build.package import MANIFEST_NAME
+    from scripts.deploy.server_tool import requirements_key
+
+    path = str(server.deploy_path)
+    with tarfile.open(package, "r:gz") as tar:
+        manifest = json.load(tar.extractfile(MANIFEST_NAME))
+    key = requirements_key(manifest, server.tool_call("probe", path)["python"])
+    facts = server.tool_call("plan", path, record.release_id, key, commands.env_file(settings))
+    facts["venv"] = key
+    return facts
 
 
 def prepare(server: Server, settings: Settings, record: BuildRecord, package: Path,
@@ -146,20 +196,22 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
     """Everything before the switch: the old release keeps serving, untouched."""
     path = str(server.deploy_path)
     release = record.release_id
+    facts = dry_run_facts(server, record, package) if server.dry_run else {}
     with reporter.step("upload") as outcome:
         outcome.changed = upload_package(server, record, package)
         outcome.detail = (f"{record.package} ({record.size / 1e6:.2f} MB)" if outcome.changed
                           else "package already on the server")
     with reporter.step("unpack") as outcome:
-        outcome.changed = server.tool_call("unpack", path, record.package, release)["changed"] \
-            if not server.dry_run else True
+        answer = server.tool_call("unpack", path, record.package, release)
+        outcome.changed = not facts["unpacked"] if server.dry_run else answer["changed"]
         outcome.detail = f"releases/{release}"
     with reporter.step("venv") as outcome:
         answer = server.tool_call("venv", path, release)
-        outcome.changed = bool(answer.get("changed"))
-        outcome.detail = (f"built shared/venvs/{answer.get('venv')} from wheels"
-                          if outcome.changed else
-                          f"reused shared/venvs/{answer.get('venv')} (same requirements)")
+        outcome.changed = (not facts["venv_ready"] if server.dry_run
+                           else bool(answer.get("changed")))
+        venv = facts.get("venv") or answer.get("venv")
+        outcome.detail = (f"built shared/venvs/{venv} from wheels" if outcome.changed else
+                          f"reused shared/venvs/{venv} (same requirements)")
     with reporter.step("shared") as outcome:
         uploaded = ""
         if settings.app_env_file:  # secrets: sent as a private file, never on a command line
@@ -167,12 +219,20 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
                        server.deploy_path / "shared" / ".env.upload")
             uploaded = "uploaded"
         env_file = commands.env_file(settings)
-        outcome.changed = bool(server.tool_call("link-shared", path, release, env_file,
-                                                uploaded).get("changed"))
+        answer = server.tool_call("link-shared", path, release, env_file, uploaded)
+        if server.dry_run:
+            wanted = (hashlib.sha256(settings.app_env_file.read_bytes()).hexdigest()
+                      if settings.app_env_file else facts["env_sha256"])
+            outcome.changed = not facts["unpacked"] or facts["env_sha256"] in (None, "") \
+                or wanted != facts["env_sha256"]
+        else:
+            outcome.changed = bool(answer.get("changed"))
         outcome.detail = f"instance/, uploads/ -> shared/; {env_file} 0600"
     with reporter.step("backup") as outcome:
         backup = server.tool_call("backup", path, str(settings.backup_path), release,
                                   settings.backups_keep).get("backup")
+        if server.dry_run and facts["databases"]:
+            backup = f"{settings.backup_path}/<now>-{release} ({', '.join(facts['databases'])})"
         outcome.changed = bool(backup)
         outcome.detail = backup or "no database yet"
     with reporter.step("migrate") as outcome:
@@ -187,13 +247,21 @@ def go_live(server: Server, settings: Settings, release: str, reporter: Reporter
     """Switch and restart; if the restarted service is unhealthy, switch this server back."""
     with reporter.step("switch") as outcome:
         answer = server.tool_call("switch", str(server.deploy_path), release)
+        if server.dry_run:
+            current = server.tool_call("probe", str(server.deploy_path)).get("current")
+            answer = {"changed": current != release, "previous": current}
         outcome.changed = bool(answer.get("changed", True))
-        outcome.detail = f"current -> releases/{release} (was {answer.get('previous')})"
+        outcome.detail = (f"current -> releases/{release} (was "
+                          f"{answer.get('previous') or 'none: the first deploy'})")
     with reporter.step("restart") as outcome:
         try:
             restart_and_check(server, settings, release)
-        except ToolkitError:
-            switch_back(server, settings, answer.get("previous"))
+        except ToolkitError as error:
+            previous = answer.get("previous")
+            switch_back(server, settings, previous)
+            if previous:
+                raise ToolkitError(f"{error}; switched back: release {previous} serves "
+                                   f"again") from None
             raise
         outcome.changed = True
         outcome.detail = f"{settings.service_name} serves {release}"

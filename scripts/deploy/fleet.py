@@ -81,7 +81,7 @@ def _take_locks(members: list[Member], release: str, limit: int, stack: ExitStac
         lock = deploy_lock(member.server, release, "deploy", log=member.reporter.line)
         lock.__enter__()
         member.lock = lock
-        member.reporter.line(f"{'changed':8} {'lock':10} {time.monotonic() - lock_started:5.2f} s"
+        member.reporter.line(f"{member.reporter.verdict(True):8} {'lock':10} {time.monotonic() - lock_started:5.2f} s"
                              f"  {member.server.deploy_path}/.deploy-lock taken")
     def release_taken():  # at once too; each release is best effort and warns if it fails
         run_parallel([lambda m=m: m.lock.__exit__(None, None, None)

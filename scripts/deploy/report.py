@@ -21,6 +21,11 @@ class Reporter:
     log: object = print
     steps: list[tuple[str, StepOutcome, float]] = field(default_factory=list)
     failed_step: str = ""
+    dry_run: bool = False
+
+    def verdict(self, changed: bool) -> str:
+        """`changed` or `ok`; a dry run says what a real run would."""
+        return ("would change" if self.dry_run else "changed") if changed else "ok"
 
     def line(self, text: str) -> None:
         prefix = f"{self.server}: " if self.show_server else ""
@@ -39,8 +44,8 @@ class Reporter:
             raise
         elapsed = time.monotonic() - started
         self.steps.append((name, outcome, elapsed))
-        verdict = "changed" if outcome.changed else "ok"
-        self.line(f"{verdict:8} {name:10} {elapsed:5.2f} s  {outcome.detail}".rstrip())
+        self.line(f"{self.verdict(outcome.changed):8} {name:10} {elapsed:5.2f} s  "
+                  f"{outcome.detail}".rstrip())
 
     @property
     def changed(self) -> int:

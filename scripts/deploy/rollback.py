@@ -28,17 +28,19 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
     if not server.ensure_tool():
         raise ToolkitError(f"{server.name}: {path} is not set up for deploys; run `doit setup`")
     answer = server.tool_call("previous-good", path)
+    state = server.tool_call("probe", path)
     current = answer.get("current")
-    target = current if stay_on_current else settings.release or answer.get("previous")
+    chosen = resolve_release(server.name, settings.release, state) if settings.release else None
+    target = current if stay_on_current else chosen or answer.get("previous")
     if undo_last_deploy:
         target = _served_before_last_deploy(server, current) or target
-    if not target and not server.dry_run:
+    if not target:
         raise ToolkitError(f"{server.name}: nothing to roll back to: release {current} is the "
                            f"only good release on the server")
     if target == current and not settings.restore_backup:
         reporter.line(f"ok: release {target} is already current; nothing to do")
         return DeployOutcome(server.name, target, current, False, time.monotonic() - started)
-    already_good = target in server.tool_call("probe", path).get("good", [])
+    already_good = target in state.get("good", [])
     with deploy_lock(server, target, "rollback", log=reporter.line):
         try:
             with reporter.step("preflight") as outcome:
@@ -66,6 +68,24 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
         server.tool_call("log", path, json.dumps(log_entry("rollback", target, current, started,
                                                            "ok")))
     return DeployOutcome(server.name, target, current, True, time.monotonic() - started)
+
+
+def resolve_release(server_name: str, wanted: str, state: dict) -> str:
+    """RELEASE as a whole id or a unique prefix of one on the server (as git takes commits);
+    otherwise an error that lists the ids there are, before anything is locked or logged."""
+    on_server = state.get("releases", [])
+    if wanted in on_server:
+        return wanted
+    matches = [release for release in on_server if release.startswith(wanted)]
+    if len(matches) == 1:
+        return matches[0]
+    good = list(reversed(state.get("good", [])))
+    listed = ", ".join(good + [r for r in on_server if r not in good]) or "none"
+    if matches:
+        raise ToolkitError(f"{server_name}: RELEASE={wanted} matches {len(matches)} releases "
+                           f"({', '.join(matches)}); give more of its characters")
+    raise ToolkitError(f"{server_name}: RELEASE={wanted} is not on this server (as an id or "
+                       f"the start of one); releases there (good, newest first): {listed}")
 
 
 def _served_before_last_deploy(server: Server, current: str | None) -> str | None:

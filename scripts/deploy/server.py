@@ -1,6 +1,7 @@
 """One server as deploy steps see it: argv lists run over a single SSH shell session (one round
-trip of a few milliseconds each), the server tool, and uploads. With DRY_RUN it prints what it
-would run and runs nothing."""
+trip of a few milliseconds each), the server tool, and uploads. With DRY_RUN it prints every
+command that would change something and runs only those that read (`reads=True`, and the
+tool's read-only subcommands), so a plan is made from the server's real state."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from scripts.remote import Target, open_session
 
 TOOL_SOURCE = Path(__file__).with_name("server_tool.py")
 PUT_CHUNK = 3 << 18  # 768 KiB of data, 1 MiB of base64 per shell line
+# Server tool subcommands that change nothing: a dry run runs them.
+# (health reads too, but a dry run starts no new release to check: callers say reads=True.)
+READ_ONLY_TOOL = frozenset({"probe", "has-package", "history", "previous-good", "backups",
+                            "disk", "plan"})
 
 
 @dataclass
@@ -50,10 +55,10 @@ class Server:
         self.log = log
         self.session = None
         self.tool = tool_path(deploy_path)
+        self.tool_inline = False  # a dry run does not install the tool: it sends it with -c
 
     def __enter__(self) -> "Server":
-        if not self.dry_run:
-            self.session = open_session(self.target)
+        self.session = open_session(self.target)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -72,9 +77,11 @@ class Server:
         self.session = None
 
     # -- running ----------------------------------------------------------------------------
-    def run(self, argv: list[str], check: bool = True, what: str = "") -> Result:
+    def run(self, argv: list[str], check: bool = True, what: str = "",
+            reads: bool = False) -> Result:
+        """Run argv; `reads`: it changes nothing, so a dry run runs it too."""
         command = " ".join(shlex.quote(str(arg)) for arg in argv)
-        if self.dry_run:
+        if self.dry_run and not reads:
             self.log(f"    $ {command}")
             return Result(0, "{}", "")
         status, stdout, stderr = self._session_run(command, what or argv[0])
@@ -90,18 +97,22 @@ class Server:
             raise ToolkitError(f"{self.name}: the SSH connection was lost during {what} "
                                f"({type(error).__name__}); nothing after it ran") from None
 
-    def tool_call(self, subcommand: str, *args: str, what: str = "") -> dict:
+    def tool_call(self, subcommand: str, *args: str, what: str = "",
+                  reads: bool | None = None) -> dict:
         """Run a server_tool subcommand; its JSON answer, or a ToolkitError with its error."""
-        result = self.run(["python3", "-I", "-S", str(self.tool), subcommand, *map(str, args)],
-                          what=what or subcommand)
+        tool = ["-c", TOOL_SOURCE.read_text()] if self.tool_inline else [str(self.tool)]
+        result = self.run(["python3", "-I", "-S", *tool, subcommand, *map(str, args)],
+                          what=what or subcommand,
+                          reads=subcommand in READ_ONLY_TOOL if reads is None else reads)
         try:
             return json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout else {}
         except (ValueError, IndexError):
             raise ToolkitError(f"{self.name}: {subcommand}: unexpected answer "
                                f"{result.stdout[:200]!r}") from None
 
-    def sudo(self, argv: list[str], check: bool = True, what: str = "") -> Result:
-        return self.run(["sudo", "-n", *argv], check=check, what=what)
+    def sudo(self, argv: list[str], check: bool = True, what: str = "",
+             reads: bool = False) -> Result:
+        return self.run(["sudo", "-n", *argv], check=check, what=what, reads=reads)
 
     def put(self, data: bytes, remote_path: PurePosixPath) -> None:
         """Write bytes to a file on the server through the open shell session (base64 text in
@@ -124,12 +135,14 @@ class Server:
 
     def ensure_tool(self) -> bool:
         """Install this version of the server tool; False when DEPLOY_PATH is missing."""
-        if self.dry_run:
+        if self.run(["test", "-f", str(self.tool)], check=False, reads=True).status == 0:
             return True
-        if self.run(["test", "-f", str(self.tool)], check=False).status == 0:
-            return True
-        if self.run(["test", "-d", str(self.deploy_path / "releases")], check=False).status:
+        if self.run(["test", "-d", str(self.deploy_path / "releases")], check=False,
+                    reads=True).status:
             return False
+        if self.dry_run:
+            self.tool_inline = True
+            return True
         self.run(["mkdir", "-p", str(self.tool.parent)])
         self.put(TOOL_SOURCE.read_bytes(), self.tool)
         return True

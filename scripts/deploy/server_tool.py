@@ -10,6 +10,7 @@ Layout (DEPLOY_PATH):
   packages/           uploaded packages
   current, next       symlinks to releases/<id> (next: the release being deployed)
   good-releases       ids that went live, oldest first (rollback walks it backwards)
+  failed-releases     ids that failed verification (ship refuses them unless forced)
   deploy-log.jsonl    one line per deploy or rollback
   .deploy-lock/       held while a deploy runs (info.json says by whom)
 """
@@ -23,6 +24,8 @@ import sys
 
 DATABASE_SUFFIXES = (".sqlite3", ".sqlite", ".db")
 SHARED_LINKS = ("instance", "uploads")
+# Answers a starting or restarting server gives before it is ready; any other is final.
+RETRYABLE_HTTP = (429, 502, 503, 504)
 
 
 class Refusal(Exception):
@@ -74,12 +77,21 @@ def release_id_of(link):
         return None
 
 
-def read_good(root):
+def read_ids(root, name):
+    """Release ids in a list file (good-releases, failed-releases), oldest first."""
     try:
-        with open(path(root, "good-releases")) as stream:
+        with open(path(root, name)) as stream:
             return [line.strip() for line in stream if line.strip()]
     except FileNotFoundError:
         return []
+
+
+def write_ids(root, name, ids):
+    write_atomically(path(root, name), "".join(item + "\n" for item in ids))
+
+
+def read_good(root):
+    return read_ids(root, "good-releases")
 
 
 def write_atomically(target, text, mode=0o644):
@@ -125,11 +137,23 @@ def cmd_probe(root):
     libc = os.confstr("CS_GNU_LIBC_VERSION") or ""  # "glibc 2.41"
     import importlib.util
     out(current=release_id_of(path(root, "current")), good=read_good(root), lock=lock,
+        failed=read_ids(root, "failed-releases"),
         releases=releases, python="%d.%d" % sys.version_info[:2], machine=os.uname().machine,
         glibc=libc.split()[-1] if libc.startswith("glibc ") else "",
         # Debian and Ubuntu keep ensurepip, which `python3 -m venv` needs, in python3-venv.
         venv=importlib.util.find_spec("ensurepip") is not None,
         layout=os.path.isdir(path(root, "releases")) and os.path.isdir(path(root, "shared")))
+
+
+def cmd_plan(root, release, venv_key, env_file):
+    """What a dry run needs beyond probe to say what each deploy step would do."""
+    env_sha256 = None
+    if os.path.isfile(env_file):
+        with open(env_file, "rb") as stream:
+            env_sha256 = _sha256(stream.read()).hexdigest()
+    out(unpacked=os.path.isfile(path(root, "releases", release, ".unpacked")),
+        venv_ready=os.path.isfile(path(root, "shared", "venvs", venv_key, ".complete")),
+        databases=_databases(root), env_sha256=env_sha256)
 
 
 def cmd_lock(root, info_json):
@@ -219,12 +243,17 @@ def cmd_unpack(root, name, release):
     out(changed=True)
 
 
-def _requirements_hash(release_dir, python):
-    with open(path(release_dir, "manifest.json")) as stream:
-        manifest = json.load(stream)
+def requirements_key(manifest, python):
+    """The shared venv a release uses: its requirements, wheels and the server's Python. A dry
+    run computes it from the local package's manifest."""
     wheels = sorted(entry["sha256"] for entry in manifest.get("wheels", []))
     text = manifest["requirements_sha256"] + "|" + python + "|" + ",".join(wheels)
     return _sha256(text.encode()).hexdigest()[:16]
+
+
+def _requirements_hash(release_dir, python):
+    with open(path(release_dir, "manifest.json")) as stream:
+        return requirements_key(json.load(stream), python)
 
 
 def cmd_venv(root, release):
@@ -463,6 +492,10 @@ def cmd_health(url, expect_release, timeout):
             last = "it runs release %s, not %s" % (release, expect_release)
         except urllib.error.HTTPError as error:
             last = "HTTP %d" % error.code
+            if error.code not in RETRYABLE_HTTP:
+                # The app answered, and answered wrong: waiting will not change that.
+                raise Refusal("%s answered %s; not healthy (waiting would not change it)"
+                              % (url, last))
         except (urllib.error.URLError, OSError) as error:
             last = str(getattr(error, "reason", error))
         if time.monotonic() > deadline:
@@ -472,8 +505,21 @@ def cmd_health(url, expect_release, timeout):
 
 def _mark_good(root, release):
     """Newest last: a release deployed again moves to the end."""
-    good = [name for name in read_good(root) if name != release] + [release]
-    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
+    write_ids(root, "good-releases",
+              [name for name in read_good(root) if name != release] + [release])
+    failed = read_ids(root, "failed-releases")
+    if release in failed:  # forced, and it went live this time
+        write_ids(root, "failed-releases", [name for name in failed if name != release])
+
+
+def cmd_mark_failed(root, release):
+    """A release that failed verification: no rollback target, and not shipped again unless
+    the deploy is forced."""
+    write_ids(root, "good-releases", [name for name in read_good(root) if name != release])
+    write_ids(root, "failed-releases",
+              [name for name in read_ids(root, "failed-releases") if name != release] +
+              [release])
+    out(changed=True)
 
 
 def cmd_demote(root, release):
@@ -565,12 +611,12 @@ def cmd_disk(*folders):
 
 
 COMMANDS = {
-    "probe": cmd_probe, "lock": cmd_lock, "unlock": cmd_unlock,
+    "probe": cmd_probe, "plan": cmd_plan, "lock": cmd_lock, "unlock": cmd_unlock,
     "has-package": cmd_has_package, "accept-package": cmd_accept_package,
     "unpack": cmd_unpack, "venv": cmd_venv, "link-shared": cmd_link_shared,
     "backup": cmd_backup, "restore": cmd_restore, "backups": cmd_backups,
     "set-next": cmd_set_next, "switch": cmd_switch, "health": cmd_health,
-    "demote": cmd_demote, "previous-good": cmd_previous_good,
+    "demote": cmd_demote, "mark-failed": cmd_mark_failed, "previous-good": cmd_previous_good,
     "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
 }

@@ -16,14 +16,15 @@ from scripts.settings import Settings
 def verify_server(server: Server, settings: Settings, expected: str,
                   public_url: str) -> list[tuple[bool, str]]:
     results: list[tuple[bool, str]] = []
-    state = server.run(commands.systemctl("is-active", settings.service_name), check=False)
+    state = server.run(commands.systemctl("is-active", settings.service_name), check=False,
+                       reads=True)
     active = state.stdout.strip() == "active"
     results.append((active, f"{settings.service_name} is {state.stdout.strip() or 'unknown'}"))
     for label, port in (("app on 127.0.0.1:%d" % settings.app_port, settings.app_port),
                         ("nginx on port 80", 80)):
         try:
             answer = server.tool_call("health", commands.health_url(port, settings.health_path),
-                                      expected, 10)
+                                      expected, 10, reads=True)
             results.append((True, f"{label} answers {_release_said(answer.get('release'))}"))
         except ToolkitError as error:
             results.append((False, f"{label}: {error}"))
@@ -33,11 +34,12 @@ def verify_server(server: Server, settings: Settings, expected: str,
         log_file = optional_logs.get(label)
         # setup creates the files (root's folder, the app's files); empty means the app logs
         # elsewhere, which is fine: the journal has it.
-        if log_file and server.run(["test", "-s", log_file], check=False).status != 0:
+        if log_file and server.run(["test", "-s", log_file], check=False,
+                                   reads=True).status != 0:
             results.append((True, f"guide: {label}: {log_file} is empty; the app logs to the "
                                   f"journal (`journalctl -u {settings.service_name}`)"))
             continue
-        outcome = server.run(argv, check=False)
+        outcome = server.run(argv, check=False, reads=True)
         results.append((outcome.status == 0, f"guide: {label}" if outcome.status == 0 else
                         f"guide: {label} fails: {outcome.error_line}"))
     return results

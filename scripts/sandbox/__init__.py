@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from scripts.remote import Target
+from scripts.sandbox.image import ADMIN_USER
 from scripts.sandbox.servers import Sandbox, SandboxServer
 from scripts.settings import Settings
 
@@ -23,8 +24,10 @@ def root_target(sandbox: Sandbox, server: SandboxServer) -> Target:
 
 
 def describe(server: SandboxServer, sandbox: Sandbox) -> str:
+    # admin, not root: a provisioned server refuses root logins (sshd hardening); admin has sudo.
     return (f"{server.name}: ssh -i {sandbox.key_file} -o UserKnownHostsFile="
-            f"{sandbox.known_hosts_file} -p {server.ssh_port} root@127.0.0.1   http: {server.url}")
+            f"{sandbox.known_hosts_file} -p {server.ssh_port} {ADMIN_USER}@127.0.0.1   "
+            f"http: {server.url}")
 
 
 __all__ = ["Sandbox", "SandboxServer", "sandbox_from_settings", "root_target", "describe"]

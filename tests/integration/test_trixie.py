@@ -55,7 +55,7 @@ def test_a_second_deploy_keeps_the_data_and_builds_nothing_new(trixie):
     site.create_ticket("kept across deploys")
     again = site.doit("deploy", **TRIXIE)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "-- build_for_servers" in again.stdout, "same sources and target: no rebuild"
+    assert "-- _deploy_build" in again.stdout, "same sources and target: no rebuild"
     assert "kept across deploys" in site.ticket_titles()
 
 

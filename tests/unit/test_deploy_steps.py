@@ -43,20 +43,20 @@ class FakeServer:
     def ensure_tool(self):
         return True
 
-    def tool_call(self, subcommand, *args, what=""):
+    def tool_call(self, subcommand, *args, what="", reads=None):
         self.calls.append(f"tool {subcommand}")
         if subcommand in self.failing:
             raise ToolkitError(f"{subcommand} failed")
         return self.answers.get(subcommand, {})
 
-    def run(self, argv, check=True, what=""):
+    def run(self, argv, check=True, what="", reads=False):
         self.calls.append(" ".join(map(str, argv)))
         failed = any(" ".join(argv).endswith(f) for f in self.failing)
         if failed and check:
             raise ToolkitError(f"{argv} failed")
         return Result(1 if failed else 0, "active\n", "")
 
-    def sudo(self, argv, check=True, what=""):
+    def sudo(self, argv, check=True, what="", reads=False):
         return self.run(["sudo", *argv], check=check, what=what)
 
     def put(self, data, path):
@@ -215,3 +215,36 @@ def test_a_lock_released_while_python_exits_warns_instead_of_reconnecting(monkey
     monkeypatch.setattr(lock.sys, "is_finalizing", lambda: False)
     lock.release_lock(server, "token", log=lines.append)
     assert "reconnect" in server.calls  # a cut connection, otherwise, gets one more try
+
+
+def test_a_failed_units_journal_is_explained_by_its_exception_file_and_line():
+    from scripts.deploy.deploy import explain_failure
+    journal = [
+        "Nov 29 08:00:01 web gunicorn[11]: Traceback (most recent call last):",
+        'Nov 29 08:00:01 web gunicorn[11]:   File "/var/www/flask_helpdesk/next/.venv/lib/'
+        'python3.11/site-packages/flask/cli.py", line 245, in locate_app',
+        'Nov 29 08:00:01 web gunicorn[11]:   File "/var/www/flask_helpdesk/releases/abc/'
+        'helpdesk/views.py", line 3, in <module>',
+        "Nov 29 08:00:01 web gunicorn[11]:     import markdown",
+        "Nov 29 08:00:01 web gunicorn[11]: ModuleNotFoundError: No module named 'markdown'",
+        "Nov 29 08:00:01 web gunicorn[11]: Usage: flask [OPTIONS] COMMAND [ARGS]...",
+        "Nov 29 08:00:01 web gunicorn[11]: Error: No such command 'migrate'.",
+    ]
+    assert explain_failure(journal) == ("ModuleNotFoundError: No module named 'markdown' (in "
+                                        "helpdesk/views.py, line 3); is the package in the "
+                                        "app's requirements.txt?")
+    assert explain_failure(["Nov 29 x[1]: plain failure"]) == "plain failure"
+
+
+def test_release_is_taken_as_a_unique_prefix_and_a_wrong_one_lists_the_releases():
+    from scripts.deploy.rollback import resolve_release
+    state = {"releases": ["f492aa000001", "f4b100000002", "0c0c00000003"],
+             "good": ["0c0c00000003", "f492aa000001"]}
+    assert resolve_release("web", "f492", state) == "f492aa000001"
+    assert resolve_release("web", "0c0c00000003", state) == "0c0c00000003"
+    with pytest.raises(ToolkitError, match=r"matches 2 releases .*give more"):
+        resolve_release("web", "f4", state)
+    with pytest.raises(ToolkitError, match=r"RELEASE=beef is not on this server \(as an id or "
+                       r"the start of one\); releases there \(good, newest first\): "
+                       r"f492aa000001, 0c0c00000003, f4b100000002"):
+        resolve_release("web", "beef", state)

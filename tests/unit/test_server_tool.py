@@ -283,3 +283,45 @@ def test_backup_and_restore_refuse_a_link_the_app_planted_in_its_folder(root, tm
     assert "is a link or not a plain file" in tool("backup", root, backups, "r2", 2,
                                                    expect_ok=False)
     assert victim.read_text() == "echo mine\n"
+
+
+def test_a_release_marked_failed_is_no_longer_good_until_it_goes_live_again(root):
+    (root / "good-releases").write_text("a\nb\n")
+    tool("mark-failed", root, "b")
+    state = tool("probe", root)
+    assert state["good"] == ["a"] and state["failed"] == ["b"]
+    tool("mark-failed", root, "b")  # twice is the same
+    assert tool("probe", root)["failed"] == ["b"]
+    (root / "releases" / "b").mkdir()
+    tool("finish", root, "b", 5)  # forced, and it went live: good again, failed no more
+    state = tool("probe", root)
+    assert state["good"] == ["a", "b"] and state["failed"] == []
+
+
+class Answering(BaseHTTPRequestHandler):
+    status = 500
+
+    def do_GET(self):
+        self.send_response(Answering.status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status, timeout, words", [
+    (500, 600, "answered HTTP 500; not healthy (waiting would not change it)"),
+    (404, 600, "answered HTTP 404; not healthy"),
+    (503, 0.5, "did not answer healthy within 0.5s: HTTP 503"),
+])
+def test_health_fails_at_once_on_a_final_answer_and_waits_on_a_passing_one(
+        status, timeout, words):
+    Answering.status = status
+    server = HTTPServer(("127.0.0.1", 0), Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # A 600 s timeout that returned at all (the tool call has 60 s) did not wait it out.
+        assert words in tool("health", f"http://127.0.0.1:{server.server_port}/healthz", "r1",
+                             timeout, expect_ok=False)
+    finally:
+        server.shutdown()

@@ -150,3 +150,35 @@ def test_service_name_is_validated_by_one_pattern_in_python_and_in_bash():
         assert re.match(SERVICE_NAME_PATTERN, name), name
     for name in (".", "..", "-x", "a/b", "a b", "x@y", "a" * 101):
         assert not re.match(SERVICE_NAME_PATTERN, name), name
+
+
+@pytest.mark.parametrize("typo, meant", [("DEPLOY_SEVRER", "DEPLOY_SERVER"),
+                                         ("KEEP_RELEASE", "KEEP_RELEASES"),
+                                         ("HEALTH_PAHT", "HEALTH_PATH")])
+def test_a_misspelt_setting_in_env_file_or_environment_is_an_error_naming_the_setting(
+        tmp_path, typo, meant):
+    for env_file, environ in ((write_env(tmp_path, f"{typo}=x\n"), {}),
+                              (tmp_path / "missing.env", {typo: "x"})):
+        with pytest.raises(SettingsError) as error:
+            load_settings(env_file, environ=environ)
+        assert f"setting {typo} " in str(error.value)
+        assert f"did you mean {meant}?" in str(error.value)
+
+
+def test_other_unknown_names_in_env_file_are_a_warning_and_in_the_environment_nothing(
+        tmp_path, capsys):
+    env_file = write_env(tmp_path, "SECRET_KEY=abc\n")
+    settings = load_settings(env_file, environ={"PATH": "/usr/bin", "CI_SERVER": "yes",
+                                                "RELEASES": "x", "SSH_KNOWN_HOSTS": "key",
+                                                "SSH_PRIVATE_KEY": "key"})
+    assert settings.uses_sandbox
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "SECRET_KEY is not a toolkit setting" in err
+
+
+def test_health_timeout_is_a_bounded_whole_number_of_seconds(tmp_path):
+    assert load_settings(tmp_path / "none", environ={}).health_timeout_s == 30
+    assert load_settings(tmp_path / "none", environ={"HEALTH_TIMEOUT_S": "5"}).health_timeout_s == 5
+    for bad in ("0", "601", "2.5", "soon"):
+        with pytest.raises(SettingsError, match="HEALTH_TIMEOUT_S"):
+            load_settings(tmp_path / "none", environ={"HEALTH_TIMEOUT_S": bad})

@@ -75,3 +75,11 @@ def test_ci_ssh_gives_the_toolkit_ssh_config_as_a_file_whether_a_file_variable_o
     result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout == config_text + "\n"
+
+
+def test_setup_output_leaves_out_apts_debconf_noise_and_keeps_the_steps():
+    from scripts.provision import shown
+    assert not shown("debconf: delaying package configuration, since apt-utils is not installed")
+    assert not shown("debconf: unable to initialize frontend: Dialog")
+    assert shown("changed: install nginx ufw")
+    assert shown("error: apt-get install failed")

@@ -3,10 +3,12 @@ backups: they load settings, find the servers, and print what a person needs to 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
+from scripts.actions import user_errors_fail_task
 from scripts.build.package import BuildRecord, record_path, sha256_file, verify_package
 from scripts.deploy import commands
 from scripts.deploy.check import check_server
@@ -21,7 +23,6 @@ from scripts.notify import Event, Notifier
 from scripts.remote import Target
 from scripts.settings import Settings, load_settings
 from scripts.targets import deploy_targets
-from scripts.tasks import user_errors_fail_task
 
 
 def built_package(settings: Settings) -> tuple[BuildRecord, Path]:
@@ -49,7 +50,8 @@ def public_urls(settings: Settings, targets: list[Target]) -> dict[str, str]:
 def _servers(settings: Settings):
     targets = deploy_targets(settings)
     for target in targets:
-        reporter = Reporter(server=target.display, show_server=len(targets) > 1)
+        reporter = Reporter(server=target.display, show_server=len(targets) > 1,
+                            dry_run=settings.dry_run)
         yield Server(target, settings.deploy_path, settings.dry_run, log=reporter.line), reporter
 
 
@@ -93,11 +95,13 @@ def check_action():
     errors = run_parallel([lambda pair=pair: check_one(*pair) for pair in _servers(settings)],
                           settings.deploy_parallel)
     for error in errors:
-        if error:
-            print(f"error: {error}", file=sys.stderr)
+        if error:  # an unreachable server: its own line, the one error line comes below
+            print(f"{'FAILED':8} {error}")
     healthy = all(verdicts) and not any(errors)
     if not healthy:
-        raise ToolkitError("pre-deploy checks failed (see FAILED above); nothing was changed")
+        first = next((str(e) for e in errors if e), "see FAILED above")
+        raise ToolkitError(f"pre-deploy checks failed ({first.splitlines()[0]}); nothing was "
+                           f"changed")
 
 
 @user_errors_fail_task
@@ -159,8 +163,10 @@ def ship_action():
             outcomes = deploy_fleet(pairs, settings, record, package, on_start=announce_once)
         for (_, reporter), outcome in zip(pairs, outcomes):
             verb = "deployed" if outcome.changed else "already current"
+            if settings.dry_run:
+                verb = "would be deployed" if outcome.changed else "already current"
             reporter.line(f"deploy: release {outcome.release} {verb} in {outcome.seconds:.1f} s "
-                          f"(previous: {outcome.previous})")
+                          f"(previous: {outcome.previous or 'none'})")
     except BaseException as error:
         failed_steps = [r.failed_step for _, r in pairs if r.failed_step]
         notifier.send(_event(settings, "deploy", "failed", record.release_id,
@@ -172,6 +178,10 @@ def ship_action():
     if announced:
         notifier.send(_event(settings, "deploy", "ok", record.release_id,
                              commit=record.git_commit, seconds=time.monotonic() - started))
+    if settings.dry_run:
+        print(f"DRY_RUN=1: nothing was changed; without it, {count} server(s) would go to "
+              f"release {record.release_id}")
+        return
     print(f"deploy: {count} server(s) on release {record.release_id} in "
           f"{time.monotonic() - started:.1f} s")
 
@@ -181,19 +191,41 @@ def verify_action():
     settings = load_settings()
     record_file = record_path(settings)
     expected = BuildRecord.read(record_file).release_id if record_file.exists() else ""
-    failed = []
+    failed, elsewhere = [], []
     targets = deploy_targets(settings)
     urls = public_urls(settings, targets)
+    if settings.dry_run:  # nothing was shipped: what can be checked is what serves now
+        print("DRY_RUN=1: verify checks the release that serves now and changes nothing")
     for server, reporter in _servers(settings):
         with server:
-            release = expected or server.tool_call("probe", str(server.deploy_path))["current"]
+            if not server.ensure_tool():
+                raise ToolkitError(f"{server.name}: {server.deploy_path} is not set up for "
+                                   f"deploys; run `doit setup`, then `doit deploy`")
+            current = server.tool_call("probe", str(server.deploy_path))["current"]
+            if expected and current != expected and not settings.dry_run:
+                # Verifying is not deploying: a release that is not live is not rolled back.
+                reporter.line(f"{'FAILED':8} runs release {current or 'none'}, not the built "
+                              f"release {expected}")
+                elsewhere.append(server.name)
+                continue
+            release = current if settings.dry_run else expected or current
             results = verify_server(server, settings, release, urls.get(server.name, ""))
             if not _print_results(reporter, results):
                 failed.append(server)
+    if elsewhere:
+        raise ToolkitError(f"the built release {expected} is not live on "
+                           f"{', '.join(elsewhere)}: ship it first (`doit ship`, or `doit "
+                           f"deploy`); verify changed nothing")
     if not failed:
-        print(f"verify: release {expected or 'current'} serves on {len(targets)} server(s); "
+        print(f"verify: release {expected if expected and not settings.dry_run else 'current'} "
+              f"serves on {len(targets)} server(s); "
               f"open {', '.join(urls.values())}")
         return
+    if settings.dry_run:
+        raise ToolkitError(f"what serves now fails verification on "
+                           f"{', '.join(s.name for s in failed)}; DRY_RUN=1, so nothing was "
+                           f"rolled back")
+    _record_failed_verification(settings, expected, [s.name for s in failed])
     if not settings.auto_rollback:
         raise ToolkitError("verification failed; AUTO_ROLLBACK=0, so the release stays; run "
                            "`doit rollback` to go back")
@@ -203,6 +235,20 @@ def verify_action():
     # Every server goes back, not only the failed ones: the fleet stays on one release.
     _roll_back(settings, notifier, undo_last_deploy=True)
     raise ToolkitError("verification failed; rolled back to the release that served before")
+
+
+def _record_failed_verification(settings: Settings, release: str, failed: list[str]) -> None:
+    """On every server, the release is no longer good and not shipped again unless forced;
+    the history says it failed at verify."""
+    from scripts.deploy.deploy import log_entry
+    started = time.monotonic()
+    error = f"verification failed on {', '.join(failed)}"
+    for server, _ in _servers(settings):
+        with server:
+            served = release or server.tool_call("probe", str(server.deploy_path))["current"]
+            server.tool_call("mark-failed", str(server.deploy_path), served)
+            server.tool_call("log", str(server.deploy_path), json.dumps(log_entry(
+                "verify", served, None, started, "failed", step="verify", error=error)))
 
 
 def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = False) -> None:
@@ -217,8 +263,9 @@ def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = 
             outcome = rollback_server(server, settings, reporter,
                                       undo_last_deploy=undo_last_deploy)
         targets.append(outcome.release)
-        reporter.line(f"rollback: {server.name} serves release {outcome.release} "
-                      f"(was {outcome.previous}) after {outcome.seconds:.1f} s")
+        verb = "would serve" if settings.dry_run else "serves"
+        reporter.line(f"rollback: {server.name} {verb} release {outcome.release} "
+                      f"(was {outcome.previous or 'none'}) after {outcome.seconds:.1f} s")
     target = settings.release
     try:
         errors = run_parallel([lambda pair=pair: roll_back_one(*pair)
@@ -261,22 +308,35 @@ def status_action():
     for server, reporter in _set_up_servers(settings):
         state = server.tool_call("probe", str(server.deploy_path))
         active = server.run(commands.systemctl("is-active", settings.service_name),
-                            check=False).stdout.strip()
+                            check=False, reads=True).stdout.strip()
         good = state.get("good", [])
         current = state.get("current")
         previous = good[good.index(current) - 1] if current in good and \
             good.index(current) > 0 else None
         reporter.line(f"service  {settings.service_name}: {active}")
-        reporter.line(f"current  {current}")
-        reporter.line(f"previous {previous} (what `doit rollback` goes back to)")
-        reporter.line(f"releases {', '.join(state.get('releases', [])) or 'none'} "
-                      f"(good: {', '.join(good) or 'none'})")
+        reporter.line(f"current  {current or 'none'}")
+        reporter.line(f"previous {previous or 'none'} (what `doit rollback` goes back to)")
+        # Good releases in the order they went live, newest first: rollback walks this list.
+        reporter.line(f"releases {', '.join(reversed(good)) or 'none'} (good, newest first)")
+        failed = state.get("failed", [])
+        if failed:
+            reporter.line(f"failed   {', '.join(reversed(failed))} (failed verification; "
+                          f"FORCE_RELEASE=1 ships one again)")
         if state.get("lock"):
             reporter.line(f"lock     held by {describe(state['lock'])}")
         history = server.tool_call("history", str(server.deploy_path), 5)["entries"]
         for entry in reversed(history):
-            reporter.line(f"{entry['time']}  {entry['action']:8} {entry['release']}  "
-                          f"{entry['result']:6} {entry['duration_s']:6.1f} s  {entry['who']}")
+            reporter.line(f"{entry.get('time', '?')}  {entry.get('action', '?'):8} "
+                          f"{entry.get('release') or '-'}  {_outcome(entry):6} "
+                          f"{entry.get('duration_s', 0):6.1f} s  {entry.get('who', '?')}")
+
+
+def _outcome(entry: dict) -> str:
+    """`ok`, or `failed at <step>`: where a failed deploy or rollback stopped."""
+    outcome = entry.get("result", "?")
+    if outcome == "failed" and entry.get("step"):
+        outcome += f" at {entry['step']}"
+    return outcome
 
 
 @user_errors_fail_task
@@ -289,10 +349,19 @@ def logs_action():
         with server:
             for name in files:
                 reporter.line(f"==> {name} <==")
-                print(server.sudo(["tail", "-n", "100", name], check=False).stdout.rstrip())
-            reporter.line(f"==> journalctl -u {settings.service_name} <==")
-            print(server.sudo(commands.journal(settings.service_name, 50),
-                              check=False).stdout.rstrip())
+                print(server.sudo(["tail", "-n", "100", name], check=False,
+                                  reads=True).stdout.rstrip())
+            # sudo allows the deploy user exact journal commands only (no free counts, which
+            # could smuggle other journalctl options); say which, since sudo will not.
+            reporter.line(f"(on the server: sudo journalctl -u {settings.service_name} "
+                          f"--no-pager -n 20|50|100, or -f; other counts are refused)")
+            # The migrate and preflight units hold why a release did not start.
+            units = commands.units(settings)
+            for unit, lines in ((units["app"], 50), (units["migrate"], 30),
+                                (units["preflight"], 30)):
+                reporter.line(f"==> journalctl -u {unit} <==")
+                print(server.sudo(commands.journal(unit, lines), check=False,
+                                  reads=True).stdout.rstrip())
 
 
 @user_errors_fail_task
@@ -305,15 +374,14 @@ def history_action():
                                    settings.history_count)["entries"]
         rows += [(entry, server.name) for entry in entries]
     rows.sort(key=lambda row: row[0].get("time", ""), reverse=True)
-    print(f"{'when (UTC)':25} {'server':12} {'action':8} {'release':13} {'commit':13} "
+    # The commit column fits a 12-digit commit with its -dirty marker (uncommitted changes).
+    print(f"{'when (UTC)':25} {'server':12} {'action':8} {'release':13} {'commit':18} "
           f"{'who':22} {'time':>7}  result")
     for entry, host in rows[:settings.history_count]:
-        outcome = entry.get("result", "?")
-        if outcome == "failed" and entry.get("step"):
-            outcome += f" at {entry['step']}"
         print(f"{entry.get('time', '?'):25} {host:12} {entry.get('action', '?'):8} "
-              f"{str(entry.get('release')):13} {entry.get('git_commit', '') or '-':13} "
-              f"{entry.get('who', '?')[:22]:22} {entry.get('duration_s', 0):6.1f}s  {outcome}")
+              f"{entry.get('release') or '-':13} {entry.get('git_commit', '') or '-':18} "
+              f"{entry.get('who', '?')[:22]:22} {entry.get('duration_s', 0):6.1f}s  "
+              f"{_outcome(entry)}")
     if not rows:
         print("no deploys yet")
 

@@ -1,31 +1,11 @@
-"""doit actions: thin adapters from doit's calling convention to the toolkit's modules.
-
-A doit python-action fails the task by returning False; user-facing errors are printed as one
-line without a traceback."""
+"""doit actions of the local and provisioning stages: sandbox, build, setup."""
 
 from __future__ import annotations
 
-import functools
-import sys
-
 from scripts import TOOL_VERSION
+from scripts.actions import user_errors_fail_task
 from scripts.errors import ToolkitError
 from scripts.settings import load_settings
-
-
-def user_errors_fail_task(action):
-    """Turn a ToolkitError into one line on stderr and a failed task (no traceback)."""
-    @functools.wraps(action)
-    def wrapper(*args, **kwargs):
-        try:
-            result = action(*args, **kwargs)
-        except ToolkitError as error:
-            for line in str(error).splitlines():
-                print(f"error: {line}", file=sys.stderr)
-            return False
-        # A dict is what doit saves as the task's values (read back by uptodate callables).
-        return result if isinstance(result, dict) else result is not False
-    return wrapper
 
 
 @user_errors_fail_task
@@ -117,6 +97,12 @@ def build_action():
     print(f"build: release {record.release_id} -> dist/{record.package} (sha256 "
           f"{record.sha256[:12]}…) for Python {settings.target_python} on "
           f"{settings.target_platform}")
+    if record.git_commit.endswith("-dirty"):
+        import sys
+        print(f"warning: {settings.app_dir} has uncommitted changes: release "
+              f"{record.release_id} holds them, commit {record.git_commit[:-6]} does not "
+              f"(history shows it as {record.git_commit}); commit first to ship what is "
+              f"recorded", file=sys.stderr)
 
 
 def _setup_plan(settings):
@@ -158,6 +144,7 @@ def setup_action(check=False):
 
     started = time.monotonic()
     settings = load_settings()
+    check = check or settings.dry_run  # DRY_RUN=1 doit deploy provisions nothing either
     plan = _setup_plan(settings)
     changed = 0
     for setup_target, deploy_target, flags in plan:
