@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from scripts.deploy import verify
-from scripts.deploy.actions import public_urls
+from scripts.actions.deploy import public_urls
 from scripts.deploy.commands import host_url
 from scripts.remote import Target
 from scripts.settings import load_settings
