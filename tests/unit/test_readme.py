@@ -16,6 +16,7 @@ SECTIONS = {
     "## Deployment guide": "## Руководство по развёртыванию",
     "### Step 1: prepare the server": "### Шаг 1: подготовка сервера",
     "### Step 2: SSH keys": "### Шаг 2: SSH-ключи",
+    "### Servers in your SSH configuration": "### Серверы из вашей конфигурации SSH",
     "### Step 3: settings": "### Шаг 3: настройки",
     "### Step 4: first deploy": "### Шаг 4: первое развёртывание",
     "### Step 5: check the deploy": "### Шаг 5: проверка развёртывания",
