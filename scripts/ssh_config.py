@@ -16,6 +16,7 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def config_text(user_config: Path | None, known_hosts_file: Path | None,
     return "\n".join(lines) + "\n"
 
 
+# Servers connect from parallel threads; one of them writes the folder and each file.
+_WRITING = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _private_dir() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="flask-deploy-ssh-"))  # 0700, ours alone
@@ -64,11 +69,12 @@ def config_file(user_config: Path | None, known_hosts_file: Path | None,
         raise ToolkitError(f"setting SSH_CONFIG: {user_config} does not exist; point it at your "
                            f"OpenSSH config file, or leave it unset for ~/.ssh/config")
     text = config_text(user_config, known_hosts_file, fallback_user)
-    path = _private_dir() / f"config-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-    if not path.exists():
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text)
-        partial.replace(path)
+    with _WRITING:
+        path = _private_dir() / f"config-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        if not path.exists():
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(text)
+            partial.replace(path)
     return path
 
 

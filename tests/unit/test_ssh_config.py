@@ -3,6 +3,7 @@ OpenSSH client (`ssh -G`): what the configuration says applies where no setting 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -179,3 +180,21 @@ def test_setup_installs_the_public_half_of_the_identity_file_the_configuration_n
     with pytest.raises(ToolkitError, match="setting DEPLOY_PUBLIC_KEY_FILE .* is needed"):
         deploy_public_key(load_settings(Path("/nonexistent"),
                                         environ={"DEPLOY_SERVER": "nouser"}), nouser)
+
+
+def test_servers_connecting_at_once_all_get_the_whole_config_file(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from scripts.ssh_config import config_file
+
+    known_hosts = tmp_path / f"known_hosts-{os.getpid()}"  # a file name no earlier call wrote
+    start = Barrier(16)
+
+    def connect(_):
+        start.wait()
+        return config_file(None, known_hosts)
+    with ThreadPoolExecutor(16) as pool:
+        paths = set(pool.map(connect, range(16)))
+    (path,) = paths
+    assert f'UserKnownHostsFile "{known_hosts}"' in path.read_text()
