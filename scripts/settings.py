@@ -186,6 +186,16 @@ def _positive_int(raw: str) -> int:
     return int(raw)
 
 
+def _days(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _Invalid("must be a number of days, such as 7 (0: age keeps nothing)") from None
+    if not 0 <= value <= 36500:
+        raise _Invalid("must be a number of days from 0 up")
+    return value
+
+
 def _megabytes(raw: str) -> float:
     try:
         value = float(raw)
@@ -282,12 +292,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DEPLOY_BATCH", _batch, "1",
             "servers switched at once in a rolling deploy: a count, or a share such as 25%"),
     Setting("KEEP_RELEASES", _positive_int, "5", "good releases kept on the server"),
-    Setting("BACKUPS_KEEP", _positive_int, "10", "database backups kept in BACKUP_PATH"),
+    Setting("BACKUPS_KEEP", _positive_int, "10",
+            "newest database backups kept in BACKUP_PATH (also kept: the last backup before "
+            "each schema change, and one of the schema each kept release served)"),
+    Setting("BACKUPS_KEEP_DAYS", _days, "7", "backups younger than this many days are kept"),
     Setting("MIN_FREE_MB", _positive_int, "200", "free disk `check` requires beyond the release"),
     Setting("AUTO_ROLLBACK", _flag, "1", "verify rolls back by itself when it fails"),
     Setting("RELEASE", _release_id, "", "rollback target (default: the previous good release)"),
     Setting("RESTORE_BACKUP", _backup_name, "",
-            "rollback also restores this database backup (a name from `doit backups`)"),
+            "the backup `doit restore` restores (a name from `doit backups`); rollback ignores it"),
     Setting("NOTIFY_WEBHOOK_URL", _optional_any_url, "",
             "JSON webhook (Slack/Mattermost `text`) told of deploys and rollbacks", secret=True),
     Setting("TELEGRAM_BOT_TOKEN", _optional_token, "", "Telegram bot token for notifications",
@@ -338,6 +351,7 @@ class Settings:
     deploy_batch: str
     keep_releases: int
     backups_keep: int
+    backups_keep_days: float
     min_free_mb: int
     auto_rollback: bool
     release: str

@@ -131,5 +131,9 @@ class Server:
         if self.run(["test", "-d", str(self.deploy_path / "releases")], check=False).status:
             return False
         self.run(["mkdir", "-p", str(self.tool.parent)])
-        self.put(TOOL_SOURCE.read_bytes(), self.tool)
+        # Written aside, then renamed: a connection cut mid-write never leaves a partial tool
+        # under the name that `test -f` above takes for installed.
+        staged = self.tool.with_name(self.tool.name + ".partial")
+        self.put(TOOL_SOURCE.read_bytes(), staged)
+        self.run(["mv", "-f", str(staged), str(self.tool)])
         return True
