@@ -1,0 +1,123 @@
+"""Data safety on a real server: writes at a steady rate through deploys, a deploy whose
+migration fails, a rollback and a restore lose nothing the app acknowledged (checked by each
+write's unique title, not by id); restore keeps a safety backup; retention keeps the backup
+taken before a schema change."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import requests
+import pytest
+
+from scripts.loadgen import Load
+from tests.build.conftest import copy_app
+
+pytestmark = pytest.mark.integration
+
+FAILING_MIGRATION = '''    damage = connect(current_app.config["DATABASE"])
+    damage.execute("DELETE FROM tickets")
+    damage.commit()
+    raise SystemExit("migration failed on purpose, after deleting every ticket")'''
+MIGRATE_CALL = '''    before, after = migrate(current_app.config["DATABASE"])'''
+
+
+def build(site, name: str, edit=lambda text: text) -> dict:
+    """A build of the app in its own folder: views.py marked with `name`, db.py edited."""
+    app_dir = copy_app(site.work / f"version-{name}" / "helpdesk")
+    views = app_dir / "helpdesk" / "views.py"
+    views.write_text(views.read_text() + f"\n# version {name}\n")
+    db = app_dir / "helpdesk" / "db.py"
+    db.write_text(edit(db.read_text()))
+    settings = {"APP_DIR": str(app_dir), "DIST_DIR": str(site.work / f"dist-{name}")}
+    assert site.doit("-s", "build", **settings).returncode == 0
+    return settings
+
+
+def titles_in_backup(site, backup: str) -> set[str]:
+    """The ticket titles a backup on the server holds (read as root, with Python's sqlite3)."""
+    code = ("import json, sqlite3, sys; print(json.dumps([r[0] for r in sqlite3.connect("
+            "sys.argv[1]).execute('SELECT title FROM tickets')]))")
+    with site.admin() as machine:
+        output = machine["sudo"]["python3", "-c", code, f"{backup}/helpdesk.sqlite3"]()
+    return set(json.loads(output))
+
+
+def live_titles(site) -> set[str]:
+    return {t["title"] for t in requests.get(site.url + "api/tickets", timeout=10).json()}
+
+
+def test_no_acknowledged_write_is_lost_through_deploys_a_failed_migration_a_rollback_and_a_restore(
+        site):
+    a, b = build(site, "a"), build(site, "b")
+    broken = build(site, "broken", lambda text: text.replace(MIGRATE_CALL, FAILING_MIGRATION))
+    first = site.doit("-s", "ship", **a)
+    assert first.returncode == 0, first.stdout + first.stderr
+    site.create_ticket("before the load")
+    with Load(site.url + "api/tickets", rate_per_s=20, threads=4, max_requests=4000,
+              max_seconds=300, writes="load") as load:
+        time.sleep(1)
+        for version in (b, a):
+            result = site.doit("-s", "ship", **version)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "requests held" in result.stdout
+        failed = site.doit("-s", "ship", **broken)
+        assert failed.returncode != 0 and "FAILED   migrate" in failed.stdout
+        assert "no acknowledged write was lost" in failed.stderr, failed.stderr
+        acknowledged_by_now = list(load.report.acknowledged)
+        missing = set(acknowledged_by_now) - live_titles(site)
+        assert not missing, f"lost by the failed migration's restore: {sorted(missing)[:10]}"
+        # A RESTORE_BACKUP left behind is never applied by a rollback.
+        backups = [line.strip() for line in site.doit("backups").stdout.splitlines()
+                   if re.match(r"^\d{8}T", line.strip())]
+        rollback = site.doit("rollback", RESTORE_BACKUP=backups[0])
+        assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+        assert f"warning: RESTORE_BACKUP={backups[0]} is set, but a rollback never restores" \
+            in rollback.stdout
+        assert "restore" not in [line.split()[1] for line in rollback.stdout.splitlines()
+                                 if line.startswith(("changed", "ok"))]
+        time.sleep(1)
+        restore = site.doit("restore", RESTORE_BACKUP=backups[-1])
+        assert restore.returncode == 0, restore.stdout + restore.stderr
+        time.sleep(1)
+    report = load.report
+    safety = re.search(r"the database it overwrote is saved in (\S+)", restore.stdout).group(1)
+    kept = live_titles(site) | titles_in_backup(site, safety)
+    lost = [title for title in report.acknowledged if title not in kept]
+    print(f"writes: {report.sent} sent, {len(report.acknowledged)} acknowledged (201), "
+          f"{len(lost)} lost, {len(report.failures)} failed; worst latency "
+          f"{report.worst_latency_s:.2f} s; safety backup {safety}")
+    assert report.sent > 100
+    assert report.failures == []
+    assert lost == []
+    restored = f"/var/backups/flask_helpdesk/{backups[-1]}"
+    assert "before the load" in titles_in_backup(site, restored)
+    assert "before the load" in live_titles(site), "the restored backup is live"
+
+
+def test_retention_keeps_the_backup_before_a_schema_change(site):
+    """A migration that adds a table, then more deploys than BACKUPS_KEEP: the last backup of
+    the old schema stays."""
+    added = '''    """
+    CREATE TABLE retention_probe (id INTEGER PRIMARY KEY);
+    """,
+)'''
+    schema_change = build(site, "schema", lambda text: text.replace("\n)\n", "\n" + added + "\n",
+                                                                    1))
+    keep = {"BACKUPS_KEEP": "2", "BACKUPS_KEEP_DAYS": "0", "KEEP_RELEASES": "1"}
+    result = site.doit("-s", "ship", **schema_change, **keep)
+    assert result.returncode == 0, result.stdout + result.stderr
+    before_change = re.search(r"changed  backup .* (/var/backups/\S+)", result.stdout).group(1)
+    for number in range(4):
+        version = build(site, f"after-{number}", lambda text: text.replace(
+            "\n)\n", "\n" + added + "\n", 1))
+        result = site.doit("-s", "ship", **version, **keep)
+        assert result.returncode == 0, result.stdout + result.stderr
+    listed = site.doit("backups").stdout
+    assert before_change.rsplit("/", 1)[1] in listed
+    # The newest 2 (one of them also the newest the previous release served) and the one
+    # before the change: everything else went.
+    assert len([line for line in listed.splitlines() if re.match(r"^\d{8}T", line.strip())]) \
+        == 3, listed
