@@ -70,8 +70,8 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
             log_quietly(server, log_entry("rollback", target, current, started, "failed",
                                            step=reporter.failed_step, error=str(error)))
             raise
-        if undo_last_deploy and current and current != target:
-            server.tool_call("demote", path, current)
+        if current and current != target:
+            server.tool_call("rolled-back", path, target, current)
         server.tool_call("log", path, json.dumps(log_entry("rollback", target, current, started,
                                                            "ok")))
     return DeployOutcome(server.name, target, current, True, time.monotonic() - started)

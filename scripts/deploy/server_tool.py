@@ -551,11 +551,14 @@ def _mark_good(root, release):
     write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
 
 
-def cmd_demote(root, release):
-    """A release that failed verification is no longer a rollback target."""
-    good = [name for name in read_good(root) if name != release]
-    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
-    out(changed=True)
+def cmd_rolled_back(root, target, rolled_back_from):
+    """After a rollback from one release to another, history matches what people did: the
+    target is the newest good release (what a later deploy's rollback returns to, and what
+    pruning keeps as the release before), and the release rolled back from is no rollback
+    target any more (it stays on disk until pruned; RELEASE=<id> while it is there)."""
+    good = [name for name in read_good(root) if name not in (target, rolled_back_from)]
+    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good + [target]))
+    out(changed=True, good=good + [target])
 
 
 def cmd_previous_good(root):
@@ -644,7 +647,7 @@ COMMANDS = {
     "backup": cmd_backup, "restore": cmd_restore, "backups": cmd_backups,
     "migrate-held": cmd_migrate_held,
     "set-next": cmd_set_next, "switch": cmd_switch, "health": cmd_health,
-    "demote": cmd_demote, "previous-good": cmd_previous_good,
+    "rolled-back": cmd_rolled_back, "previous-good": cmd_previous_good,
     "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
 }

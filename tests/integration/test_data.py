@@ -1,7 +1,7 @@
 """Data safety on a real server: writes at a steady rate through deploys, a deploy whose
 migration fails, a rollback and a restore lose nothing the app acknowledged (checked by each
 write's unique title, not by id); restore keeps a safety backup; retention keeps the backup
-taken before a schema change."""
+taken before a schema change; rollback history follows what people did."""
 
 from __future__ import annotations
 
@@ -121,3 +121,19 @@ def test_retention_keeps_the_backup_before_a_schema_change(site):
     # before the change: everything else went.
     assert len([line for line in listed.splitlines() if re.match(r"^\d{8}T", line.strip())]) \
         == 3, listed
+
+
+def test_a_release_rolled_back_from_is_never_a_later_rollback_target(site):
+    """Deploy A, B; roll back to A; deploy C with KEEP_RELEASES=1: `doit rollback` goes to A."""
+    versions = {name: build(site, f"history-{name}") for name in "ABC"}
+    releases = {name: json.loads((site.work / f"dist-history-{name}" / "helpdesk.json")
+                                 .read_text())["release_id"] for name in "ABC"}
+    for name in "AB":
+        assert site.doit("-s", "ship", **versions[name]).returncode == 0
+    assert site.doit("rollback").returncode == 0
+    assert site.served_release() == releases["A"]
+    shipped = site.doit("-s", "ship", **versions["C"], KEEP_RELEASES="1")
+    assert shipped.returncode == 0, shipped.stdout + shipped.stderr
+    rollback = site.doit("rollback")
+    assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+    assert site.served_release() == releases["A"]

@@ -153,6 +153,21 @@ def test_rollback_walks_good_releases_in_recorded_order(root):
     assert tool("previous-good", root)["previous"] is None
 
 
+def test_a_release_rolled_back_from_is_never_the_target_of_a_later_rollback(root):
+    """Deploy A, B; roll back to A; deploy C with KEEP_RELEASES=1: rollback goes to A."""
+    for name in ("A", "B"):
+        release(root, name)
+        tool("switch", root, name)
+        tool("finish", root, name, 5)
+    tool("switch", root, "A")
+    tool("rolled-back", root, "A", "B")
+    release(root, "C")
+    tool("switch", root, "C")
+    tool("finish", root, "C", 1)
+    assert tool("previous-good", root) == {"current": "C", "previous": "A"}
+    assert sorted(os.listdir(root / "releases")) == ["A", "C"], "pruning kept what served"
+
+
 def test_prune_counts_only_good_releases_and_keeps_current_and_previous(root):
     for name in ("r1", "r2", "r3", "r4"):
         release(root, name)
