@@ -227,3 +227,48 @@ def test_a_lock_released_while_python_exits_warns_instead_of_reconnecting(monkey
     monkeypatch.setattr(lock.sys, "is_finalizing", lambda: False)
     lock.release_lock(server, "token", log=lines.append)
     assert "reconnect" in server.calls  # a cut connection, otherwise, gets one more try
+
+
+class SwitchingServer(FakeServer):
+    """A fake that remembers where `current` points, and is interrupted at one command."""
+
+    def __init__(self, interrupt_at):
+        super().__init__()
+        self.current = "old"
+        self.interrupt_at = interrupt_at
+
+    def reconnect(self):
+        self.calls.append("reconnect")
+
+    def tool_call(self, subcommand, *args, what=""):
+        answer = super().tool_call(subcommand, *args, what=what)
+        if subcommand == "switch":
+            answer = {"changed": True, "previous": self.current}
+            self.current = args[1]
+        if subcommand == "probe":
+            answer = {**answer, "current": self.current}
+        return answer
+
+    def run(self, argv, check=True, what=""):
+        if " ".join(argv).endswith(self.interrupt_at) and self.interrupt_at:
+            self.interrupt_at = ""
+            self.calls.append(" ".join(argv))
+            raise KeyboardInterrupt
+        return super().run(argv, check, what)
+
+
+def test_an_interrupt_between_switch_and_restart_switches_back(package):
+    server = SwitchingServer(interrupt_at="restart flask-helpdesk")
+    with pytest.raises(KeyboardInterrupt):
+        deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    assert server.current == "old"
+    after = server.calls[server.calls.index("reconnect"):]
+    assert "tool switch" in after and "sudo systemctl restart flask-helpdesk" in after
+    assert server.calls[-1] == "tool unlock"
+
+
+def test_an_interrupt_before_the_switch_switches_nothing(package):
+    server = SwitchingServer(interrupt_at="start flask-helpdesk-preflight")
+    with pytest.raises(KeyboardInterrupt):
+        deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    assert "tool switch" not in server.calls
