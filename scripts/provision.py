@@ -35,6 +35,9 @@ def setup_flags(settings: Settings, public_key: str, inside_ssh_port: int) -> li
             "--server-name", settings.server_name,
             "--migrate-command", settings.migrate_command or "true",
             "--workers", str(settings.gunicorn_workers),
+            "--backup-schedule", settings.backup_schedule,
+            "--backups-keep", str(settings.backups_keep),
+            "--backups-keep-days", f"{settings.backups_keep_days:g}",
             "--deploy-key", public_key]
 
 

@@ -296,6 +296,9 @@ SETTINGS: tuple[Setting, ...] = (
             "newest database backups kept in BACKUP_PATH (also kept: the last backup before "
             "each schema change, and one of the schema each kept release served)"),
     Setting("BACKUPS_KEEP_DAYS", _days, "7", "backups younger than this many days are kept"),
+    Setting("BACKUP_SCHEDULE", _matching(r"[A-Za-z0-9 :*/,.~-]{1,100}", "must be a systemd "
+                                         "OnCalendar value such as daily or *-*-* 03:00"),
+            "daily", "when the server's backup timer backs the database up (systemd OnCalendar)"),
     Setting("MIN_FREE_MB", _positive_int, "200", "free disk `check` requires beyond the release"),
     Setting("AUTO_ROLLBACK", _flag, "1", "verify rolls back by itself when it fails"),
     Setting("RELEASE", _release_id, "", "rollback target (default: the previous good release)"),
@@ -352,6 +355,7 @@ class Settings:
     keep_releases: int
     backups_keep: int
     backups_keep_days: float
+    backup_schedule: str
     min_free_mb: int
     auto_rollback: bool
     release: str

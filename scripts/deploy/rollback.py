@@ -62,7 +62,8 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
                     answer = server.tool_call("restore", path, backup, str(settings.backup_path))
                     outcome.changed = True
                     saved = answer.get("safety_backup") or "nowhere (there was no database)"
-                    outcome.detail = (f"{', '.join(answer.get('restored', []))} from {backup}; "
+                    outcome.detail = (f"{', '.join(answer.get('restored', []))} from "
+                                      f"{answer.get('backup', backup)}; "
                                       f"the database it overwrote is saved in {saved} "
                                       f"(requests held {answer.get('held_s', 0):.2f} s)")
             go_live(server, settings, target, reporter)

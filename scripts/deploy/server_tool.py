@@ -355,6 +355,9 @@ def _take_backup(root, backup_root, release, suffix=""):
         copy = sqlite3.connect(path(target + ".partial", name))
         with copy:
             source.backup(copy)
+        # One self-contained file (a WAL copy needs -shm beside it to be read, and a reader
+        # that cannot write in the backup's folder would fail).
+        copy.execute("PRAGMA journal_mode=DELETE")
         schemas[name] = _schema_of(copy)
         copy.close()
         source.close()
@@ -410,8 +413,11 @@ def cmd_migrate_held(root, backup_root, release, keep, keep_days, unit):
 
 def cmd_restore(root, backup_dir, backup_root=""):
     """Write a backup back into the live database files (SQLite's backup API). With
-    backup_root (`doit restore`), first a safety backup of what is about to be overwritten;
-    both under the write gate, so the safety backup holds every acknowledged write."""
+    backup_root (`doit restore`), backup_dir is a name found there or in its scheduled/, and
+    a safety backup of what is about to be overwritten comes first; both under the write
+    gate, so the safety backup holds every acknowledged write."""
+    if backup_root:
+        backup_dir = _find_backup(backup_root, os.path.basename(backup_dir))
     if not os.path.isdir(backup_dir):
         raise Refusal("no backup at %s; `doit backups` lists them" % backup_dir)
     with write_gate(root) as gate:
@@ -419,7 +425,7 @@ def cmd_restore(root, backup_dir, backup_root=""):
                               "-before-restore") if backup_root else None
         restored = _restore_into(root, backup_dir)
         held_s = gate.held_seconds()
-    out(restored=restored, safety_backup=safety, held_s=held_s)
+    out(restored=restored, backup=backup_dir, safety_backup=safety, held_s=held_s)
 
 
 def _backup_meta(backup_root, name):
@@ -435,8 +441,7 @@ def prune_backups(root, backup_root, keep, keep_days):
     each schema change, and for every release still on the server the newest backup of the
     schema it served (so no kept release loses the only copy of its schema)."""
     import time
-    names = sorted(name for name in os.listdir(backup_root) if not name.endswith(".partial")
-                   and os.path.isdir(path(backup_root, name)))
+    names = _backup_names(backup_root)
     metas = {name: _backup_meta(backup_root, name) for name in names}
     kept = set(names[-keep:])
     now = time.time()
@@ -459,10 +464,31 @@ def prune_backups(root, backup_root, keep, keep_days):
     return removed
 
 
+SCHEDULED = "scheduled"  # in BACKUP_PATH: the backup timer's, written by the app user
+
+
+def _backup_names(folder):
+    """Finished backups in a folder, oldest first (their names start with the time)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder) if name[:8].isdigit()
+                  and not name.endswith(".partial") and os.path.isdir(path(folder, name)))
+
+
+def _find_backup(backup_root, name):
+    """A backup by name: a deploy's (BACKUP_PATH/NAME) or the timer's (BACKUP_PATH/scheduled)."""
+    for folder in (backup_root, path(backup_root, SCHEDULED)):
+        if name in _backup_names(folder):
+            return path(folder, name)
+    raise Refusal("no backup %s in %s; `doit backups` lists them" % (name, backup_root))
+
+
 def cmd_backups(backup_root):
-    names = sorted(name for name in os.listdir(backup_root)
-                   if not name.endswith(".partial")) if os.path.isdir(backup_root) else []
-    out(backups=[path(backup_root, name) for name in names])
+    """Every backup, the deploys' and the timer's, oldest first (by time, in their names)."""
+    found = [path(backup_root, name) for name in _backup_names(backup_root)]
+    found += [path(backup_root, SCHEDULED, name)
+              for name in _backup_names(path(backup_root, SCHEDULED))]
+    out(backups=sorted(found, key=os.path.basename))
 
 
 # -- switching --------------------------------------------------------------------------------

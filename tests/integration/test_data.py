@@ -45,6 +45,12 @@ def titles_in_backup(site, backup: str) -> set[str]:
     return set(json.loads(output))
 
 
+def deploy_backups(listing: str) -> list[str]:
+    """The names `doit backups` lists that deploys took (not the timer's)."""
+    return [line.strip() for line in listing.splitlines()
+            if re.match(r"^\d{8}T", line.strip()) and not line.strip().endswith("-scheduled")]
+
+
 def live_titles(site) -> set[str]:
     return {t["title"] for t in requests.get(site.url + "api/tickets", timeout=10).json()}
 
@@ -70,8 +76,7 @@ def test_no_acknowledged_write_is_lost_through_deploys_a_failed_migration_a_roll
         missing = set(acknowledged_by_now) - live_titles(site)
         assert not missing, f"lost by the failed migration's restore: {sorted(missing)[:10]}"
         # A RESTORE_BACKUP left behind is never applied by a rollback.
-        backups = [line.strip() for line in site.doit("backups").stdout.splitlines()
-                   if re.match(r"^\d{8}T", line.strip())]
+        backups = deploy_backups(site.doit("backups").stdout)
         rollback = site.doit("rollback", RESTORE_BACKUP=backups[0])
         assert rollback.returncode == 0, rollback.stdout + rollback.stderr
         assert f"warning: RESTORE_BACKUP={backups[0]} is set, but a rollback never restores" \
@@ -107,6 +112,7 @@ def test_retention_keeps_the_backup_before_a_schema_change(site):
     schema_change = build(site, "schema", lambda text: text.replace("\n)\n", "\n" + added + "\n",
                                                                     1))
     keep = {"BACKUPS_KEEP": "2", "BACKUPS_KEEP_DAYS": "0", "KEEP_RELEASES": "1"}
+    assert site.doit("-s", "ship", **build(site, "retention-base"), **keep).returncode == 0
     result = site.doit("-s", "ship", **schema_change, **keep)
     assert result.returncode == 0, result.stdout + result.stderr
     before_change = re.search(r"changed  backup .* (/var/backups/\S+)", result.stdout).group(1)
@@ -119,8 +125,7 @@ def test_retention_keeps_the_backup_before_a_schema_change(site):
     assert before_change.rsplit("/", 1)[1] in listed
     # The newest 2 (one of them also the newest the previous release served) and the one
     # before the change: everything else went.
-    assert len([line for line in listed.splitlines() if re.match(r"^\d{8}T", line.strip())]) \
-        == 3, listed
+    assert len(deploy_backups(listed)) == 3, listed
 
 
 def test_a_release_rolled_back_from_is_never_a_later_rollback_target(site):
@@ -137,3 +142,39 @@ def test_a_release_rolled_back_from_is_never_a_later_rollback_target(site):
     rollback = site.doit("rollback")
     assert rollback.returncode == 0, rollback.stdout + rollback.stderr
     assert site.served_release() == releases["A"]
+
+
+def test_the_backup_timer_fires_and_its_backup_restores_to_the_same_tickets(site):
+    assert site.doit("-s", "ship", **build(site, "timer")).returncode == 0
+    site.create_ticket("in the scheduled backup")
+    expected = site.ticket_titles()
+    drop_in = "/etc/systemd/system/flask-helpdesk-backup.timer.d"
+    with site.admin() as machine:
+        sudo = machine["sudo"]
+        assert sudo["systemctl", "is-enabled", "flask-helpdesk-backup.timer"]().strip() == \
+            "enabled"
+        # The timer itself fires, a second after it is restarted (its schedule is daily).
+        sudo["mkdir", "-p", drop_in]()
+        (sudo["tee", f"{drop_in}/now.conf"] << "[Timer]\nOnActiveSec=1\nRandomizedDelaySec=0\n")()
+        try:
+            sudo["systemctl", "daemon-reload"]()
+            sudo["systemctl", "restart", "flask-helpdesk-backup.timer"]()
+            deadline = time.monotonic() + 30
+            scheduled = []
+            while not scheduled and time.monotonic() < deadline:
+                time.sleep(1)
+                scheduled = [line.strip() for line in site.doit("backups").stdout.splitlines()
+                             if line.strip().endswith("-scheduled")]
+            journal = sudo["journalctl", "-u", "flask-helpdesk-backup", "--no-pager", "-n", "20"](
+                retcode=None)
+            listing = sudo["ls", "-la", "/var/backups/flask_helpdesk/scheduled",
+                           "/var/www/flask_helpdesk/.deploy-tool"](retcode=None)
+        finally:
+            sudo["rm", "-r", drop_in]()
+            sudo["systemctl", "daemon-reload"]()
+    assert scheduled, f"the timer made no backup within 30 s:\n{journal}\n{listing}"
+    site.create_ticket("after the scheduled backup")
+    result = site.doit("restore", RESTORE_BACKUP=scheduled[-1])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"/var/backups/flask_helpdesk/scheduled/{scheduled[-1]}" in result.stdout
+    assert site.ticket_titles() == expected

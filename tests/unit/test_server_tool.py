@@ -288,10 +288,29 @@ def test_taking_the_gate_waits_for_requests_in_flight(root, tmp_path):
 def test_a_planted_link_is_never_taken_for_the_gate(root, tmp_path):
     target = tmp_path / "elsewhere"
     target.write_text("x")
-    (root / "shared" / "write-gate").symlink_to(target)
     _database(root)
-    error = tool("restore", root, tmp_path, tmp_path, expect_ok=False)
-    assert "write-gate" in error or "Too many levels" in error or "ELOOP" in error
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    backup = tool("backup", root, backups, "r1", 5)["backup"]
+    (root / "shared" / "write-gate").symlink_to(target)
+    error = tool("restore", root, backup, backups, expect_ok=False)
+    assert "Too many levels of symbolic links" in error and "write-gate" in error
+
+
+def test_scheduled_backups_are_listed_beside_the_deploys_and_restore_by_name(root, tmp_path):
+    database = _database(root)
+    backups = tmp_path / "backups"
+    (backups / "scheduled").mkdir(parents=True)
+    deploys = tool("backup", root, backups, "r1", 5)["backup"]
+    with sqlite3.connect(database) as connection:
+        connection.execute("INSERT INTO t VALUES ('in the scheduled one')")
+    scheduled = tool("backup", root, backups / "scheduled", "scheduled", 5)["backup"]
+    assert tool("backups", backups)["backups"] == [deploys, scheduled]
+    with sqlite3.connect(database) as connection:
+        connection.execute("DELETE FROM t")
+    answer = tool("restore", root, Path(scheduled).name, backups)
+    assert answer["backup"] == scheduled
+    assert _rows(database) == ["in the scheduled one"]
 
 
 def _backup_with_schema(root, backups, release, columns):
