@@ -304,6 +304,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RELEASE", _release_id, "", "rollback target (default: the previous good release)"),
     Setting("RESTORE_BACKUP", _backup_name, "",
             "the backup `doit restore` restores (a name from `doit backups`); rollback ignores it"),
+    Setting("BACKUP", _backup_name, "",
+            "the backup `doit backup-pull` copies here (default: the newest)"),
+    Setting("BACKUP_PULL_DIR", _local_path, "backups",
+            "where `doit backup-pull` puts copies: <dir>/<server>/<backup>/"),
     Setting("NOTIFY_WEBHOOK_URL", _optional_any_url, "",
             "JSON webhook (Slack/Mattermost `text`) told of deploys and rollbacks", secret=True),
     Setting("TELEGRAM_BOT_TOKEN", _optional_token, "", "Telegram bot token for notifications",
@@ -360,6 +364,8 @@ class Settings:
     auto_rollback: bool
     release: str
     restore_backup: str
+    backup: str
+    backup_pull_dir: Path
     notify_webhook_url: str
     telegram_bot_token: str
     telegram_chat_id: str

@@ -483,6 +483,22 @@ def _find_backup(backup_root, name):
     raise Refusal("no backup %s in %s; `doit backups` lists them" % (name, backup_root))
 
 
+def cmd_backup_files(backup_root, name=""):
+    """The newest backup (or NAME): its files with their sha256, for `doit backup-pull`."""
+    if name:
+        backup = _find_backup(backup_root, name)
+    else:
+        names = sorted((item, folder) for folder in (backup_root, path(backup_root, SCHEDULED))
+                       for item in _backup_names(folder))
+        if not names:
+            raise Refusal("no backups in %s yet" % backup_root)
+        backup = path(names[-1][1], names[-1][0])
+    files = [{"name": item, "sha256": sha256_of(path(backup, item)),
+              "size": os.path.getsize(path(backup, item))}
+             for item in sorted(os.listdir(backup)) if os.path.isfile(path(backup, item))]
+    out(backup=backup, files=files)
+
+
 def cmd_backups(backup_root):
     """Every backup, the deploys' and the timer's, oldest first (by time, in their names)."""
     found = [path(backup_root, name) for name in _backup_names(backup_root)]
@@ -671,7 +687,7 @@ COMMANDS = {
     "has-package": cmd_has_package, "accept-package": cmd_accept_package,
     "unpack": cmd_unpack, "venv": cmd_venv, "link-shared": cmd_link_shared,
     "backup": cmd_backup, "restore": cmd_restore, "backups": cmd_backups,
-    "migrate-held": cmd_migrate_held,
+    "migrate-held": cmd_migrate_held, "backup-files": cmd_backup_files,
     "set-next": cmd_set_next, "switch": cmd_switch, "health": cmd_health,
     "rolled-back": cmd_rolled_back, "previous-good": cmd_previous_good,
     "prune": cmd_prune,

@@ -178,3 +178,18 @@ def test_the_backup_timer_fires_and_its_backup_restores_to_the_same_tickets(site
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"/var/backups/flask_helpdesk/scheduled/{scheduled[-1]}" in result.stdout
     assert site.ticket_titles() == expected
+
+
+def test_backup_pull_copies_the_newest_backup_here_verified(site, tmp_path):
+    assert site.doit("-s", "ship", **build(site, "pull")).returncode == 0
+    newest = site.doit("backups").stdout
+    names = [line.strip() for line in newest.splitlines() if re.match(r"^\d{8}T", line.strip())]
+    pulled = site.doit("backup-pull", BACKUP_PULL_DIR=str(tmp_path))
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert "sha256 verified" in pulled.stdout
+    (copy,) = tmp_path.glob(f"*/{names[-1]}/helpdesk.sqlite3")
+    import sqlite3
+    with sqlite3.connect(copy) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    again = site.doit("backup-pull", BACKUP_PULL_DIR=str(tmp_path), BACKUP=names[0])
+    assert again.returncode == 0 and list(tmp_path.glob(f"*/{names[0]}/helpdesk.sqlite3"))
