@@ -132,7 +132,7 @@ def backup_and_migrate(server: Server, settings: Settings, release: str,
         outcome.detail = backup or "no database yet"
     with reporter.step("migrate") as outcome:
         outcome.seconds = held.get("held_s", 0) - (held.get("backup_s") or 0)
-        if held.get("migrated"):
+        if held.get("migrated") or server.dry_run:
             outcome.changed = True
             outcome.detail = (f"{settings.migrate_command} (requests held "
                               f"{held.get('held_s', 0):.2f} s for the backup and migrations)")

@@ -471,8 +471,10 @@ def _backup_names(folder):
     """Finished backups in a folder, oldest first (their names start with the time)."""
     if not os.path.isdir(folder):
         return []
+    # Links are no backups: scheduled/ is the app user's, who could point one anywhere.
     return sorted(name for name in os.listdir(folder) if name[:8].isdigit()
-                  and not name.endswith(".partial") and os.path.isdir(path(folder, name)))
+                  and not name.endswith(".partial") and os.path.isdir(path(folder, name))
+                  and not os.path.islink(path(folder, name)))
 
 
 def _find_backup(backup_root, name):
@@ -495,7 +497,8 @@ def cmd_backup_files(backup_root, name=""):
         backup = path(names[-1][1], names[-1][0])
     files = [{"name": item, "sha256": sha256_of(path(backup, item)),
               "size": os.path.getsize(path(backup, item))}
-             for item in sorted(os.listdir(backup)) if os.path.isfile(path(backup, item))]
+             for item in sorted(os.listdir(backup)) if os.path.isfile(path(backup, item))
+             and not os.path.islink(path(backup, item))]
     out(backup=backup, files=files)
 
 

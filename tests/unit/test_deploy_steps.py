@@ -272,3 +272,12 @@ def test_an_interrupt_before_the_switch_switches_nothing(package):
     with pytest.raises(KeyboardInterrupt):
         deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
     assert "tool switch" not in server.calls
+
+
+def test_a_dry_run_prints_the_held_migration_and_runs_nothing(package):
+    server = FakeServer({"migrate-held": {}})
+    server.dry_run = True
+    lines = []
+    deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lines.append))
+    assert "tool migrate-held" in server.calls
+    assert any(" migrate " in line for line in lines)
