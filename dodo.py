@@ -144,6 +144,11 @@ def task_backups():
     return _every_time(actions.backups_action)
 
 
+def task_backup_pull():
+    """Copy the newest backup (BACKUP=<name> for another) here, verified by sha256."""
+    return {**_every_time(actions.backup_pull_action), "basename": "backup-pull"}
+
+
 def task_benchmark():
     """Measure build, sandbox, server and fleet times; prints a table, writes bench-results.json."""
     return _every_time(f"{sys.executable} -m scripts.benchmark")

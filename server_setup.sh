@@ -20,6 +20,9 @@ SERVER_NAME="${SERVER_NAME:-_}"
 SITE_NAME="${SITE_NAME:-}"
 WORKERS="${WORKERS:-2}"
 MIGRATE_COMMAND="${MIGRATE_COMMAND:-flask --app wsgi migrate}"
+BACKUP_SCHEDULE="${BACKUP_SCHEDULE:-daily}"
+BACKUPS_KEEP="${BACKUPS_KEEP:-10}"
+BACKUPS_KEEP_DAYS="${BACKUPS_KEEP_DAYS:-7}"
 DEPLOY_PUBLIC_KEY="${DEPLOY_PUBLIC_KEY:-}"
 CONF_DIR="${CONF_DIR:-}"
 MODE="apply"
@@ -61,6 +64,9 @@ Usage: server_setup.sh [options]
   --site-name NAME        nginx site and log name (SITE_NAME, default: DEPLOY_PATH's last part)
   --workers N             gunicorn workers (WORKERS, default 2)
   --migrate-command CMD   migrations, run in the release (MIGRATE_COMMAND)
+  --backup-schedule WHEN  scheduled backups, a systemd OnCalendar value (BACKUP_SCHEDULE, daily)
+  --backups-keep N        newest backups kept (BACKUPS_KEEP, default 10)
+  --backups-keep-days N   backups younger than N days are kept (BACKUPS_KEEP_DAYS, default 7)
   --deploy-key KEY        the deploy user's SSH public key (DEPLOY_PUBLIC_KEY)
   --deploy-key-file FILE  ... or read it from a file
   --deploy-key-verified   the deploy key was seen to work: SSH hardening may be applied
@@ -93,6 +99,9 @@ parse_args() {
       --site-name) need_value "$@"; SITE_NAME="$2"; shift ;;
       --workers) need_value "$@"; WORKERS="$2"; shift ;;
       --migrate-command) need_value "$@"; MIGRATE_COMMAND="$2"; shift ;;
+      --backup-schedule) need_value "$@"; BACKUP_SCHEDULE="$2"; shift ;;
+      --backups-keep) need_value "$@"; BACKUPS_KEEP="$2"; shift ;;
+      --backups-keep-days) need_value "$@"; BACKUPS_KEEP_DAYS="$2"; shift ;;
       --deploy-key) need_value "$@"; DEPLOY_PUBLIC_KEY="$2"; shift ;;
       --deploy-key-file)
         need_value "$@"
@@ -144,6 +153,9 @@ validate_settings() {
   validate_name SERVER_NAME "${SERVER_NAME}" '^[A-Za-z0-9_.* -]{1,250}$'
   validate_name MIGRATE_COMMAND "${MIGRATE_COMMAND}" '^[A-Za-z0-9_ ./:=-]{1,250}$'
   validate_name WORKERS "${WORKERS}" '^[1-9][0-9]?$'
+  validate_name BACKUP_SCHEDULE "${BACKUP_SCHEDULE}" '^[A-Za-z0-9 :*/,.~-]{1,100}$'
+  validate_name BACKUPS_KEEP "${BACKUPS_KEEP}" '^[1-9][0-9]{0,3}$'
+  validate_name BACKUPS_KEEP_DAYS "${BACKUPS_KEEP_DAYS}" '^[0-9]{1,5}(\.[0-9]+)?$'
   validate_path DEPLOY_PATH "${DEPLOY_PATH}"
   validate_path BACKUP_PATH "${BACKUP_PATH}"
   validate_path LOG_PATH "${LOG_PATH}"
@@ -166,7 +178,9 @@ settings_as_flags() {
     --service-name "${SERVICE_NAME}" --app-port "${APP_PORT}"
     --preflight-port "${PREFLIGHT_PORT}" --ssh-port "${SSH_PORT}"
     --server-name "${SERVER_NAME}" --site-name "${SITE_NAME}" --workers "${WORKERS}"
-    --migrate-command "${MIGRATE_COMMAND}" --conf-dir "${CONF_DIR}")
+    --migrate-command "${MIGRATE_COMMAND}" --backup-schedule "${BACKUP_SCHEDULE}"
+    --backups-keep "${BACKUPS_KEEP}" --backups-keep-days "${BACKUPS_KEEP_DAYS}"
+    --conf-dir "${CONF_DIR}")
   [[ -z "${DEPLOY_PUBLIC_KEY}" ]] || flags+=(--deploy-key "${DEPLOY_PUBLIC_KEY}")
   [[ "${DEPLOY_KEY_VERIFIED}" -eq 0 ]] || flags+=(--deploy-key-verified)
   [[ "${UPGRADE}" -eq 0 ]] || flags+=(--upgrade)
@@ -223,6 +237,8 @@ render_values() {
     "APP_PORT=${APP_PORT}" "PREFLIGHT_PORT=${PREFLIGHT_PORT}" "SSH_PORT=${SSH_PORT}"
     "SERVER_NAME=${SERVER_NAME}" "SITE_NAME=${SITE_NAME}" "WORKERS=${WORKERS}"
     "MIGRATE_COMMAND=${MIGRATE_COMMAND}" "SUDOERS_NAME=${SUDOERS_NAME}"
+    "BACKUP_SCHEDULE=${BACKUP_SCHEDULE}" "BACKUPS_KEEP=${BACKUPS_KEEP}"
+    "BACKUPS_KEEP_DAYS=${BACKUPS_KEEP_DAYS}"
     "PERMIT_ROOT_LOGIN=${PERMIT_ROOT_LOGIN}" "OPEN_DATA_TO_GROUP=${open_data}")
   for pair in "${pairs[@]}"; do
     name="${pair%%=*}"
@@ -548,7 +564,11 @@ ensure_directories() {
   # The app writes only here: its database and uploads (setgid keeps the group on new files).
   ensure_safe dir "${DEPLOY_PATH}/shared/instance" "${APP_USER}" "${APP_USER}" 2770
   ensure_safe dir "${DEPLOY_PATH}/shared/uploads" "${APP_USER}" "${APP_USER}" 2770
-  ensure_safe dir "${BACKUP_PATH}" "${DEPLOY_USER}" "${DEPLOY_USER}" 750
+  # The app's group may pass through (not list: 710) to scheduled/, where the backup timer
+  # writes as the app user; the deploy user reads those through their group, to list and
+  # restore them. The deploys' own backups stay the deploy user's.
+  ensure_safe dir "${BACKUP_PATH}" "${DEPLOY_USER}" "${APP_USER}" 710
+  ensure_safe dir "${BACKUP_PATH}/scheduled" "${APP_USER}" "${DEPLOY_USER}" 2750
   ensure_log_folder
   ensure_venv_link
 }
@@ -610,7 +630,9 @@ ensure_app_units() {
   local changed=0 unit
   for unit in "app.service:${SERVICE_NAME}.service" "app.socket:${SERVICE_NAME}.socket" \
     "app-migrate.service:${SERVICE_NAME}-migrate.service" \
-    "app-preflight.service:${SERVICE_NAME}-preflight.service"; do
+    "app-preflight.service:${SERVICE_NAME}-preflight.service" \
+    "app-backup.service:${SERVICE_NAME}-backup.service" \
+    "app-backup.timer:${SERVICE_NAME}-backup.timer"; do
     ensure_template "${unit%%:*}" "/etc/systemd/system/${unit#*:}" 644 root root
     changed=$((changed + FILE_CHANGED))
   done
@@ -626,6 +648,12 @@ ensure_app_units() {
     report_ok "${SERVICE_NAME}.socket and .service enabled"
   elif report_change "${SERVICE_NAME}.socket and .service enabled"; then
     systemctl enable --quiet "${SERVICE_NAME}.socket" "${SERVICE_NAME}.service"
+  fi
+  if systemctl is-enabled --quiet "${SERVICE_NAME}-backup.timer" \
+    && systemctl is-active --quiet "${SERVICE_NAME}-backup.timer"; then
+    report_ok "${SERVICE_NAME}-backup.timer enabled (${BACKUP_SCHEDULE})"
+  elif report_change "${SERVICE_NAME}-backup.timer enabled (${BACKUP_SCHEDULE})"; then
+    systemctl enable --now --quiet "${SERVICE_NAME}-backup.timer"
   fi
   # Until the first deploy there is nothing to serve; deploys start the service themselves.
   if [[ -e "${DEPLOY_PATH}/current" && "${changed}" -gt 0 && "${MODE}" == "apply" ]]; then

@@ -14,3 +14,28 @@ graceful_timeout = 20
 keepalive = 5
 errorlog = "-"  # journald: journalctl -u @SERVICE_NAME@
 loglevel = "info"
+
+# The write gate: while a deploy backs up and migrates the database (or `doit restore` runs), it
+# holds an exclusive lock on this file. Each request takes a shared lock first, so requests wait
+# here (they are never refused) and none writes between the backup and the migration's end:
+# restoring that backup after a failed migration undoes nothing the app acknowledged. The lock
+# dies with the process that holds it, so a killed deploy never leaves requests waiting.
+WRITE_GATE = "@DEPLOY_PATH@/shared/write-gate"
+
+
+def pre_request(worker, req):
+    import fcntl
+    import os
+    try:
+        gate = os.open(WRITE_GATE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # before the first deploy made it (or a link planted in its place)
+        return
+    fcntl.flock(gate, fcntl.LOCK_SH)
+    req.write_gate = gate
+
+
+def post_request(worker, req, environ, resp):
+    import os
+    gate = getattr(req, "write_gate", None)
+    if gate is not None:
+        os.close(gate)

@@ -1,5 +1,6 @@
-"""A small, bounded load generator for zero-downtime proofs: steady GETs at a fixed rate from a
-few threads, stopping by itself after max_requests or max_seconds. Loopback targets only."""
+"""A small, bounded load generator for zero-downtime proofs: steady GETs (or, with `writes`,
+POSTs of unique content) at a fixed rate from a few threads, stopping by itself after
+max_requests or max_seconds. Loopback targets only."""
 
 from __future__ import annotations
 
@@ -22,11 +23,15 @@ class LoadReport:
     worst_latency_s: float = 0.0
     switches: int = 0  # how often consecutive answers came from a different release
     seconds: float = 0.0
+    acknowledged: list[str] = field(default_factory=list)  # writes answered 201, in order
 
 
 class Load:
     def __init__(self, url: str, rate_per_s: float = 40, threads: int = 4,
-                 max_requests: int = 20000, max_seconds: float = 600, timeout_s: float = 30):
+                 max_requests: int = 20000, max_seconds: float = 600, timeout_s: float = 30,
+                 writes: str = ""):
+        """With `writes` (a prefix), each request POSTs {"title": "<prefix> <n>"} to url and
+        expects 201; the titles acknowledged are kept in report.acknowledged."""
         host = urlparse(url).hostname or ""
         if not host.startswith(LOOPBACK_PREFIXES):
             raise ValueError(f"load is only ever sent to loopback addresses, not {host}")
@@ -36,6 +41,7 @@ class Load:
         self.max_requests = max_requests
         self.max_seconds = max_seconds
         self.timeout = timeout_s
+        self.writes = writes
         self.report = LoadReport()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -65,8 +71,10 @@ class Load:
                 if self.report.sent >= self.max_requests:
                     return
                 self.report.sent += 1
+                number = self.report.sent
             began = time.monotonic()
-            outcome, release = self._one(session)
+            outcome, release = self._write(session, number) if self.writes else \
+                self._one(session)
             latency = time.monotonic() - began
             with self._lock:
                 self.report.worst_latency_s = max(self.report.worst_latency_s, latency)
@@ -79,6 +87,18 @@ class Load:
                         self.report.switches += 1
                     self._last_release = release
             self._stop.wait(max(0.0, self.interval - latency))
+
+    def _write(self, session: requests.Session, number: int) -> tuple[str, str | None]:
+        title = f"{self.writes} {number}"
+        try:
+            response = session.post(self.url, json={"title": title}, timeout=self.timeout)
+        except requests.RequestException as error:
+            return f"{title}: {type(error).__name__}", None
+        if response.status_code != 201:
+            return f"{title}: HTTP {response.status_code}", None
+        with self._lock:
+            self.report.acknowledged.append(title)
+        return "", None
 
     def _one(self, session: requests.Session) -> tuple[str, str | None]:
         try:

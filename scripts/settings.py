@@ -199,6 +199,16 @@ def _positive_int(raw: str) -> int:
     return int(raw)
 
 
+def _days(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _Invalid("must be a number of days, such as 7 (0: age keeps nothing)") from None
+    if not 0 <= value <= 36500:
+        raise _Invalid("must be a number of days from 0 up")
+    return value
+
+
 def _megabytes(raw: str) -> float:
     try:
         value = float(raw)
@@ -298,14 +308,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DEPLOY_BATCH", _batch, "1",
             "servers switched at once in a rolling deploy: a count, or a share such as 25%"),
     Setting("KEEP_RELEASES", _positive_int, "5", "good releases kept on the server"),
-    Setting("BACKUPS_KEEP", _positive_int, "10", "database backups kept in BACKUP_PATH"),
+    Setting("BACKUPS_KEEP", _positive_int, "10",
+            "newest database backups kept in BACKUP_PATH (also kept: the last backup before "
+            "each schema change, and one of the schema each kept release served)"),
+    Setting("BACKUPS_KEEP_DAYS", _days, "7", "backups younger than this many days are kept"),
+    Setting("BACKUP_SCHEDULE", _matching(r"[A-Za-z0-9 :*/,.~-]{1,100}", "must be a systemd "
+                                         "OnCalendar value such as daily or *-*-* 03:00"),
+            "daily", "when the server's backup timer backs the database up (systemd OnCalendar)"),
     Setting("MIN_FREE_MB", _positive_int, "200", "free disk `check` requires beyond the release"),
     Setting("AUTO_ROLLBACK", _flag, "1", "verify rolls back by itself when it fails"),
     Setting("FORCE_RELEASE", _flag, "0",
             "ship a release even though it failed verification before"),
     Setting("RELEASE", _release_id, "", "rollback target (default: the previous good release)"),
     Setting("RESTORE_BACKUP", _backup_name, "",
-            "rollback also restores this database backup (a name from `doit backups`)"),
+            "the backup `doit restore` restores (a name from `doit backups`); rollback ignores it"),
+    Setting("BACKUP", _backup_name, "",
+            "the backup `doit backup-pull` copies here (default: the newest)"),
+    Setting("BACKUP_PULL_DIR", _local_path, "backups",
+            "where `doit backup-pull` puts copies: <dir>/<server>/<backup>/"),
     Setting("NOTIFY_WEBHOOK_URL", _optional_any_url, "",
             "JSON webhook (Slack/Mattermost `text`) told of deploys and rollbacks", secret=True),
     Setting("TELEGRAM_BOT_TOKEN", _optional_token, "", "Telegram bot token for notifications",
@@ -365,11 +385,15 @@ class Settings:
     deploy_batch: str
     keep_releases: int
     backups_keep: int
+    backups_keep_days: float
+    backup_schedule: str
     min_free_mb: int
     auto_rollback: bool
     force_release: bool
     release: str
     restore_backup: str
+    backup: str
+    backup_pull_dir: Path
     notify_webhook_url: str
     telegram_bot_token: str
     telegram_chat_id: str

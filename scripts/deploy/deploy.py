@@ -2,7 +2,8 @@
 
 lock -> upload -> unpack -> venv -> shared -> backup -> migrate -> preflight -> switch ->
 restart -> finish (mark good, prune) -> log -> unlock. Until `switch`, the old release serves
-and nothing it uses was touched (a failed migration is undone from the backup)."""
+and nothing it uses was touched (a failed migration is undone from a backup taken with the
+app's requests held, so the restore loses nothing the app acknowledged)."""
 
 from __future__ import annotations
 
@@ -126,28 +127,59 @@ def upload_package(server: Server, record: BuildRecord, package: Path) -> bool:
     return True
 
 
-def migrate(server: Server, settings: Settings, release: str,
-            backup: str | None) -> tuple[bool, str]:
-    """(ran, what it says): MIGRATE_COMMAND in the new release, unless there is none or the
-    MIGRATIONS_PATHS are the same as in the live release, whose migrations already ran."""
+def backup_and_migrate(server: Server, settings: Settings, release: str, reporter: Reporter,
+                       planned_databases: list[str]) -> None:
+    """The backup and migrate steps. When the migrations run, both happen in one call on the
+    server with every request to the app held (the write gate, see server_tool.py): the backup
+    is exact, so restoring it after a failed migration loses no acknowledged write. When there
+    is nothing to migrate, the backup is taken with the app serving as usual. A dry run says
+    what would be backed up from planned_databases (what the server has now)."""
+    planned = (f"{settings.backup_path}/<now>-{release} ({', '.join(planned_databases)})"
+               if server.dry_run and planned_databases else None)
     path = str(server.deploy_path)
     answer = server.tool_call("set-next", path, release, ",".join(settings.migrations_paths),
                               settings.migrate_command)
+    skipped = ""
     if not settings.migrate_command:
-        return False, "no MIGRATE_COMMAND"
-    if answer.get("migrations_unchanged"):
-        return False, (f"skipped: {', '.join(settings.migrations_paths)} unchanged since "
-                       f"{answer.get('current')} (MIGRATIONS_PATHS)")
+        skipped = "no MIGRATE_COMMAND"
+    elif answer.get("migrations_unchanged"):
+        skipped = (f"skipped: {', '.join(settings.migrations_paths)} unchanged since "
+                   f"{answer.get('current')} (MIGRATIONS_PATHS)")
+    keep = (settings.backups_keep, settings.backups_keep_days)
+    if skipped:
+        with reporter.step("backup") as outcome:
+            backup = server.tool_call("backup", path, str(settings.backup_path), release,
+                                      *keep).get("backup") or planned
+            outcome.changed = bool(backup)
+            outcome.detail = backup or "no database yet"
+        with reporter.step("migrate") as outcome:
+            outcome.detail = skipped
+        return
     unit = commands.units(settings)["migrate"]
-    if server.sudo(commands.systemctl("start", unit), check=False).status == 0:
-        return True, settings.migrate_command
-    reason = journal_tail(server, unit)
-    if backup:
-        server.tool_call("restore", path, backup, what="restoring the database backup")
-        raise ToolkitError(f"{server.name}: migrations of {release} failed ({reason}); the "
-                           f"database was restored from {backup}; the old release keeps serving")
-    raise ToolkitError(f"{server.name}: migrations of {release} failed ({reason}); the old "
-                       f"release keeps serving")
+    with reporter.step("backup") as outcome:
+        held = server.tool_call("migrate-held", path, str(settings.backup_path), release, *keep,
+                                unit, what="the backup and migrations")
+        backup = held.get("backup") or planned
+        outcome.changed = bool(backup)
+        outcome.seconds = held.get("backup_s")
+        outcome.detail = backup or "no database yet"
+    with reporter.step("migrate") as outcome:
+        outcome.seconds = held.get("held_s", 0) - (held.get("backup_s") or 0)
+        if held.get("migrated") or server.dry_run:
+            outcome.changed = True
+            outcome.detail = (f"{settings.migrate_command} (requests held "
+                              f"{held.get('held_s', 0):.2f} s for the backup and migrations)")
+            return
+        reason = journal_tail(server, unit)
+        if held.get("restored"):
+            raise ToolkitError(
+                f"{server.name}: migrations of {release} failed ({reason}); requests were held "
+                f"from the backup to the restore, so the database was restored exactly as it "
+                f"was from {backup}: no acknowledged write was lost; the old release keeps "
+                f"serving")
+        raise ToolkitError(f"{server.name}: migrations of {release} failed ({reason}); there "
+                           f"was no database before them, so nothing was restored; the old "
+                           f"release keeps serving")
 
 
 def deploy_to_server(server: Server, settings: Settings, record: BuildRecord, package: Path,
@@ -228,15 +260,7 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
         else:
             outcome.changed = bool(answer.get("changed"))
         outcome.detail = f"instance/, uploads/ -> shared/; {env_file} 0600"
-    with reporter.step("backup") as outcome:
-        backup = server.tool_call("backup", path, str(settings.backup_path), release,
-                                  settings.backups_keep).get("backup")
-        if server.dry_run and facts["databases"]:
-            backup = f"{settings.backup_path}/<now>-{release} ({', '.join(facts['databases'])})"
-        outcome.changed = bool(backup)
-        outcome.detail = backup or "no database yet"
-    with reporter.step("migrate") as outcome:
-        outcome.changed, outcome.detail = migrate(server, settings, release, backup)
+    backup_and_migrate(server, settings, release, reporter, facts.get("databases", []))
     with reporter.step("preflight") as outcome:
         start_preflight(server, settings, release)
         outcome.detail = (f"{release} healthy on 127.0.0.1:{commands.preflight_port(settings)}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from scripts.build.package import BuildRecord
 from scripts.deploy.deploy import (DeployOutcome, finish, go_live, log_entry, log_quietly,
                                    needs_deploy, prepare, switch_back)
-from scripts.deploy.lock import deploy_lock, sigterm_raises
+from scripts.deploy.lock import Interrupted, deploy_lock, sigterm_raises
 from scripts.deploy.report import Reporter
 from scripts.deploy.server import Server
 from scripts.errors import ToolkitError
@@ -92,6 +92,16 @@ def _take_locks(members: list[Member], release: str, limit: int, stack: ExitStac
     _first_error(members, run_parallel([lambda m=m: take(m) for m in members], limit))
 
 
+def _switched(member: Member) -> bool:
+    current = member.server.tool_call("probe", str(member.server.deploy_path)).get("current")
+    return current != member.previous
+
+
+def _return(member: Member, settings: Settings, why: str) -> None:
+    switch_back(member.server, settings, member.previous)
+    member.reporter.line(f"{'changed':8} {'return':10}        back to {member.previous} ({why})")
+
+
 def deploy_fleet(pairs: list[tuple[Server, Reporter]], settings: Settings, record: BuildRecord,
                  package: Path, on_start=lambda: None) -> list[DeployOutcome]:
     started = time.monotonic()
@@ -144,21 +154,34 @@ def _roll_out(members: list[Member], settings: Settings, record: BuildRecord,
                            for m in members], settings.deploy_parallel)
     _first_error(members, errors)
     switched: list[Member] = []
-    for batch in batches(members, settings.deploy_batch):
-        errors = run_parallel([lambda m=m: go_live(m.server, settings, release, m.reporter)
-                               for m in batch], settings.deploy_parallel)
-        # A server whose restart failed switched itself back; the others of this batch are live.
-        switched += [m for m, error in zip(batch, errors) if error is None]
-        failed = [(m, error) for m, error in zip(batch, errors) if error]
-        if failed:
-            for member in switched:
-                switch_back(member.server, settings, member.previous)
-                member.reporter.line(f"{'changed':8} {'return':10}        back to "
-                                     f"{member.previous} (the rollout stopped)")
-            member, error = failed[0]
-            raise ToolkitError(f"rollout stopped at {member.server.name}: {error}; "
-                               f"{len(switched)} server(s) that had switched are back on their "
-                               f"previous release, the rest never switched")
+    in_flight: list[Member] = []
+    try:
+        for batch in batches(members, settings.deploy_batch):
+            in_flight = batch
+            errors = run_parallel([lambda m=m: go_live(m.server, settings, release, m.reporter)
+                                   for m in batch], settings.deploy_parallel)
+            in_flight = []
+            # A server whose restart failed switched itself back; the others are live.
+            switched += [m for m, error in zip(batch, errors) if error is None]
+            failed = [(m, error) for m, error in zip(batch, errors) if error]
+            if failed:
+                for member in switched:
+                    _return(member, settings, "the rollout stopped")
+                member, error = failed[0]
+                raise ToolkitError(f"rollout stopped at {member.server.name}: {error}; "
+                                   f"{len(switched)} server(s) that had switched are back on "
+                                   f"their previous release, the rest never switched")
+    except (KeyboardInterrupt, Interrupted):
+        # Ctrl-C or SIGTERM: each server of the batch in flight may have switched, restarted,
+        # or neither. One that ran in this thread was cut mid-command: its shell session is
+        # out of step, so it gets a fresh connection first.
+        for member in switched + in_flight:
+            if member in in_flight:
+                member.server.reconnect()
+                if not _switched(member):
+                    continue
+            _return(member, settings, "the deploy was interrupted")
+        raise
     errors = run_parallel([lambda m=m: finish(m.server, settings, release, m.reporter)
                            for m in members], settings.deploy_parallel)
     _first_error(members, errors)

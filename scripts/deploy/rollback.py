@@ -1,6 +1,6 @@
 """rollback_deployment: back to the previous good release (by recorded order, not by mtime) or
-to RELEASE, health-gated like a deploy. The database stays as it is unless RESTORE_BACKUP
-names a backup to restore."""
+to RELEASE, health-gated like a deploy. The database stays as it is: restoring a backup is
+always the explicit, one-time `doit restore`, never a setting a rollback picks up."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
                     stay_on_current: bool = False, undo_last_deploy: bool = False
                     ) -> DeployOutcome:
     """Switch to the previous good release (or RELEASE). With stay_on_current (`doit
-    restore`), keep the current release and only restore RESTORE_BACKUP under it. With
+    restore`), keep the current release and only restore RESTORE_BACKUP under it, after a
+    safety backup of the database it overwrites. With
     undo_last_deploy (a failed verification), go back to what served before the last deploy
     and stop counting the failed release as good."""
     started = time.monotonic()
@@ -37,7 +38,12 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
     if not target:
         raise ToolkitError(f"{server.name}: nothing to roll back to: release {current} is the "
                            f"only good release on the server")
-    if target == current and not settings.restore_backup:
+    restore = settings.restore_backup if stay_on_current else ""
+    if settings.restore_backup and not stay_on_current:
+        reporter.line(f"warning: RESTORE_BACKUP={settings.restore_backup} is set, but a rollback "
+                      f"never restores a backup: the database stays as it is (restore it with "
+                      f"`RESTORE_BACKUP=<name> doit restore`, then unset it)")
+    if target == current and not restore:
         reporter.line(f"ok: release {target} is already current; nothing to do")
         return DeployOutcome(server.name, target, current, False, time.monotonic() - started)
     already_good = target in state.get("good", [])
@@ -52,19 +58,23 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
                 else:
                     start_preflight(server, settings, target)
                     outcome.detail = f"{target} healthy on the spare port"
-            if settings.restore_backup:
+            if restore:
                 with reporter.step("restore") as outcome:
-                    backup = str(settings.backup_path / settings.restore_backup)
-                    restored = server.tool_call("restore", path, backup).get("restored", [])
+                    backup = str(settings.backup_path / restore)
+                    answer = server.tool_call("restore", path, backup, str(settings.backup_path))
                     outcome.changed = True
-                    outcome.detail = f"{', '.join(restored)} from {backup}"
+                    saved = answer.get("safety_backup") or "nowhere (there was no database)"
+                    outcome.detail = (f"{', '.join(answer.get('restored', []))} from "
+                                      f"{answer.get('backup', backup)}; "
+                                      f"the database it overwrote is saved in {saved} "
+                                      f"(requests held {answer.get('held_s', 0):.2f} s)")
             go_live(server, settings, target, reporter)
         except BaseException as error:
             log_quietly(server, log_entry("rollback", target, current, started, "failed",
                                            step=reporter.failed_step, error=str(error)))
             raise
-        if undo_last_deploy and current and current != target:
-            server.tool_call("demote", path, current)
+        if current and current != target:
+            server.tool_call("rolled-back", path, target, current)
         server.tool_call("log", path, json.dumps(log_entry("rollback", target, current, started,
                                                            "ok")))
     return DeployOutcome(server.name, target, current, True, time.monotonic() - started)

@@ -144,5 +144,14 @@ class Server:
             self.tool_inline = True
             return True
         self.run(["mkdir", "-p", str(self.tool.parent)])
-        self.put(TOOL_SOURCE.read_bytes(), self.tool)
+        # Written aside, then renamed: a connection cut mid-write never leaves a partial tool
+        # under the name that `test -f` above takes for installed.
+        staged = self.tool.with_name(self.tool.name + ".partial")
+        self.put(TOOL_SOURCE.read_bytes(), staged)
+        self.run(["chmod", "0644", str(staged)])  # the scheduled backup runs it as the app user
+        self.run(["mv", "-f", str(staged), str(self.tool)])
+        # server_tool.py, the name the backup timer runs, follows the newest version.
+        stable = self.tool.with_name("server_tool.py")
+        self.run(["ln", "-sfn", self.tool.name, f"{stable}.new"])
+        self.run(["mv", "-fT", f"{stable}.new", str(stable)])
         return True

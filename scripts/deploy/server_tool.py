@@ -329,6 +329,8 @@ def cmd_link_shared(root, release, env_file, uploaded=""):
         if os.fstat(descriptor).st_mode & 0o777 != 0o600:
             os.fchmod(descriptor, 0o600)
             changed = True
+    # Made ahead of the first hold, so that every request already takes its lock then.
+    os.close(_open_gate(path(root, "shared", WRITE_GATE)))
     out(changed=changed)
 
 
@@ -354,35 +356,100 @@ def _refuse_planted_links(database):
                           "then try again" % name)
 
 
-def cmd_backup(root, backup_root, release, keep):
-    """SQLite's online backup: a consistent copy even while the app writes."""
-    release = release_name(release)
+WRITE_GATE = "write-gate"  # in shared/: gunicorn's pre_request hook holds requests on its lock
+GATE_WAIT_S = 30
+
+
+class write_gate:
+    """While held, every request to the app waits in gunicorn's pre_request hook (conf/
+    gunicorn.conf.py takes a shared lock on shared/write-gate for each request): a backup taken
+    under it is exact, and restoring it undoes no acknowledged write. Taking it waits for the
+    requests in flight to finish. The kernel drops the lock when this process ends, however it
+    ends, so a killed deploy never leaves the app held."""
+
+    def __init__(self, root):
+        self.file_name = path(root, "shared", WRITE_GATE)
+        self.descriptor = None
+        self.held_since = 0.0
+
+    def __enter__(self):
+        import fcntl
+        import time
+        self.descriptor = _open_gate(self.file_name)
+        deadline = time.monotonic() + GATE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.descriptor)
+                    raise Refusal("requests to the app still ran after %ds; nothing was backed "
+                                  "up or changed, deploy again" % GATE_WAIT_S) from None
+                time.sleep(0.01)
+        self.held_since = time.monotonic()
+        return self
+
+    def held_seconds(self):
+        import time
+        return round(time.monotonic() - self.held_since, 3)
+
+    def __exit__(self, *exc):
+        os.close(self.descriptor)
+
+
+def _open_gate(file_name):
+    """The gate file, created 0640 in the app's group (the app only reads it); a link planted
+    in its place is refused."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(file_name, flags)
+    except FileNotFoundError:
+        descriptor = os.open(file_name, flags | os.O_CREAT, 0o640)
+        os.fchown(descriptor, -1, os.stat(os.path.dirname(file_name)).st_gid)
+        os.fchmod(descriptor, 0o640)
+        return descriptor
+
+
+def _schema_of(connection):
+    """What changes when migrations run: user_version and the schema's SQL."""
+    rows = connection.execute("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+    text = repr(list(rows)) + "|%d" % connection.execute("PRAGMA user_version").fetchone()[0]
+    return _sha256(text.encode()).hexdigest()[:12]
+
+
+def _take_backup(root, backup_root, release, suffix=""):
+    """SQLite's online backup of every database: consistent even while the app writes. Writes
+    backup.json beside the copies: the schema and the release that served them (retention)."""
     import datetime
     import sqlite3
     databases = _databases(root)
     if not databases:
-        out(backup=None)
-        return
+        return None
     stamp = datetime.datetime.utcnow().strftime("%Y%m%dT%H%M%S%fZ")
-    target = path(backup_root, "%s-%s" % (stamp, release))
+    target = path(backup_root, "%s-%s%s" % (stamp, release, suffix))
     os.makedirs(target + ".partial")
+    schemas = {}
     for name in databases:
         _refuse_planted_links(path(root, "shared", "instance", name))
         source = sqlite3.connect(path(root, "shared", "instance", name), timeout=10)
         copy = sqlite3.connect(path(target + ".partial", name))
         with copy:
             source.backup(copy)
+        # One self-contained file (a WAL copy needs -shm beside it to be read, and a reader
+        # that cannot write in the backup's folder would fail).
+        copy.execute("PRAGMA journal_mode=DELETE")
+        schemas[name] = _schema_of(copy)
         copy.close()
         source.close()
+    meta = {"schema": ",".join("%s:%s" % item for item in sorted(schemas.items())),
+            "served_by": release_id_of(path(root, "current")), "time": stamp}
+    write_atomically(path(target + ".partial", "backup.json"), json.dumps(meta, sort_keys=True))
     os.replace(target + ".partial", target)
-    backups = sorted(name for name in os.listdir(backup_root) if not name.endswith(".partial"))
-    for old in backups[:-int(keep)]:
-        rmtree(path(backup_root, old), ignore_errors=True)
-    out(backup=target)
+    return target
 
 
-def cmd_restore(root, backup_dir):
-    """Write a backup back into the live database files (also through SQLite's backup API)."""
+def _restore_into(root, backup_dir):
     import sqlite3
     backup_dir = backup_dir_of(backup_dir)
     if not os.path.isdir(backup_dir):
@@ -392,6 +459,8 @@ def cmd_restore(root, backup_dir):
         if not name.endswith(DATABASE_SUFFIXES):
             continue
         _refuse_planted_links(path(root, "shared", "instance", name))
+        # The timer's backups (scheduled/) are the app's files: a link there is refused too.
+        _refuse_planted_links(path(backup_dir, name))
         source = sqlite3.connect(path(backup_dir, name))
         live = sqlite3.connect(path(root, "shared", "instance", name), timeout=30)
         with live:
@@ -399,13 +468,132 @@ def cmd_restore(root, backup_dir):
         live.close()
         source.close()
         restored.append(name)
-    out(restored=restored)
+    return restored
+
+
+def cmd_backup(root, backup_root, release, keep, keep_days="0"):
+    target = _take_backup(root, backup_root, release_name(release))
+    removed = prune_backups(root, backup_root, int(keep), float(keep_days)) if target else []
+    out(backup=target, pruned=removed)
+
+
+def cmd_migrate_held(root, backup_root, release, keep, keep_days, unit):
+    """Back up, then migrate (MIGRATE_COMMAND in UNIT), with every request to the app held: no
+    write can land between the backup and the migration's end. If the migration fails, the
+    backup is restored, and it is exact, so nothing the app acknowledged is lost."""
+    import subprocess
+    release = release_name(release)
+    with write_gate(root) as gate:
+        backup = _take_backup(root, backup_root, release)
+        backed_up_s = gate.held_seconds()
+        result = subprocess.run(["sudo", "-n", "systemctl", "start", unit],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                universal_newlines=True)
+        migrated = result.returncode == 0
+        restored = _restore_into(root, backup) if backup and not migrated else []
+        held_s = gate.held_seconds()
+    removed = prune_backups(root, backup_root, int(keep), float(keep_days)) if backup else []
+    out(backup=backup, migrated=migrated, restored=restored, held_s=held_s,
+        backup_s=round(backed_up_s, 3), pruned=removed)
+
+
+def cmd_restore(root, backup_dir, backup_root=""):
+    """Write a backup back into the live database files (SQLite's backup API). With
+    backup_root (`doit restore`), backup_dir is a name found there or in its scheduled/, and
+    a safety backup of what is about to be overwritten comes first; both under the write
+    gate, so the safety backup holds every acknowledged write."""
+    if backup_root:
+        backup_dir = _find_backup(backup_root, os.path.basename(backup_dir))
+    if not os.path.isdir(backup_dir):
+        raise Refusal("no backup at %s; `doit backups` lists them" % backup_dir)
+    with write_gate(root) as gate:
+        safety = _take_backup(root, backup_root, release_id_of(path(root, "current")) or "none",
+                              "-before-restore") if backup_root else None
+        restored = _restore_into(root, backup_dir)
+        held_s = gate.held_seconds()
+    out(restored=restored, backup=backup_dir, safety_backup=safety, held_s=held_s)
+
+
+def _backup_meta(backup_root, name):
+    try:
+        with open(path(backup_root, name, "backup.json")) as stream:
+            return json.load(stream)
+    except (OSError, ValueError):
+        return {}
+
+
+def prune_backups(root, backup_root, keep, keep_days):
+    """Keep the newest KEEP, everything younger than KEEP_DAYS, the last backup taken before
+    each schema change, and for every release still on the server the newest backup of the
+    schema it served (so no kept release loses the only copy of its schema)."""
+    import time
+    names = _backup_names(backup_root)
+    metas = {name: _backup_meta(backup_root, name) for name in names}
+    kept = set(names[-keep:])
+    now = time.time()
+    for name in names:
+        if keep_days and now - os.stat(path(backup_root, name)).st_mtime < keep_days * 86400:
+            kept.add(name)
+    for older, newer in zip(names, names[1:]):
+        if metas[older].get("schema") != metas[newer].get("schema"):
+            kept.add(older)
+    releases = set(os.listdir(path(root, "releases"))) if os.path.isdir(
+        path(root, "releases")) else set()
+    newest_of_release = {}
+    for name in names:
+        if metas[name].get("served_by") in releases:
+            newest_of_release[metas[name]["served_by"]] = name
+    kept |= set(newest_of_release.values())
+    removed = [name for name in names if name not in kept]
+    for name in removed:
+        rmtree(path(backup_root, name), ignore_errors=True)
+    return removed
+
+
+SCHEDULED = "scheduled"  # in BACKUP_PATH: the backup timer's, written by the app user
+
+
+def _backup_names(folder):
+    """Finished backups in a folder, oldest first (their names start with the time)."""
+    if not os.path.isdir(folder):
+        return []
+    # Links are no backups: scheduled/ is the app user's, who could point one anywhere.
+    return sorted(name for name in os.listdir(folder) if name[:8].isdigit()
+                  and not name.endswith(".partial") and os.path.isdir(path(folder, name))
+                  and not os.path.islink(path(folder, name)))
+
+
+def _find_backup(backup_root, name):
+    """A backup by name: a deploy's (BACKUP_PATH/NAME) or the timer's (BACKUP_PATH/scheduled)."""
+    for folder in (backup_root, path(backup_root, SCHEDULED)):
+        if name in _backup_names(folder):
+            return path(folder, name)
+    raise Refusal("no backup %s in %s; `doit backups` lists them" % (name, backup_root))
+
+
+def cmd_backup_files(backup_root, name=""):
+    """The newest backup (or NAME): its files with their sha256, for `doit backup-pull`."""
+    if name:
+        backup = _find_backup(backup_root, name)
+    else:
+        names = sorted((item, folder) for folder in (backup_root, path(backup_root, SCHEDULED))
+                       for item in _backup_names(folder))
+        if not names:
+            raise Refusal("no backups in %s yet" % backup_root)
+        backup = path(names[-1][1], names[-1][0])
+    files = [{"name": item, "sha256": sha256_of(path(backup, item)),
+              "size": os.path.getsize(path(backup, item))}
+             for item in sorted(os.listdir(backup)) if os.path.isfile(path(backup, item))
+             and not os.path.islink(path(backup, item))]
+    out(backup=backup, files=files)
 
 
 def cmd_backups(backup_root):
-    names = sorted(name for name in os.listdir(backup_root)
-                   if not name.endswith(".partial")) if os.path.isdir(backup_root) else []
-    out(backups=[path(backup_root, name) for name in names])
+    """Every backup, the deploys' and the timer's, oldest first (by time, in their names)."""
+    found = [path(backup_root, name) for name in _backup_names(backup_root)]
+    found += [path(backup_root, SCHEDULED, name)
+              for name in _backup_names(path(backup_root, SCHEDULED))]
+    out(backups=sorted(found, key=os.path.basename))
 
 
 # -- switching --------------------------------------------------------------------------------
@@ -522,12 +710,15 @@ def cmd_mark_failed(root, release):
     out(changed=True)
 
 
-def cmd_demote(root, release):
-    """A release that failed verification is no longer a rollback target."""
-    release = release_name(release)
-    good = [name for name in read_good(root) if name != release]
-    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good))
-    out(changed=True)
+def cmd_rolled_back(root, target, rolled_back_from):
+    """After a rollback from one release to another, history matches what people did: the
+    target is the newest good release (what a later deploy's rollback returns to, and what
+    pruning keeps as the release before), and the release rolled back from is no rollback
+    target any more (it stays on disk until pruned; RELEASE=<id> while it is there)."""
+    target, rolled_back_from = release_name(target), release_name(rolled_back_from)
+    good = [name for name in read_good(root) if name not in (target, rolled_back_from)]
+    write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good + [target]))
+    out(changed=True, good=good + [target])
 
 
 def cmd_previous_good(root):
@@ -615,8 +806,10 @@ COMMANDS = {
     "has-package": cmd_has_package, "accept-package": cmd_accept_package,
     "unpack": cmd_unpack, "venv": cmd_venv, "link-shared": cmd_link_shared,
     "backup": cmd_backup, "restore": cmd_restore, "backups": cmd_backups,
+    "migrate-held": cmd_migrate_held, "backup-files": cmd_backup_files,
     "set-next": cmd_set_next, "switch": cmd_switch, "health": cmd_health,
-    "demote": cmd_demote, "mark-failed": cmd_mark_failed, "previous-good": cmd_previous_good,
+    "rolled-back": cmd_rolled_back, "mark-failed": cmd_mark_failed,
+    "previous-good": cmd_previous_good,
     "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
 }

@@ -161,7 +161,8 @@ def test_a_failing_migration_restores_the_database_and_keeps_the_old_release(sit
     result = site.doit("-s", "ship", **settings)
     assert result.returncode != 0
     assert "FAILED   migrate" in result.stdout
-    assert "the database was restored from /var/backups/flask_helpdesk/" in result.stderr
+    assert "the database was restored exactly as it was from /var/backups/flask_helpdesk/" \
+        in result.stderr
     assert site.served_release() == before
     assert site.ticket_titles() == titles
 

@@ -4,6 +4,7 @@ returns the switched servers, an unreachable server that stops everything before
 from __future__ import annotations
 
 import json
+import signal
 import socket
 
 import pytest
@@ -48,6 +49,30 @@ def test_every_server_ends_on_the_new_release_with_one_line_per_server_and_step(
         for step in ("upload", "preflight", "switch", "restart", "finish"):
             assert any(line.startswith(f"{server.name}: ") and f" {step} " in line
                        for line in result.stdout.splitlines()), (server.name, step)
+
+
+def test_sigterm_mid_batch_returns_every_server_that_switched(fleet):
+    """SIGTERM while a batch of two is going live: both return (the batch in flight
+    included), the third never switched, and every server ends on one release, unlocked."""
+    before = releases(fleet)
+    fleet.change_code("interrupted rollout")
+    assert fleet.doit("-s", "build").returncode == 0
+    deploy = fleet.start_doit("-s", "ship", DEPLOY_BATCH="2")
+    second = fleet.sandbox.servers()[1].name
+    output = []
+    for line in deploy.stdout:
+        output.append(line)
+        if line.startswith(f"{second}: ") and " switch " in line:
+            deploy.send_signal(signal.SIGTERM)
+            break
+    output += deploy.stdout.readlines()
+    deploy.wait(timeout=120)
+    text = "".join(output)
+    assert deploy.returncode != 0, text
+    assert releases(fleet) == before, text
+    assert len(set(releases(fleet))) == 1
+    assert text.count("(the deploy was interrupted)") == 2, text
+    assert "lock     held" not in fleet.doit("status").stdout
 
 
 def test_a_server_failing_its_health_check_stops_the_rollout_and_switched_ones_return(fleet):

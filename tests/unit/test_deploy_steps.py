@@ -35,6 +35,8 @@ class FakeServer:
                         "has-package": {"present": False}, "unpack": {"changed": True},
                         "venv": {"changed": False, "venv": "abc"}, "link-shared": {},
                         "backup": {"backup": "/var/backups/flask_helpdesk/b1"},
+                        "migrate-held": {"backup": "/var/backups/flask_helpdesk/b1",
+                                         "migrated": True, "held_s": 0.7, "backup_s": 0.1},
                         "switch": {"changed": True, "previous": "old"},
                         "previous-good": {"current": "new", "previous": "old"},
                         **(answers or {})}
@@ -81,7 +83,7 @@ def test_a_deploy_runs_its_steps_in_order_and_releases_the_lock(package):
     server = FakeServer()
     deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
     positions = order_of(server.calls, "tool lock", "put ", "tool unpack", "tool venv",
-                         "tool backup", "start flask-helpdesk-migrate",
+                         "tool set-next", "tool migrate-held",
                          "start flask-helpdesk-preflight", "tool switch",
                          "restart flask-helpdesk", "tool finish", "tool log", "tool unlock")
     assert positions == sorted(positions)
@@ -102,13 +104,23 @@ def test_the_same_release_already_serving_does_nothing(package):
     assert "tool lock" not in server.calls
 
 
-def test_a_failed_migration_restores_the_backup_and_never_switches(package):
-    server = FakeServer(failing=("start flask-helpdesk-migrate",))
-    with pytest.raises(ToolkitError, match="restored from /var/backups/flask_helpdesk/b1"):
+def test_a_failed_migration_says_its_exact_backup_was_restored_and_never_switches(package):
+    server = FakeServer({"migrate-held": {"backup": "/var/backups/flask_helpdesk/b1",
+                                          "migrated": False, "restored": ["helpdesk.sqlite3"]}})
+    with pytest.raises(ToolkitError, match="restored exactly as it was from /var/backups/"
+                                           "flask_helpdesk/b1: no acknowledged write was lost"):
         deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
-    assert "tool restore" in server.calls
     assert "tool switch" not in server.calls
     assert server.calls[-1] == "tool unlock"
+
+
+def test_the_migration_runs_under_the_write_gate_and_the_output_says_how_long(package):
+    lines = []
+    deploy_to_server(FakeServer(), SETTINGS, RECORD, package, Reporter(log=lines.append))
+    assert any(line.startswith("changed  backup      0.10 s  /var/backups/flask_helpdesk/b1")
+               for line in lines), lines
+    assert any(line.startswith("changed  migrate     0.60 s") and "requests held 0.70 s" in line
+               for line in lines), lines
 
 
 def test_unchanged_migrations_are_skipped_and_said_so(package):
@@ -116,8 +128,8 @@ def test_unchanged_migrations_are_skipped_and_said_so(package):
     server = FakeServer({"set-next": {"migrations_unchanged": True, "current": "old"}})
     lines = []
     deploy_to_server(server, settings, RECORD, package, Reporter(log=lines.append))
-    assert "tool set-next" in server.calls
-    assert not any("flask-helpdesk-migrate" in call for call in server.calls)
+    assert "tool set-next" in server.calls and "tool backup" in server.calls
+    assert "tool migrate-held" not in server.calls
     assert any(line.startswith("ok       migrate") and
                "skipped: helpdesk/db.py unchanged since old (MIGRATIONS_PATHS)" in line
                for line in lines), lines
@@ -248,3 +260,57 @@ def test_release_is_taken_as_a_unique_prefix_and_a_wrong_one_lists_the_releases(
                        r"the start of one\); releases there \(good, newest first\): "
                        r"f492aa000001, 0c0c00000003, f4b100000002"):
         resolve_release("web", "beef", state)
+
+
+class SwitchingServer(FakeServer):
+    """A fake that remembers where `current` points, and is interrupted at one command."""
+
+    def __init__(self, interrupt_at):
+        super().__init__()
+        self.current = "old"
+        self.interrupt_at = interrupt_at
+
+    def reconnect(self):
+        self.calls.append("reconnect")
+
+    def tool_call(self, subcommand, *args, what=""):
+        answer = super().tool_call(subcommand, *args, what=what)
+        if subcommand == "switch":
+            answer = {"changed": True, "previous": self.current}
+            self.current = args[1]
+        if subcommand == "probe":
+            answer = {**answer, "current": self.current}
+        return answer
+
+    def run(self, argv, check=True, what=""):
+        if " ".join(argv).endswith(self.interrupt_at) and self.interrupt_at:
+            self.interrupt_at = ""
+            self.calls.append(" ".join(argv))
+            raise KeyboardInterrupt
+        return super().run(argv, check, what)
+
+
+def test_an_interrupt_between_switch_and_restart_switches_back(package):
+    server = SwitchingServer(interrupt_at="restart flask-helpdesk")
+    with pytest.raises(KeyboardInterrupt):
+        deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    assert server.current == "old"
+    after = server.calls[server.calls.index("reconnect"):]
+    assert "tool switch" in after and "sudo systemctl restart flask-helpdesk" in after
+    assert server.calls[-1] == "tool unlock"
+
+
+def test_an_interrupt_before_the_switch_switches_nothing(package):
+    server = SwitchingServer(interrupt_at="start flask-helpdesk-preflight")
+    with pytest.raises(KeyboardInterrupt):
+        deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    assert "tool switch" not in server.calls
+
+
+def test_a_dry_run_prints_the_held_migration_and_runs_nothing(package):
+    server = FakeServer({"migrate-held": {}})
+    server.dry_run = True
+    lines = []
+    deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lines.append))
+    assert "tool migrate-held" in server.calls
+    assert any(" migrate " in line for line in lines)

@@ -186,6 +186,21 @@ def test_rollback_walks_good_releases_in_recorded_order(root):
     assert tool("previous-good", root)["previous"] is None
 
 
+def test_a_release_rolled_back_from_is_never_the_target_of_a_later_rollback(root):
+    """Deploy A, B; roll back to A; deploy C with KEEP_RELEASES=1: rollback goes to A."""
+    for name in ("A", "B"):
+        release(root, name)
+        tool("switch", root, name)
+        tool("finish", root, name, 5)
+    tool("switch", root, "A")
+    tool("rolled-back", root, "A", "B")
+    release(root, "C")
+    tool("switch", root, "C")
+    tool("finish", root, "C", 1)
+    assert tool("previous-good", root) == {"current": "C", "previous": "A"}
+    assert sorted(os.listdir(root / "releases")) == ["A", "C"], "pruning kept what served"
+
+
 def test_prune_counts_only_good_releases_and_keeps_current_and_previous(root):
     for name in ("r1", "r2", "r3", "r4"):
         release(root, name)
@@ -220,7 +235,146 @@ def test_backup_and_restore_keep_the_data(root, tmp_path):
 
 
 def test_no_database_no_backup(root, tmp_path):
-    assert tool("backup", root, tmp_path, "r1", 3) == {"backup": None}
+    assert tool("backup", root, tmp_path, "r1", 3)["backup"] is None
+
+
+def _database(root: Path) -> Path:
+    database = root / "shared" / "instance" / "helpdesk.sqlite3"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE IF NOT EXISTS t (v TEXT)")
+    return database
+
+
+def _rows(database: Path) -> list[str]:
+    with sqlite3.connect(database) as connection:
+        return [row[0] for row in connection.execute("SELECT v FROM t ORDER BY rowid")]
+
+
+def _fake_sudo(tmp_path: Path, script: str) -> dict:
+    """PATH with a `sudo` that runs `script` (python) instead of starting the migrate unit."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "sudo"
+    fake.write_text(f"#!{sys.executable}\n{script}")
+    fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_a_failed_migration_under_the_write_gate_restores_an_exact_backup(root, tmp_path):
+    database = _database(root)
+    with sqlite3.connect(database) as connection:
+        connection.execute("INSERT INTO t VALUES ('acknowledged')")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    # The fake migration damages the data, records whether a request could have got in (a
+    # shared lock on the gate, as gunicorn's pre_request hook takes), and fails.
+    env = _fake_sudo(tmp_path, f"""
+import fcntl, os, sqlite3, sys
+gate = os.open({str(root / "shared" / "write-gate")!r}, os.O_RDONLY)
+try:
+    fcntl.flock(gate, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    print("a request got in", file=open({str(tmp_path / "probe")!r}, "w"))
+except BlockingIOError:
+    print("requests held", file=open({str(tmp_path / "probe")!r}, "w"))
+with sqlite3.connect({str(database)!r}) as connection:
+    connection.execute("DELETE FROM t")
+sys.exit(1)
+""")
+    result = subprocess.run([sys.executable, str(TOOL), *map(str, ("migrate-held", root, backups, "r2",
+                                                              5, 0, "app-migrate"))], capture_output=True, text=True, env=env,
+                            timeout=60)
+    answer = json.loads(result.stdout)
+    assert answer["migrated"] is False and answer["restored"] == ["helpdesk.sqlite3"]
+    assert (tmp_path / "probe").read_text().strip() == "requests held"
+    assert _rows(database) == ["acknowledged"]
+    gate = root / "shared" / "write-gate"
+    assert gate.stat().st_mode & 0o777 == 0o640
+
+
+def test_taking_the_gate_waits_for_requests_in_flight(root, tmp_path):
+    import fcntl
+    database = _database(root)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    good = tool("backup", root, backups, "r1", 5)["backup"]
+    with sqlite3.connect(database) as connection:
+        connection.execute("INSERT INTO t VALUES ('written by a request in flight')")
+    gate = root / "shared" / "write-gate"
+    gate.touch()
+    request = os.open(gate, os.O_RDONLY)
+    fcntl.flock(request, fcntl.LOCK_SH)  # a request still running
+    restore = subprocess.Popen([sys.executable, str(TOOL), "restore", root, good, backups],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            restore.wait(timeout=0.5)
+    finally:
+        os.close(request)
+    answer = json.loads(restore.communicate(timeout=30)[0])
+    assert _rows(database) == []
+    # The safety backup holds what the restore overwrote, the request's write included.
+    assert answer["safety_backup"].endswith("-before-restore")
+    assert _rows(Path(answer["safety_backup"]) / "helpdesk.sqlite3") == [
+        "written by a request in flight"]
+
+
+def test_a_planted_link_is_never_taken_for_the_gate(root, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("x")
+    _database(root)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    backup = tool("backup", root, backups, "r1", 5)["backup"]
+    (root / "shared" / "write-gate").symlink_to(target)
+    error = tool("restore", root, backup, backups, expect_ok=False)
+    assert "Too many levels of symbolic links" in error and "write-gate" in error
+
+
+def test_scheduled_backups_are_listed_beside_the_deploys_and_restore_by_name(root, tmp_path):
+    database = _database(root)
+    backups = tmp_path / "backups"
+    (backups / "scheduled").mkdir(parents=True)
+    deploys = tool("backup", root, backups, "r1", 5)["backup"]
+    with sqlite3.connect(database) as connection:
+        connection.execute("INSERT INTO t VALUES ('in the scheduled one')")
+    scheduled = tool("backup", root, backups / "scheduled", "scheduled", 5)["backup"]
+    assert tool("backups", backups)["backups"] == [deploys, scheduled]
+    with sqlite3.connect(database) as connection:
+        connection.execute("DELETE FROM t")
+    answer = tool("restore", root, Path(scheduled).name, backups)
+    assert answer["backup"] == scheduled
+    assert _rows(database) == ["in the scheduled one"]
+
+
+def _backup_with_schema(root, backups, release, columns):
+    database = root / "shared" / "instance" / "helpdesk.sqlite3"
+    with sqlite3.connect(database) as connection:
+        connection.execute(f"PRAGMA user_version = {columns}")
+    return Path(tool("backup", root, backups, release, 2, 0)["backup"]).name
+
+
+def test_retention_keeps_the_last_backup_before_each_schema_change(root, tmp_path):
+    _database(root)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    before_change = [_backup_with_schema(root, backups, f"a{n}", 1) for n in range(3)][-1]
+    later = [_backup_with_schema(root, backups, f"b{n}", 2) for n in range(4)]
+    names = sorted(os.listdir(backups))
+    assert names == sorted([before_change, *later[-2:]])
+
+
+def test_retention_keeps_a_backup_of_the_schema_each_kept_release_served(root, tmp_path):
+    _database(root)
+    release(root, "old")
+    tool("switch", root, "old")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    served_by_old = _backup_with_schema(root, backups, "x0", 1)
+    release(root, "new")
+    tool("switch", root, "new")
+    for n in range(3):
+        _backup_with_schema(root, backups, f"y{n}", 1)
+    assert served_by_old in os.listdir(backups), "old is still on the server"
 
 
 class Health(BaseHTTPRequestHandler):
