@@ -206,7 +206,8 @@ def needs_deploy(server: Server, settings: Settings, release: str) -> tuple[bool
     return True, current
 
 
-def dry_run_facts(server: Server, record: BuildRecord, package: Path) -> dict:
+def dry_run_facts(server: Server, settings: Settings, record: BuildRecord,
+                  package: Path) -> dict:
     """What the server holds that decides each step's outcome (read, never changed), so a dry
     run's plan says what a real run would do."""
     import tarfile
@@ -228,7 +229,7 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
     """Everything before the switch: the old release keeps serving, untouched."""
     path = str(server.deploy_path)
     release = record.release_id
-    facts = dry_run_facts(server, record, package) if server.dry_run else {}
+    facts = dry_run_facts(server, settings, record, package) if server.dry_run else {}
     with reporter.step("upload") as outcome:
         outcome.changed = upload_package(server, record, package)
         outcome.detail = (f"{record.package} ({record.size / 1e6:.2f} MB)" if outcome.changed

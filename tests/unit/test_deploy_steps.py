@@ -3,6 +3,8 @@ which order, and what happens when a step fails. Real servers: tests/integration
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -307,10 +309,21 @@ def test_an_interrupt_before_the_switch_switches_nothing(package):
     assert "tool switch" not in server.calls
 
 
-def test_a_dry_run_prints_the_held_migration_and_runs_nothing(package):
-    server = FakeServer({"migrate-held": {}})
+def test_a_dry_run_prints_the_held_migration_and_runs_nothing(tmp_path):
+    import io
+    import tarfile
+    package = tmp_path / "helpdesk-new.tar.gz"
+    manifest = json.dumps({"requirements_sha256": "0" * 64, "wheels": []}).encode()
+    with tarfile.open(package, "w:gz") as tar:
+        entry = tarfile.TarInfo("manifest.json")
+        entry.size = len(manifest)
+        tar.addfile(entry, io.BytesIO(manifest))
+    server = FakeServer({"migrate-held": {}, "probe": {"python": "3.11"},
+                         "plan": {"unpacked": False, "venv_ready": True,
+                                  "databases": ["helpdesk.sqlite3"], "env_sha256": "e"}})
     server.dry_run = True
     lines = []
     deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lines.append))
     assert "tool migrate-held" in server.calls
     assert any(" migrate " in line for line in lines)
+    assert any(" backup " in line and "(helpdesk.sqlite3)" in line for line in lines)
