@@ -26,9 +26,12 @@ def new_sandbox(state_dir: Path, suite: str | None = None) -> Sandbox:
 def sandbox():
     """Two bare servers, booted in parallel, shared by the session, torn down at its end."""
     box = new_sandbox(TEST_SANDBOX_DIR)
-    box.up(2)
-    yield box
-    box.down()
+    # Torn down whatever happens: an assertion before the yield must not leave servers up.
+    try:
+        box.up(2)
+        yield box
+    finally:
+        box.down()
 
 
 @pytest.fixture()

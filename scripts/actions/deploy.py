@@ -4,7 +4,6 @@ backups: they load settings, find the servers, and print what a person needs to 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 

@@ -13,6 +13,9 @@ from tests.integration.site import Site
 def site(tmp_path_factory, provisioned_layer, wheel_cache):
     work = tmp_path_factory.mktemp("site")
     sandbox = new_sandbox(work / "sandbox")
-    sandbox.up(1, layer=provisioned_layer)
-    yield Site(work, sandbox, wheel_cache)
-    sandbox.down()
+    # Torn down whatever happens: an assertion before the yield must not leave servers up.
+    try:
+        sandbox.up(1, layer=provisioned_layer)
+        yield Site(work, sandbox, wheel_cache)
+    finally:
+        sandbox.down()

@@ -21,12 +21,15 @@ pytestmark = pytest.mark.integration
 def fleet(tmp_path_factory, provisioned_layer, wheel_cache):
     work = tmp_path_factory.mktemp("fleet")
     sandbox = new_sandbox(work / "sandbox")
-    sandbox.up(3, layer=provisioned_layer)
-    site = Site(work, sandbox, wheel_cache)
-    first = site.deploy()
-    assert first.returncode == 0, first.stdout + first.stderr
-    yield site
-    sandbox.down()
+    # Torn down whatever happens: an assertion before the yield must not leave servers up.
+    try:
+        sandbox.up(3, layer=provisioned_layer)
+        site = Site(work, sandbox, wheel_cache)
+        first = site.deploy()
+        assert first.returncode == 0, first.stdout + first.stderr
+        yield site
+    finally:
+        sandbox.down()
 
 
 def releases(site) -> list[str]:

@@ -22,11 +22,14 @@ NOTES = {"HEALTH_PATH": "/ping", "MIGRATE_COMMAND": "flask --app notes init-db"}
 def notes(tmp_path_factory, provisioned_layer, wheel_cache):
     work = tmp_path_factory.mktemp("notes")
     sandbox = new_sandbox(work / "sandbox")
-    sandbox.up(1, layer=provisioned_layer)
-    site = Site(work, sandbox, wheel_cache, app="notes")
-    first = site.doit("deploy", **NOTES)
-    yield site, first
-    sandbox.down()
+    # Torn down whatever happens: an assertion before the yield must not leave servers up.
+    try:
+        sandbox.up(1, layer=provisioned_layer)
+        site = Site(work, sandbox, wheel_cache, app="notes")
+        first = site.doit("deploy", **NOTES)
+        yield site, first
+    finally:
+        sandbox.down()
 
 
 def add_note(site: Site, body: str) -> None:

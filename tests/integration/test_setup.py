@@ -19,10 +19,13 @@ def fresh(tmp_path_factory):
     """One bare server, provisioned once by the first `doit setup` of this module."""
     work = tmp_path_factory.mktemp("setup")
     sandbox: Sandbox = new_sandbox(work / "sandbox")
-    (server,) = sandbox.up(1)
-    first = doit(work, sandbox.state_dir, "setup")
-    yield sandbox, server, work, first
-    sandbox.down()
+    # Torn down whatever happens: an assertion before the yield must not leave servers up.
+    try:
+        (server,) = sandbox.up(1)
+        first = doit(work, sandbox.state_dir, "setup")
+        yield sandbox, server, work, first
+    finally:
+        sandbox.down()
 
 
 def admin(sandbox, server) -> Target:

@@ -20,11 +20,14 @@ TRIXIE = {"SANDBOX_SUITE": "trixie"}
 def trixie(tmp_path_factory, wheel_cache):
     work = tmp_path_factory.mktemp("trixie")
     sandbox = new_sandbox(work / "sandbox", suite="trixie")
-    sandbox.up(1)
-    site = Site(work, sandbox, wheel_cache)
-    first = site.doit("deploy", **TRIXIE)
-    yield site, first
-    sandbox.down()
+    # Torn down whatever happens: an assertion before the yield must not leave servers up.
+    try:
+        sandbox.up(1)
+        site = Site(work, sandbox, wheel_cache)
+        first = site.doit("deploy", **TRIXIE)
+        yield site, first
+    finally:
+        sandbox.down()
 
 
 def test_deploy_provisions_a_bare_debian_13_server_and_serves_the_app(trixie):
