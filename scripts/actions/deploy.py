@@ -321,6 +321,11 @@ def status_action():
         if failed:
             reporter.line(f"failed   {', '.join(reversed(failed))} (failed verification; "
                           f"FORCE_RELEASE=1 ships one again)")
+        # Still on the server and a valid RELEASE, though no plain rollback goes there.
+        others = [r for r in state.get("releases", []) if r not in good and r not in failed]
+        if others:
+            reporter.line(f"others   {', '.join(others)} (rolled back from or never finished; "
+                          f"`RELEASE=<id> doit rollback` returns to one)")
         if state.get("lock"):
             reporter.line(f"lock     held by {describe(state['lock'])}")
         history = server.tool_call("history", str(server.deploy_path), 5)["entries"]
