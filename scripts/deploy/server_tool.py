@@ -704,6 +704,16 @@ def cmd_health(url, expect_release, timeout):
                 out(ok=True, release=release)
                 return
             last = "it runs release %s, not %s" % (release, expect_release)
+            import re
+            id_form = "[0-9a-f]{12}"
+            if re.fullmatch(id_form, expect_release) and not (
+                    isinstance(release, str) and re.fullmatch(id_form, release)):
+                # Not a release id at all: the app's `release` means something of its own
+                # (a version), and no wait makes it this release's id.
+                raise Refusal("%s answered JSON whose `release` is %r, not the release id %s; "
+                              "a JSON `release` in the health answer must be the id from the "
+                              "package's manifest.json: report that, or name the app's own "
+                              "version another way" % (url, release, expect_release))
         except urllib.error.HTTPError as error:
             last = "HTTP %d" % error.code
             if error.code not in RETRYABLE_HTTP:

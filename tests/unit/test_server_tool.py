@@ -443,6 +443,24 @@ def test_health_wants_the_expected_release():
         server.shutdown()
 
 
+def test_health_whose_release_is_the_apps_own_version_fails_at_once(monkeypatch):
+    # An app's JSON health with `release: "wiki-7"` (its version) never becomes this release's
+    # id: the check says so at once instead of waiting out HEALTH_TIMEOUT_S.
+    import time
+    monkeypatch.setattr(Health, "body", b'{"ok": true, "release": "wiki-7"}')
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        error = tool("health", f"http://127.0.0.1:{server.server_port}/-/health",
+                     "943e319a2dd4", 30, expect_ok=False)
+        assert time.monotonic() - started < 10
+        assert "`release` is 'wiki-7', not the release id 943e319a2dd4" in error
+        assert "manifest.json" in error
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("body", [b"OK", b"pong\n", b"[1, 2]", b"1"])
 def test_health_takes_a_plain_2xx_answer_that_names_no_release(monkeypatch, body):
     monkeypatch.setattr(Health, "body", body)
