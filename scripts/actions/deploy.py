@@ -164,8 +164,12 @@ def ship_action():
             verb = "deployed" if outcome.changed else "already current"
             if settings.dry_run:
                 verb = "would be deployed" if outcome.changed else "already current"
-            reporter.line(f"deploy: release {outcome.release} {verb} in {outcome.seconds:.1f} s "
-                          f"(previous: {outcome.previous or 'none'})")
+            # Nothing shipped: the release before is this one, and "previous" would only
+            # repeat it.
+            before = (f" (previous: {outcome.previous or 'none'})"
+                      if outcome.changed or outcome.previous != outcome.release else "")
+            reporter.line(f"deploy: release {outcome.release} {verb} in {outcome.seconds:.1f} s"
+                          f"{before}")
     except BaseException as error:
         failed_steps = [r.failed_step for _, r in pairs if r.failed_step]
         notifier.send(_event(settings, "deploy", "failed", record.release_id,
