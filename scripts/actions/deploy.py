@@ -194,7 +194,7 @@ def verify_action():
     settings = load_settings()
     record_file = record_path(settings)
     expected = BuildRecord.read(record_file).release_id if record_file.exists() else ""
-    failed, elsewhere = [], []
+    failed, elsewhere, served = [], [], []
     targets = deploy_targets(settings)
     urls = public_urls(settings, targets)
     if settings.dry_run:  # nothing was shipped: what can be checked is what serves now
@@ -212,6 +212,7 @@ def verify_action():
                 elsewhere.append(server.name)
                 continue
             release = current if settings.dry_run else expected or current
+            served.append(release or "none")
             results = verify_server(server, settings, release, urls.get(server.name, ""))
             if not _print_results(reporter, results):
                 failed.append(server)
@@ -220,8 +221,9 @@ def verify_action():
                            f"{', '.join(elsewhere)}: ship it first (`doit ship`, or `doit "
                            f"deploy`); verify changed nothing")
     if not failed:
-        print(f"verify: release {expected if expected and not settings.dry_run else 'current'} "
-              f"serves on {len(targets)} server(s); "
+        # A dry run verified what serves now: name it (not "release current").
+        releases = ", ".join(sorted(set(served))) or expected
+        print(f"verify: release {releases} serves on {len(targets)} server(s); "
               f"open {', '.join(urls.values())}")
         return
     if settings.dry_run:
