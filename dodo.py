@@ -78,11 +78,16 @@ def task_verify():
 
 def task_deploy():
     """Build, provision if needed, check, ship and verify: the whole deploy in one command."""
-    return {"actions": None, "task_dep": ["_deploy_verify"]}
+    return {"actions": None, "task_dep": ["_deploy_app", "_deploy_verify"]}
 
 
 # Each stage task above does only its stage; `deploy` chains them through these private tasks
 # (doit list hides names that start with "_"), so `doit verify` never ships anything.
+def task__deploy_app():
+    """APP_DIR holds a deployable app: checked first, before a sandbox boots or a server is set up."""
+    return _every_time(tasks.app_check_action)
+
+
 def task__deploy_target():
     """target, once the servers are provisioned: their Python and platform."""
     return {**_every_time(actions.target_action), "task_dep": ["setup_if_needed"]}

@@ -469,9 +469,13 @@ def _unknown_names(raw: Mapping[str, str], environ: Mapping[str, str],
     for name in sorted(set(raw) | set(environ)):
         meant = meant_setting(name)
         where = ".env" if name in raw and name not in known else "the environment"
-        if meant and meant not in raw and meant not in environ:
-            problems.append(f"setting {name} (in {where}) is unknown; did you mean {meant}? "
-                            f"rename it there")
+        if meant:
+            # Also when MEANT is set too: `KEEP_RELEASE=3 doit deploy` beside KEEP_RELEASES in
+            # .env must not quietly deploy with the .env value.
+            also = (f" ({meant} is set too, so {name} would be ignored)"
+                    if meant in raw or meant in environ else "")
+            problems.append(f"setting {name} (in {where}) is unknown; did you mean {meant}?"
+                            f"{also} rename or remove it there")
         elif name in raw and name not in known and name not in _warned and not meant:
             _warned.add(name)
             print(f"warning: {env_file}: {name} is not a toolkit setting and is ignored (the "

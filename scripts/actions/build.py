@@ -32,6 +32,17 @@ def sandbox_if_used_action():
     run_command(sandbox_from_settings(settings), "up", settings.sandbox_servers)
 
 
+@user_errors_fail_task
+def app_check_action():
+    """What `doit deploy` checks before it boots or provisions anything: APP_DIR is a folder
+    holding a deployable app (requirements.txt, wsgi.py), so a mistyped APP_DIR stops at once."""
+    from scripts.build.package import check_app
+    from scripts.build.sources import shipped_files
+
+    app_dir = load_settings().app_dir
+    check_app(app_dir, shipped_files(app_dir) if app_dir.is_dir() else [])
+
+
 def _failing_action(error: ToolkitError):
     def report_error():
         raise error

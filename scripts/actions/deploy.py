@@ -164,8 +164,12 @@ def ship_action():
             verb = "deployed" if outcome.changed else "already current"
             if settings.dry_run:
                 verb = "would be deployed" if outcome.changed else "already current"
-            reporter.line(f"deploy: release {outcome.release} {verb} in {outcome.seconds:.1f} s "
-                          f"(previous: {outcome.previous or 'none'})")
+            # Nothing shipped: the release before is this one, and "previous" would only
+            # repeat it.
+            before = (f" (previous: {outcome.previous or 'none'})"
+                      if outcome.changed or outcome.previous != outcome.release else "")
+            reporter.line(f"deploy: release {outcome.release} {verb} in {outcome.seconds:.1f} s"
+                          f"{before}")
     except BaseException as error:
         failed_steps = [r.failed_step for _, r in pairs if r.failed_step]
         notifier.send(_event(settings, "deploy", "failed", record.release_id,
@@ -190,7 +194,7 @@ def verify_action():
     settings = load_settings()
     record_file = record_path(settings)
     expected = BuildRecord.read(record_file).release_id if record_file.exists() else ""
-    failed, elsewhere = [], []
+    failed, elsewhere, served = [], [], []
     targets = deploy_targets(settings)
     urls = public_urls(settings, targets)
     if settings.dry_run:  # nothing was shipped: what can be checked is what serves now
@@ -208,6 +212,7 @@ def verify_action():
                 elsewhere.append(server.name)
                 continue
             release = current if settings.dry_run else expected or current
+            served.append(release or "none")
             results = verify_server(server, settings, release, urls.get(server.name, ""))
             if not _print_results(reporter, results):
                 failed.append(server)
@@ -216,8 +221,9 @@ def verify_action():
                            f"{', '.join(elsewhere)}: ship it first (`doit ship`, or `doit "
                            f"deploy`); verify changed nothing")
     if not failed:
-        print(f"verify: release {expected if expected and not settings.dry_run else 'current'} "
-              f"serves on {len(targets)} server(s); "
+        # A dry run verified what serves now: name it (not "release current").
+        releases = ", ".join(sorted(set(served))) or expected
+        print(f"verify: release {releases} serves on {len(targets)} server(s); "
               f"open {', '.join(urls.values())}")
         return
     if settings.dry_run:
@@ -321,6 +327,11 @@ def status_action():
         if failed:
             reporter.line(f"failed   {', '.join(reversed(failed))} (failed verification; "
                           f"FORCE_RELEASE=1 ships one again)")
+        # Still on the server and a valid RELEASE, though no plain rollback goes there.
+        others = [r for r in state.get("releases", []) if r not in good and r not in failed]
+        if others:
+            reporter.line(f"others   {', '.join(others)} (rolled back from or never finished; "
+                          f"`RELEASE=<id> doit rollback` returns to one)")
         if state.get("lock"):
             reporter.line(f"lock     held by {describe(state['lock'])}")
         history = server.tool_call("history", str(server.deploy_path), 5)["entries"]

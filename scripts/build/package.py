@@ -181,20 +181,25 @@ def build_package(settings: Settings, log=print) -> BuildRecord:
     settings.dist_dir.mkdir(parents=True, exist_ok=True)
     package = settings.dist_dir / f"{app}-{manifest['release_id']}.tar.gz"
     partial = package.with_name(package.name + ".partial")
-    write_package(partial, app_dir, manifest, wheels)
-    size = partial.stat().st_size
     count = len(manifest["files"]) + len(manifest["wheels"])
-    summary = (f"build: {package.name}: {size / 1e6:.2f} MB, {count} files "
-               f"({len(manifest['wheels'])} wheels); largest:")
-    log(summary)
-    for line in size_report(manifest):
-        log(line)
-    if size > settings.package_max_mb * 1e6:
-        partial.unlink()
-        raise ToolkitError(f"build: package is {size / 1e6:.2f} MB, over PACKAGE_MAX_MB="
-                           f"{settings.package_max_mb:g}; add what should not ship (see the "
-                           f"largest files above) to {app_dir}/.deployignore")
-    os.replace(partial, package)
+    try:
+        write_package(partial, app_dir, manifest, wheels)
+        size = partial.stat().st_size
+        summary = (f"build: {package.name}: {size / 1e6:.2f} MB, {count} files "
+                   f"({len(manifest['wheels'])} wheels); largest:")
+        log(summary)
+        for line in size_report(manifest):
+            log(line)
+        if size > settings.package_max_mb * 1e6:
+            raise ToolkitError(f"build: package is {size / 1e6:.2f} MB, over PACKAGE_MAX_MB="
+                               f"{settings.package_max_mb:g}; add what should not ship (see "
+                               f"the largest files above) to {app_dir}/.deployignore")
+        os.replace(partial, package)
+    except BaseException:
+        # Over the limit, Ctrl-C, a closed output pipe: no half-built package stays in dist/
+        # (old packages are pruned by name; a .partial never would be).
+        partial.unlink(missing_ok=True)
+        raise
     record = BuildRecord(app=app, release_id=manifest["release_id"], package=package.name,
                          sha256=sha256_file(package), size=size, file_count=count,
                          git_commit=_git_commit(app_dir),

@@ -254,10 +254,16 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
         env_file = commands.env_file(settings)
         answer = server.tool_call("link-shared", path, release, env_file, uploaded)
         if server.dry_run:
-            wanted = (hashlib.sha256(settings.app_env_file.read_bytes()).hexdigest()
-                      if settings.app_env_file else facts["env_sha256"])
+            from scripts.deploy.server_tool import with_secret_key, without_secret_key
+            wanted, have = facts["env_sha256"], facts["env_sha256"]
+            if settings.app_env_file:
+                text = settings.app_env_file.read_bytes().decode(errors="replace")
+                if with_secret_key(text, "", "x") != text:  # the server's key is kept
+                    text = without_secret_key(with_secret_key(text, "", "x"))
+                    have = facts.get("env_sha256_without_secret")
+                wanted = hashlib.sha256(text.encode()).hexdigest()
             outcome.changed = not facts["unpacked"] or facts["env_sha256"] in (None, "") \
-                or wanted != facts["env_sha256"]
+                or wanted != have
         else:
             outcome.changed = bool(answer.get("changed"))
         outcome.detail = f"instance/, uploads/ -> shared/; {env_file} 0600"

@@ -90,12 +90,15 @@ def resolve_release(server_name: str, wanted: str, state: dict) -> str:
     if len(matches) == 1:
         return matches[0]
     good = list(reversed(state.get("good", [])))
-    listed = ", ".join(good + [r for r in on_server if r not in good]) or "none"
+    others = [r for r in on_server if r not in good]
+    listed = f"(good, newest first): {', '.join(good) or 'none'}"
+    if others:
+        listed += f"; others (rolled back from or failed): {', '.join(others)}"
     if matches:
         raise ToolkitError(f"{server_name}: RELEASE={wanted} matches {len(matches)} releases "
                            f"({', '.join(matches)}); give more of its characters")
     raise ToolkitError(f"{server_name}: RELEASE={wanted} is not on this server (as an id or "
-                       f"the start of one); releases there (good, newest first): {listed}")
+                       f"the start of one); releases there {listed}")
 
 
 def _served_before_last_deploy(server: Server, current: str | None) -> str | None:

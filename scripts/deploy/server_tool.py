@@ -147,13 +147,17 @@ def cmd_probe(root):
 
 def cmd_plan(root, release, venv_key, env_file):
     """What a dry run needs beyond probe to say what each deploy step would do."""
-    env_sha256 = None
+    env_sha256 = env_sha256_without_secret = None
     if os.path.isfile(env_file):
         with open(env_file, "rb") as stream:
-            env_sha256 = _sha256(stream.read()).hexdigest()
+            content = stream.read()
+        env_sha256 = _sha256(content).hexdigest()
+        env_sha256_without_secret = _sha256(
+            without_secret_key(content.decode(errors="replace")).encode()).hexdigest()
     out(unpacked=os.path.isfile(path(root, "releases", release, ".unpacked")),
         venv_ready=os.path.isfile(path(root, "shared", "venvs", venv_key, ".complete")),
-        databases=_databases(root), env_sha256=env_sha256)
+        databases=_databases(root), env_sha256=env_sha256,
+        env_sha256_without_secret=env_sha256_without_secret)
 
 
 def cmd_lock(root, info_json):
@@ -287,6 +291,28 @@ def cmd_venv(root, release):
     out(changed=changed, venv=key)
 
 
+def with_secret_key(upload, current, new_key=None):
+    """The uploaded environment as the server keeps it: an upload that names no SECRET_KEY
+    keeps the server's one (or gets a random one), so an APP_ENV_FILE holding only the app's
+    own settings never drops the key that signs its sessions."""
+    import re
+    line = re.compile(r"^[ \t]*(?:export[ \t]+)?SECRET_KEY[ \t]*=")
+    if any(line.match(entry) for entry in upload.splitlines()):
+        return upload
+    kept = [entry for entry in current.splitlines() if line.match(entry)]
+    if not kept:
+        import secrets
+        kept = ["SECRET_KEY=%s" % (new_key or secrets.token_hex(32))]
+    return upload + ("\n" if upload and not upload.endswith("\n") else "") + kept[-1] + "\n"
+
+
+def without_secret_key(text):
+    """TEXT minus its SECRET_KEY lines: what a dry run compares an upload without one with."""
+    import re
+    line = re.compile(r"^[ \t]*(?:export[ \t]+)?SECRET_KEY[ \t]*=")
+    return "".join(entry for entry in text.splitlines(True) if not line.match(entry))
+
+
 def cmd_link_shared(root, release, env_file, uploaded=""):
     """instance/ and uploads/ of the release point into shared/. env_file (systemd reads it as
     root) is the deploy user's file in a folder only root writes: it is written in place, never
@@ -314,7 +340,7 @@ def cmd_link_shared(root, release, env_file, uploaded=""):
         if uploaded:
             upload = path(root, "shared", ".env.upload")
             with open(upload) as staged:
-                wanted_text = staged.read()
+                wanted_text = with_secret_key(staged.read(), current)
             os.unlink(upload)
         elif not current.strip():
             # A first deploy gets a random secret key, so sessions are signed from day one.
@@ -678,6 +704,16 @@ def cmd_health(url, expect_release, timeout):
                 out(ok=True, release=release)
                 return
             last = "it runs release %s, not %s" % (release, expect_release)
+            import re
+            id_form = "[0-9a-f]{12}"
+            if re.fullmatch(id_form, expect_release) and not (
+                    isinstance(release, str) and re.fullmatch(id_form, release)):
+                # Not a release id at all: the app's `release` means something of its own
+                # (a version), and no wait makes it this release's id.
+                raise Refusal("%s answered JSON whose `release` is %r, not the release id %s; "
+                              "a JSON `release` in the health answer must be the id from the "
+                              "package's manifest.json: report that, or name the app's own "
+                              "version another way" % (url, release, expect_release))
         except urllib.error.HTTPError as error:
             last = "HTTP %d" % error.code
             if error.code not in RETRYABLE_HTTP:

@@ -191,3 +191,22 @@ def test_manifest_is_written_sorted_and_stable(project):
         manifest = json.load(tar.extractfile("manifest.json"))
     paths = [entry["path"] for entry in manifest["files"]]
     assert paths == sorted(paths)
+
+
+def test_a_build_interrupted_after_writing_leaves_no_partial_package(project):
+    # Ctrl-C, or `doit deploy | head` closing the output, once the package is written: dist/
+    # keeps no .partial (the pruning of old packages never removes one).
+    from scripts.build.package import build_package
+    from scripts.settings import load_settings
+
+    def interrupted_at_the_summary(line):
+        if line.endswith("largest:"):
+            raise KeyboardInterrupt
+
+    settings = load_settings(project.root / "none.env", environ=project.env)
+    with pytest.raises(KeyboardInterrupt):
+        build_package(settings, log=interrupted_at_the_summary)
+    assert project.dist_dir.is_dir()
+    assert not list(project.dist_dir.iterdir())
+    assert project.build().returncode == 0
+    assert [p.name for p in project.dist_dir.glob("*.partial")] == []

@@ -260,7 +260,8 @@ def test_release_is_taken_as_a_unique_prefix_and_a_wrong_one_lists_the_releases(
         resolve_release("web", "f4", state)
     with pytest.raises(ToolkitError, match=r"RELEASE=beef is not on this server \(as an id or "
                        r"the start of one\); releases there \(good, newest first\): "
-                       r"f492aa000001, 0c0c00000003, f4b100000002"):
+                       r"f492aa000001, 0c0c00000003; others \(rolled back from or failed\): "
+                       r"f4b100000002$"):
         resolve_release("web", "beef", state)
 
 

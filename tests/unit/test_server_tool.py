@@ -115,6 +115,46 @@ def test_shared_links_and_the_env_file_written_in_place(root, tmp_path):
     assert env_file.stat().st_ino == inode  # written in place: its folder is root's
 
 
+def test_an_uploaded_env_file_without_secret_key_keeps_the_servers_key(root, tmp_path):
+    # APP_ENV_FILE holding only the app's own settings must not drop the SECRET_KEY the first
+    # deploy generated (the app would sign sessions with its fallback, or not start).
+    release(root, "r1")
+    env_file = tmp_path / "app.env"
+    env_file.touch(mode=0o600)
+    tool("link-shared", root, "r1", env_file)
+    key_line = env_file.read_text()
+    assert key_line.startswith("SECRET_KEY=") and len(key_line) > 40
+    (root / "shared" / ".env.upload").write_text("WIKI_TITLE=Mine")
+    assert tool("link-shared", root, "r1", env_file, "uploaded")["changed"]
+    assert env_file.read_text() == "WIKI_TITLE=Mine\n" + key_line
+    (root / "shared" / ".env.upload").write_text("WIKI_TITLE=Mine")
+    assert not tool("link-shared", root, "r1", env_file, "uploaded")["changed"]
+    # An upload that names its own key is taken as it is.
+    (root / "shared" / ".env.upload").write_text("export SECRET_KEY=mine\nWIKI_TITLE=Mine\n")
+    assert tool("link-shared", root, "r1", env_file, "uploaded")["changed"]
+    assert env_file.read_text() == "export SECRET_KEY=mine\nWIKI_TITLE=Mine\n"
+    # A first deploy with an upload that has no key gets a random one.
+    fresh = tmp_path / "fresh.env"
+    fresh.touch(mode=0o600)
+    (root / "shared" / ".env.upload").write_text("WIKI_TITLE=Mine\n")
+    tool("link-shared", root, "r1", fresh, "uploaded")
+    lines = fresh.read_text().splitlines()
+    assert lines[0] == "WIKI_TITLE=Mine" and lines[1].startswith("SECRET_KEY=")
+    assert len(lines[1]) == len("SECRET_KEY=") + 64
+
+
+def test_a_dry_run_compares_an_upload_without_key_with_the_server_file_minus_its_key():
+    import sys
+    sys.path.insert(0, str(TOOL.parent))
+    from server_tool import with_secret_key, without_secret_key
+    upload = "WIKI_TITLE=Mine"
+    on_server = with_secret_key(upload, "SECRET_KEY=abc\n")
+    assert on_server == "WIKI_TITLE=Mine\nSECRET_KEY=abc\n"
+    assert without_secret_key(with_secret_key(upload, "", "x")) == without_secret_key(on_server)
+    assert without_secret_key(with_secret_key("OTHER=1\n", "", "x")) != \
+        without_secret_key(on_server)
+
+
 def test_the_env_file_is_never_written_through_a_link(root, tmp_path):
     release(root, "r1")
     victim = tmp_path / "victim"
@@ -399,6 +439,24 @@ def test_health_wants_the_expected_release():
         assert tool("health", url, "r1", 2) == {"ok": True, "release": "r1"}
         error = tool("health", url, "r2", 0.5, expect_ok=False)
         assert "it runs release r1, not r2" in error
+    finally:
+        server.shutdown()
+
+
+def test_health_whose_release_is_the_apps_own_version_fails_at_once(monkeypatch):
+    # An app's JSON health with `release: "wiki-7"` (its version) never becomes this release's
+    # id: the check says so at once instead of waiting out HEALTH_TIMEOUT_S.
+    import time
+    monkeypatch.setattr(Health, "body", b'{"ok": true, "release": "wiki-7"}')
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        error = tool("health", f"http://127.0.0.1:{server.server_port}/-/health",
+                     "943e319a2dd4", 30, expect_ok=False)
+        assert time.monotonic() - started < 10
+        assert "`release` is 'wiki-7', not the release id 943e319a2dd4" in error
+        assert "manifest.json" in error
     finally:
         server.shutdown()
 

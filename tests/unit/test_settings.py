@@ -165,6 +165,24 @@ def test_a_misspelt_setting_in_env_file_or_environment_is_an_error_naming_the_se
         assert f"did you mean {meant}?" in str(error.value)
 
 
+@pytest.mark.parametrize("typo, meant, value", [("MIGRATE_COMAND", "MIGRATE_COMMAND", "x"),
+                                                ("HEALTH_PAHT", "HEALTH_PATH", "/x"),
+                                                ("KEEP_RELEASE", "KEEP_RELEASES", "3")])
+def test_a_misspelt_setting_is_an_error_also_when_the_setting_it_means_is_set(
+        tmp_path, typo, meant, value):
+    # In .env beside the right name, or on the command line over a .env value: either way the
+    # misspelt value would be ignored without a word.
+    right = {"MIGRATE_COMMAND": "flask x", "HEALTH_PATH": "/ok", "KEEP_RELEASES": "5"}[meant]
+    for text, environ in ((f"{meant}={right}\n{typo}={value}\n", {}),
+                          (f"{meant}={right}\n", {typo: value})):
+        env_file = write_env(tmp_path, text)
+        with pytest.raises(SettingsError) as error:
+            load_settings(env_file, environ=environ)
+        assert str(error.value).count("\n") == 0
+        assert f"setting {typo} " in str(error.value)
+        assert f"did you mean {meant}? ({meant} is set too" in str(error.value)
+
+
 def test_other_unknown_names_in_env_file_are_a_warning_and_in_the_environment_nothing(
         tmp_path, capsys):
     env_file = write_env(tmp_path, "SECRET_KEY=abc\n")
