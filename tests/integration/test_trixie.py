@@ -68,7 +68,8 @@ def test_check_names_a_missing_python3_venv(trixie):
     site, _ = trixie
     with site.admin() as machine:
         machine.env["DEBIAN_FRONTEND"] = "noninteractive"
-        machine["sudo"]["-E", "apt-get", "remove", "-y", "-q", "python3.13-venv"]()
+        # dpkg, not apt: apt would also lock the .deb cache every sandbox server shares.
+        machine["sudo"]["dpkg", "--remove", "python3-venv", "python3.13-venv"]()
         try:
             check = site.doit("-s", "check", **TRIXIE)
         finally:
