@@ -286,6 +286,54 @@ def test_r15_backups_and_restores_follow_no_planted_link(armed):
     assert "before the planted links" in armed.ticket_titles()
 
 
+# A hot journal as SQLite writes it (no pages to roll back) whose last record names a
+# "super-journal": whoever opens the database read-write rolls the journal back, then deletes
+# the super-journal when no other journal names it.
+HOT_JOURNAL = r'''
+import os, struct, sys
+db, victim = sys.argv[1], sys.argv[2].encode()
+with open(db, "rb") as stream:
+    page = struct.unpack(">H", stream.read(18)[16:18])[0] or 65536
+magic = bytes([0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
+header = (magic + struct.pack(">IIIII", 0, 1, os.path.getsize(db) // page, 512, page)).ljust(512, b"\0")
+super_record = (struct.pack(">I", 0x40000000 // page + 1) + victim
+                + struct.pack(">II", len(victim), sum(victim)) + magic)
+with open(db + "-journal", "wb") as stream:
+    stream.write(header + super_record)
+os.chmod(db + "-journal", 0o660)
+'''
+
+
+def test_r18_a_hot_journal_planted_by_the_app_is_never_rolled_back_by_deploy(armed):
+    instance = f"{DEPLOY_PATH}/shared/instance"
+    database = f"{instance}/helpdesk.sqlite3"
+    armed.create_ticket("before the hot journal")
+    as_deploy(armed, "echo precious > ~/victim")
+    scheduled = f"{BACKUP_PATH}/scheduled"
+    with armed.admin() as admin:  # the timer's backup, as the timer takes it
+        status, output = run(admin, "sudo systemctl start flask-helpdesk-backup.service && "
+                                    f"sudo ls {scheduled}")
+    assert status == 0, output
+    timer_backup = output.split()[-1]
+    plant = f"python3 -c {shlex.quote(HOT_JOURNAL)}"
+    as_app(armed, f"{plant} {database} /home/deploy/victim; "
+                  f"{plant} {scheduled}/{timer_backup}/helpdesk.sqlite3 /home/deploy/victim")
+    try:
+        armed.change_code("after the hot journal")
+        deployed = armed.deploy()          # backs the live database up before its migrations
+        restored = armed.doit("restore", RESTORE_BACKUP=timer_backup)
+        as_app(armed, f"rm -f {database}-journal")
+        restored_scheduled = armed.doit("restore", RESTORE_BACKUP=timer_backup)
+    finally:
+        as_app(armed, f"rm -f {database}-journal")
+    assert as_deploy(armed, "cat ~/victim")[1].strip() == "precious"
+    assert deployed.returncode != 0 and "journal to roll back" in deployed.stderr
+    assert restored.returncode != 0 and "journal to roll back" in restored.stderr
+    assert restored_scheduled.returncode != 0
+    assert "journal to roll back" in restored_scheduled.stderr
+    assert "before the hot journal" in armed.ticket_titles()
+
+
 @pytest.mark.parametrize("setting, value", [("RELEASE", ".."), ("RELEASE", "."),
                                             ("RESTORE_BACKUP", ".."),
                                             ("RESTORE_BACKUP", "../../../root")])
