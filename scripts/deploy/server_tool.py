@@ -368,6 +368,15 @@ def _read_only(file_name, timeout=5.0):
     return connection
 
 
+def _is_wal(file_name):
+    """Whether a database's header says WAL (read without following a link)."""
+    descriptor = os.open(file_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        return os.read(descriptor, 20)[18:20] == b"\x02\x02"
+    finally:
+        os.close(descriptor)
+
+
 def _copy_database(source, target, file_name):
     _refusing_rollback(source.backup, target, file_name)
 
@@ -491,10 +500,22 @@ def _restore_into(root, backup_dir):
         # The timer's backups (scheduled/) are the app's files: a link there is refused too.
         _refuse_planted_links(path(backup_dir, name))
         source = _read_only(path(backup_dir, name))
-        # A hot journal the app planted beside the live database is refused here, read-only,
-        # before the connection that writes opens it (that one would roll it back).
-        _read_only(path(root, "shared", "instance", name), timeout=30).close()
-        live = sqlite3.connect(path(root, "shared", "instance", name), timeout=30)
+        # The connection that writes would roll back a hot journal the app planted beside the
+        # live database. The guard refuses one that is there now (read-only) and holds a read
+        # lock while the writer takes its own (a rollback needs every other lock gone, so a
+        # journal planted in between is never rolled back). The writer then never looks for a
+        # journal again: a WAL database's connection never does, and a rollback-journal one
+        # keeps its lock (exclusive locking mode; in WAL mode that would wait for the app).
+        live_file = path(root, "shared", "instance", name)
+        guard = _read_only(live_file, timeout=30)
+        guard.isolation_level = None
+        guard.execute("BEGIN")
+        _refusing_rollback(guard.execute, "SELECT count(*) FROM sqlite_master", live_file)
+        live = sqlite3.connect(live_file, timeout=30)
+        if not _is_wal(live_file):
+            live.execute("PRAGMA locking_mode=EXCLUSIVE").fetchone()
+        live.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        guard.close()
         with live:
             _copy_database(source, live, path(backup_dir, name))
         live.close()
