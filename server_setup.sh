@@ -526,31 +526,26 @@ ensure_deploy_key() {
 
 ensure_sudoers() {
   ensure_template sudoers "/etc/sudoers.d/${SUDOERS_NAME}" 440 root root visudo -cqf
-  ensure_python_rule
+  remove_python_rule
 }
 
-# The guide's `sudo -u www-data DEPLOY_PATH/venv/bin/python --version` runs through links the
-# deploy user controls, so its sudo rule is bound to the sha256 of the system's python3 (sudo
-# checks it and runs the file it checked): any other program at that path is refused. apt
-# renews the rule after every package change, so a Python update does not break the command.
-ensure_python_rule() {
-  local rule_tool="/usr/local/sbin/${SUDOERS_NAME}-python-rule" state
-  ensure_template python-rule.sh "${rule_tool}" 755 root root sh -n
-  ensure_template apt-python-rule.conf "/etc/apt/apt.conf.d/80${SUDOERS_NAME}-python-rule" \
-    644 root root
-  if [[ "${MODE}" == "check" ]]; then
-    if [[ -f "/etc/sudoers.d/${SUDOERS_NAME}-python" ]]; then
-      report_ok "sudo rule for ${APP_USER}'s python --version"
-    else
-      report_change "sudo rule for ${APP_USER}'s python --version" || true
+# Older setups installed a sudo rule for `sudo -u www-data DEPLOY_PATH/venv/bin/python --version`
+# bound to python3's sha256, and an apt hook renewing it. sudo checks the digest and then runs
+# the file, which the deploy user owns and can rewrite in between: a program of its choice ran
+# as the app user, outside the app's sandbox. The rule, its tool and the hook are removed.
+remove_python_rule() {
+  local file found=()
+  for file in "/etc/sudoers.d/${SUDOERS_NAME}-python" \
+    "/usr/local/sbin/${SUDOERS_NAME}-python-rule" \
+    "/etc/apt/apt.conf.d/80${SUDOERS_NAME}-python-rule"; do
+    if [[ -e "${file}" || -L "${file}" ]]; then
+      found+=("${file}")
     fi
-    return 0
-  fi
-  state="$("${rule_tool}")" || die "the sudo rule for ${APP_USER}'s python --version failed"
-  if [[ "${state}" == "ok" ]]; then
-    report_ok "sudo rule for ${APP_USER}'s python --version (sha256 of python3)"
-  else
-    report_change "sudo rule for ${APP_USER}'s python --version (sha256 of python3)"
+  done
+  if [[ "${#found[@]}" -eq 0 ]]; then
+    report_ok "no sudo rule runs a program as ${APP_USER}"
+  elif report_change "removed ${found[*]} (sudo ran a file deploy can rewrite as ${APP_USER})"; then
+    rm -f "${found[@]}"
   fi
 }
 

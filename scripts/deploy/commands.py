@@ -65,7 +65,7 @@ def guide_checks(settings: Settings, log_path: str = "/var/log/flask_helpdesk") 
         ("curl localhost:port", ["curl", "-fsS", "-o", "/dev/null", f"http://localhost:"
                                  f"{settings.app_port}"]),
         ("curl through nginx", ["curl", "-fsS", "-o", "/dev/null", "http://localhost/"]),
-        ("venv python --version", ["sudo", "-n", "-u", "www-data", venv_python, "--version"]),
+        ("venv python --version", [venv_python, "--version"]),
         ("sudo nginx -t", ["sudo", "-n", "nginx", "-t"]),
         ("sudo systemctl status nginx", ["sudo", "-n", "systemctl", "status", "nginx"]),
         *((label, ["sudo", "-n", "tail", "-n", "100", log_file])

@@ -382,6 +382,44 @@ def _refuse_planted_links(database):
                           "then try again" % name)
 
 
+def _read_only(file_name, timeout=5.0):
+    """A database in a folder the app writes, opened read-only. SQLite rolls a hot journal
+    (FILE-journal) back before it reads, and the journal names a "super-journal" that it then
+    deletes: a journal the app planted would make the deploy user delete any file it can (its
+    backups, ~/.ssh/authorized_keys). Read-only, SQLite refuses to roll back instead."""
+    import sqlite3
+    from urllib.parse import quote
+    connection = sqlite3.connect("file:%s?mode=ro" % quote(file_name), uri=True, timeout=timeout)
+    _refusing_rollback(connection.execute, "SELECT count(*) FROM sqlite_master", file_name)
+    return connection
+
+
+def _is_wal(file_name):
+    """Whether a database's header says WAL (read without following a link)."""
+    descriptor = os.open(file_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        return os.read(descriptor, 20)[18:20] == b"\x02\x02"
+    finally:
+        os.close(descriptor)
+
+
+def _copy_database(source, target, file_name):
+    _refusing_rollback(source.backup, target, file_name)
+
+
+def _refusing_rollback(call, argument, file_name):
+    import sqlite3
+    try:
+        call(argument)
+    except sqlite3.OperationalError as error:
+        if "readonly" not in str(error):
+            raise
+        raise Refusal("%s has a journal to roll back (%s-journal; a crash of the app, or "
+                      "planted by it): the deploy user never rolls back the app's journals; "
+                      "let the app open its database (restart it), then try again"
+                      % (file_name, os.path.basename(file_name))) from None
+
+
 WRITE_GATE = "write-gate"  # in shared/: gunicorn's pre_request hook holds requests on its lock
 GATE_WAIT_S = 30
 
@@ -458,10 +496,10 @@ def _take_backup(root, backup_root, release, suffix=""):
     schemas = {}
     for name in databases:
         _refuse_planted_links(path(root, "shared", "instance", name))
-        source = sqlite3.connect(path(root, "shared", "instance", name), timeout=10)
+        source = _read_only(path(root, "shared", "instance", name), timeout=10)
         copy = sqlite3.connect(path(target + ".partial", name))
         with copy:
-            source.backup(copy)
+            _copy_database(source, copy, path(root, "shared", "instance", name))
         # One self-contained file (a WAL copy needs -shm beside it to be read, and a reader
         # that cannot write in the backup's folder would fail).
         copy.execute("PRAGMA journal_mode=DELETE")
@@ -487,10 +525,25 @@ def _restore_into(root, backup_dir):
         _refuse_planted_links(path(root, "shared", "instance", name))
         # The timer's backups (scheduled/) are the app's files: a link there is refused too.
         _refuse_planted_links(path(backup_dir, name))
-        source = sqlite3.connect(path(backup_dir, name))
-        live = sqlite3.connect(path(root, "shared", "instance", name), timeout=30)
+        source = _read_only(path(backup_dir, name))
+        # The connection that writes would roll back a hot journal the app planted beside the
+        # live database. The guard refuses one that is there now (read-only) and holds a read
+        # lock while the writer takes its own (a rollback needs every other lock gone, so a
+        # journal planted in between is never rolled back). The writer then never looks for a
+        # journal again: a WAL database's connection never does, and a rollback-journal one
+        # keeps its lock (exclusive locking mode; in WAL mode that would wait for the app).
+        live_file = path(root, "shared", "instance", name)
+        guard = _read_only(live_file, timeout=30)
+        guard.isolation_level = None
+        guard.execute("BEGIN")
+        _refusing_rollback(guard.execute, "SELECT count(*) FROM sqlite_master", live_file)
+        live = sqlite3.connect(live_file, timeout=30)
+        if not _is_wal(live_file):
+            live.execute("PRAGMA locking_mode=EXCLUSIVE").fetchone()
+        live.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        guard.close()
         with live:
-            source.backup(live)
+            _copy_database(source, live, path(backup_dir, name))
         live.close()
         source.close()
         restored.append(name)

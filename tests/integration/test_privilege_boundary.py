@@ -178,7 +178,7 @@ def test_r10_the_apps_environment_is_never_read_through_a_link(armed):
 
 def test_r11_sudo_runs_no_program_of_deploys_as_www_data(armed):
     _, output = as_deploy(armed, f"""
-        sudo -n -u www-data {DEPLOY_PATH}/venv/bin/python --version; echo "genuine $?"
+        {DEPLOY_PATH}/venv/bin/python --version; echo "genuine $?"
         mkdir -p /tmp/evil/bin && printf '#!/bin/sh\\nid\\n' > /tmp/evil/bin/python
         chmod +x /tmp/evil/bin/python
         ln -sfnT /tmp/evil {DEPLOY_PATH}/venv
@@ -191,6 +191,49 @@ def test_r11_sudo_runs_no_program_of_deploys_as_www_data(armed):
     assert "Python 3." in output and "genuine 0" in output
     assert "linked 0" not in output and "replaced 0" not in output
     assert "uid=" not in output
+
+
+# A sudo rule bound to a sha256 (the older `sudo -u www-data …/venv/bin/python --version`): sudo
+# reads the file, checks the digest, then runs it (fexecve); the deploy user owns the file and
+# rewrites it in between. Measured on the older rule: a shell as www-data on the 6th try.
+DIGEST_RACE = r'''
+import os, subprocess, time
+original = open(os.path.realpath("/usr/bin/python3"), "rb").read()
+folder = os.path.expanduser("~/fv/bin")
+os.makedirs(folder, exist_ok=True)
+target = folder + "/python"
+with open(target, "wb") as stream:
+    stream.write(original)
+os.chmod(target, 0o755)
+os.chmod(os.path.expanduser("~"), 0o755)
+os.symlink(os.path.dirname(folder), "VENV.new")
+os.replace("VENV.new", "VENV")
+payload = b"#!/bin/sh\nid; echo RACED\nexit 0\n"
+for attempt in range(200):
+    with open(target, "r+b") as stream:
+        stream.write(original[:len(payload)])
+    run = subprocess.Popen(["sudo", "-n", "-u", "www-data", "VENV/bin/python", "--version"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    started = time.monotonic()
+    while time.monotonic() - started < (attempt % 40) * 0.0005:
+        pass
+    try:
+        with open(target, "r+b") as stream:
+            stream.write(payload)
+    except OSError:
+        pass
+    print(run.communicate()[0].decode(errors="replace").strip())
+os.symlink("current/.venv", "VENV.new")
+os.replace("VENV.new", "VENV")
+'''.replace("VENV", DEPLOY_PATH + "/venv")
+
+
+def test_r19_no_sudo_rule_runs_a_file_deploy_can_rewrite(armed):
+    _, listing = as_deploy(armed, "sudo -n -l")
+    assert "(www-data)" not in listing and "sha256:" not in listing
+    _, output = as_deploy(armed, f"python3 -c {shlex.quote(DIGEST_RACE)}")
+    assert "RACED" not in output and "uid=33" not in output
+    assert "a password is required" in output
 
 
 def test_r12_no_sudo_rule_gives_deploy_a_shell_or_another_file(armed):
@@ -284,6 +327,55 @@ def test_r15_backups_and_restores_follow_no_planted_link(armed):
     no_secret(evil.stdout, evil.stderr, planted.stdout, planted.stderr, backups.stdout)
     assert root_state(armed) == before
     assert "before the planted links" in armed.ticket_titles()
+
+
+# A hot journal as SQLite writes it (no pages to roll back) whose last record names a
+# "super-journal": whoever opens the database read-write rolls the journal back, then deletes
+# the super-journal when no other journal names it.
+HOT_JOURNAL = r'''
+import os, struct, sys
+db, victim = sys.argv[1], sys.argv[2].encode()
+with open(db, "rb") as stream:
+    page = struct.unpack(">H", stream.read(18)[16:18])[0] or 65536
+magic = bytes([0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
+pages = os.path.getsize(db) // page
+header = (magic + struct.pack(">IIIII", 0, 1, pages, 512, page)).ljust(512, b"\0")
+super_record = (struct.pack(">I", 0x40000000 // page + 1) + victim
+                + struct.pack(">II", len(victim), sum(victim)) + magic)
+with open(db + "-journal", "wb") as stream:
+    stream.write(header + super_record)
+os.chmod(db + "-journal", 0o660)
+'''
+
+
+def test_r18_a_hot_journal_planted_by_the_app_is_never_rolled_back_by_deploy(armed):
+    instance = f"{DEPLOY_PATH}/shared/instance"
+    database = f"{instance}/helpdesk.sqlite3"
+    armed.create_ticket("before the hot journal")
+    as_deploy(armed, "echo precious > ~/victim")
+    scheduled = f"{BACKUP_PATH}/scheduled"
+    with armed.admin() as admin:  # the timer's backup, as the timer takes it
+        status, output = run(admin, "sudo systemctl start flask-helpdesk-backup.service && "
+                                    f"sudo ls {scheduled}")
+    assert status == 0, output
+    timer_backup = output.split()[-1]
+    plant = f"python3 -c {shlex.quote(HOT_JOURNAL)}"
+    as_app(armed, f"{plant} {database} /home/deploy/victim; "
+                  f"{plant} {scheduled}/{timer_backup}/helpdesk.sqlite3 /home/deploy/victim")
+    try:
+        armed.change_code("after the hot journal")
+        deployed = armed.deploy()          # backs the live database up before its migrations
+        restored = armed.doit("restore", RESTORE_BACKUP=timer_backup)
+        as_app(armed, f"rm -f {database}-journal")
+        restored_scheduled = armed.doit("restore", RESTORE_BACKUP=timer_backup)
+    finally:
+        as_app(armed, f"rm -f {database}-journal")
+    assert as_deploy(armed, "cat ~/victim")[1].strip() == "precious"
+    assert deployed.returncode != 0 and "journal to roll back" in deployed.stderr
+    assert restored.returncode != 0 and "journal to roll back" in restored.stderr
+    assert restored_scheduled.returncode != 0
+    assert "journal to roll back" in restored_scheduled.stderr
+    assert "before the hot journal" in armed.ticket_titles()
 
 
 @pytest.mark.parametrize("setting, value", [("RELEASE", ".."), ("RELEASE", "."),
