@@ -1,0 +1,180 @@
+"""HTTPS=1 against a real ACME server: pebble on this machine's loopback validates HTTP-01 at
+the sandbox server's nginx (the challenge really travels there), certbot gets a certificate,
+nginx serves 443 and redirects HTTP, a forced renewal drops no request, and bad input gets one
+clear line while the site keeps serving HTTP. The tests run in order on one server."""
+
+from __future__ import annotations
+
+import re
+import ssl
+
+import pytest
+import requests
+
+from scripts.loadgen import Load
+from tests.integration.acme import Pebble
+
+NAME = "helpdesk.test"
+EMAIL = "admin@example.com"
+
+
+@pytest.fixture(scope="module")
+def pebble(site, tmp_path_factory):
+    acme = Pebble(tmp_path_factory.mktemp("pebble"), site.server)
+    try:
+        yield acme.start()
+    finally:
+        acme.stop()
+
+
+@pytest.fixture(scope="module")
+def deployed(site):
+    result = site.deploy()
+    assert result.returncode == 0, result.stdout + result.stderr
+    return site
+
+
+def https_settings(pebble: Pebble, **more: str) -> dict:
+    return {"HTTPS": "1", "SERVER_NAME": NAME, "LETSENCRYPT_EMAIL": EMAIL,
+            "ACME_SERVER": pebble.acme_server, "ACME_CA_BUNDLE": str(pebble.listener_ca),
+            **more}
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("error:")]
+
+
+def serves_http(site) -> bool:
+    return requests.get(site.url + "healthz", timeout=10).ok
+
+
+def served_serial(pebble: Pebble) -> str:
+    """The serial number of the certificate nginx presents for NAME on port 443."""
+    context = ssl.create_default_context(cafile=str(pebble.issuing_root))
+    import socket
+    with socket.create_connection(("127.0.0.1", pebble.https_port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=NAME) as tls:
+            return tls.getpeercert()["serialNumber"]
+
+
+def test_https_without_a_domain_or_an_email_is_one_line_and_touches_no_server(deployed):
+    for settings, wanted in (({"HTTPS": "1", "LETSENCRYPT_EMAIL": EMAIL}, "SERVER_NAME"),
+                             ({"HTTPS": "1", "SERVER_NAME": NAME}, "LETSENCRYPT_EMAIL")):
+        result = deployed.doit("setup", **settings)
+        assert result.returncode != 0
+        (line,) = error_lines(result)
+        assert f"HTTPS=1 needs {wanted}" in line
+        assert "setup:" not in result.stdout  # no server was contacted
+
+
+def test_an_unreachable_acme_server_is_one_line_and_the_site_keeps_serving_http(deployed,
+                                                                                 pebble):
+    result = deployed.doit("setup", **https_settings(
+        pebble, ACME_SERVER="https://127.0.0.1:14999/dir"))
+    assert result.returncode != 0
+    line = error_lines(result)[-1]
+    assert "the ACME server https://127.0.0.1:14999/dir cannot be reached" in line, line
+    assert "keeps serving HTTP" in line
+    assert serves_http(deployed)
+
+
+def test_a_name_that_does_not_point_at_the_server_gets_the_acme_error_in_one_line(deployed,
+                                                                                   pebble):
+    pebble.point("wrong.test", "127.0.0.2")  # nothing of the server's listens there
+    result = deployed.doit("setup", **https_settings(pebble, SERVER_NAME="wrong.test"))
+    assert result.returncode != 0
+    line = error_lines(result)[-1]
+    assert line.startswith("error: setup on") and "no certificate for wrong.test" in line, line
+    assert "127.0.0.2" in line  # pebble's own words: where it tried to fetch the challenge
+    assert "\n" not in line
+    assert serves_http(deployed)
+
+
+def test_setup_gets_a_certificate_by_real_http01_and_serves_https(deployed, pebble):
+    result = deployed.doit("setup", **https_settings(pebble))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"changed: certificate for {NAME} from {pebble.acme_server}" in result.stdout
+    # The challenge was fetched from nginx (not pebble's always-valid mode).
+    with deployed.admin() as admin:
+        access = admin["sudo"]["-n", "cat", "/var/log/nginx/flask_helpdesk_access.log"]()
+        hook = admin["sudo"]["-n", "stat", "-c", "%U %a",
+                             "/etc/letsencrypt/renewal-hooks/deploy/flask_helpdesk-nginx-reload"]()
+        webroot = admin["stat"]["-c", "%U %a", "/var/www/acme-challenge"]()
+        timer = admin["systemctl"]["is-enabled", "certbot.timer"]()
+    assert re.search(r'"GET /\.well-known/acme-challenge/\S+ HTTP/1\.1" 200 ', access), access
+    assert hook.split() == ["root", "755"] and webroot.split() == ["root", "755"]
+    assert timer.strip() == "enabled"
+    # curl over HTTPS through the forwarded port, trusting pebble's root only.
+    answer = pebble.curl(NAME, "/healthz", "-f")
+    assert answer.returncode == 0, answer.stderr
+    assert '"release"' in answer.stdout
+    protocol = pebble.curl(NAME, "/healthz", "-f", "-o", "/dev/null", "-w", "%{ssl_version}",
+                           "--tls-max", "1.1")
+    assert protocol.returncode != 0  # TLS 1.0 and 1.1 are refused
+
+
+def test_http_redirects_to_https_except_the_acme_challenge(deployed, pebble):
+    plain = requests.get(deployed.url + "healthz?x=1", headers={"Host": NAME},
+                         allow_redirects=False, timeout=10)
+    assert plain.status_code == 301
+    assert plain.headers["Location"] == f"https://{NAME}/healthz?x=1"
+    challenge = requests.get(deployed.url + ".well-known/acme-challenge/none",
+                             headers={"Host": NAME}, allow_redirects=False, timeout=10)
+    assert challenge.status_code == 404
+    # Loopback names stay on HTTP: the guide's `curl http://localhost/`, the server's checks.
+    assert requests.get(deployed.url + "healthz", allow_redirects=False, timeout=10).ok
+
+
+def test_verify_status_and_check_show_the_certificate_expiry(deployed, pebble):
+    settings = https_settings(pebble)
+    verify = deployed.doit("verify", **settings)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert re.search(rf"ok +HTTPS: the certificate for {NAME} expires in \d+ days",
+                     verify.stdout), verify.stdout
+    assert re.search(rf"ok +nginx on port 443 for {NAME} answers with release",
+                     verify.stdout), verify.stdout
+    status = deployed.doit("status", **settings)
+    assert re.search(rf"https +the certificate for {NAME} expires in \d+ days", status.stdout)
+    check = deployed.doit("check", **settings)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert re.search(rf"ok +HTTPS: the certificate for {NAME} expires in \d+ days",
+                     check.stdout), check.stdout
+
+
+def test_setup_again_with_a_valid_certificate_changes_nothing(deployed, pebble):
+    result = deployed.doit("setup", **https_settings(pebble))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(rf"^ok: certificate for {NAME} expires in \d+ days", result.stdout, re.M)
+    assert "changed:" not in result.stdout, result.stdout
+    assert "0 changed" in result.stdout
+
+
+def test_forced_renewal_under_load_drops_no_request_and_serves_the_new_certificate(deployed,
+                                                                                   pebble):
+    before = served_serial(pebble)
+    with deployed.admin() as admin:
+        # The timer's environment: certbot.service trusts the custom ACME server's CA.
+        environment = admin["systemctl"]["show", "-p", "Environment", "certbot.service"]()
+        assert "REQUESTS_CA_BUNDLE=/etc/letsencrypt/acme-server-ca.pem" in environment
+        with Load(pebble.https_url + "healthz", rate_per_s=40, threads=4, max_seconds=60,
+                  max_requests=4000, make_session=lambda: pebble.session(NAME)) as load:
+            renewed = admin["sudo"]["-n", "env",
+                                    "REQUESTS_CA_BUNDLE=/etc/letsencrypt/acme-server-ca.pem",
+                                    "certbot", "renew", "--force-renewal"].run(retcode=None)
+            # Load continues a moment past the reload the deploy hook did.
+            load._stop.wait(3)
+    assert renewed[0] == 0, renewed[1] + renewed[2]
+    assert load.report.sent > 40
+    assert load.report.failures == [], load.report.failures[:5]
+    assert served_serial(pebble) != before  # the hook reloaded nginx with the new certificate
+
+
+def test_a_failed_renewal_leaves_the_site_serving_its_certificate(deployed, pebble):
+    before = served_serial(pebble)
+    with deployed.admin() as admin:
+        # Without the CA bundle certbot cannot trust pebble: the renewal fails.
+        failed = admin["sudo"]["-n", "certbot", "renew", "--force-renewal"].run(retcode=None)
+    assert failed[0] != 0
+    assert served_serial(pebble) == before
+    assert pebble.curl(NAME, "/healthz", "-f").returncode == 0
