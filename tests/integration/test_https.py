@@ -161,7 +161,7 @@ def test_forced_renewal_under_load_drops_no_request_and_serves_the_new_certifica
                   max_requests=4000, make_session=lambda: pebble.session(NAME)) as load:
             renewed = admin["sudo"]["-n", "env",
                                     "REQUESTS_CA_BUNDLE=/etc/letsencrypt/acme-server-ca.pem",
-                                    "certbot", "renew", "--force-renewal"].run(retcode=None)
+                                    "certbot", "renew", "--force-renewal", "--no-random-sleep-on-renew"].run(retcode=None)
             # Load continues a moment past the reload the deploy hook did.
             load._stop.wait(3)
     assert renewed[0] == 0, renewed[1] + renewed[2]
@@ -174,7 +174,7 @@ def test_a_failed_renewal_leaves_the_site_serving_its_certificate(deployed, pebb
     before = served_serial(pebble)
     with deployed.admin() as admin:
         # Without the CA bundle certbot cannot trust pebble: the renewal fails.
-        failed = admin["sudo"]["-n", "certbot", "renew", "--force-renewal"].run(retcode=None)
+        failed = admin["sudo"]["-n", "certbot", "renew", "--force-renewal", "--no-random-sleep-on-renew"].run(retcode=None)
     assert failed[0] != 0
     assert served_serial(pebble) == before
     assert pebble.curl(NAME, "/healthz", "-f").returncode == 0

@@ -86,3 +86,18 @@ def test_check_warns_under_14_days_and_is_silent_when_https_is_off():
     ((ok, text),) = https.check_results(FakeServer("", status=1), on)
     assert text.startswith("warning: HTTPS: nginx presents no certificate")
     assert https.check_results(FakeServer(end), settings()) == []
+
+
+def test_with_https_verify_opens_the_certificates_name_unless_public_url_says_otherwise():
+    from scripts.actions.deploy import public_urls
+    from scripts.remote import Target
+
+    targets = [Target("203.0.113.7", 22, "deploy", None, None)]
+    on = settings(DEPLOY_SERVER="203.0.113.7", HTTPS="1", SERVER_NAME="h.example.com www.x.org",
+                  LETSENCRYPT_EMAIL="a@example.com")
+    assert list(public_urls(on, targets).values()) == ["https://h.example.com/"]
+    chosen = settings(DEPLOY_SERVER="203.0.113.7", HTTPS="1", SERVER_NAME="h.example.com",
+                      LETSENCRYPT_EMAIL="a@example.com", PUBLIC_URL="https://app.example.com/")
+    assert list(public_urls(chosen, targets).values()) == ["https://app.example.com/"]
+    plain = settings(DEPLOY_SERVER="203.0.113.7")
+    assert list(public_urls(plain, targets).values()) == ["http://203.0.113.7/"]
