@@ -25,6 +25,11 @@ BACKUPS_KEEP="${BACKUPS_KEEP:-10}"
 BACKUPS_KEEP_DAYS="${BACKUPS_KEEP_DAYS:-7}"
 DEPLOY_PUBLIC_KEY="${DEPLOY_PUBLIC_KEY:-}"
 CONF_DIR="${CONF_DIR:-}"
+HTTPS="${HTTPS:-0}"
+LETSENCRYPT_EMAIL="${LETSENCRYPT_EMAIL:-}"
+ACME_SERVER="${ACME_SERVER:-https://acme-v02.api.letsencrypt.org/directory}"
+ACME_CA_BUNDLE="${ACME_CA_BUNDLE:-}"
+HSTS="${HSTS:-0}"
 MODE="apply"
 UPGRADE=0
 ALLOW_ROOT=0
@@ -33,6 +38,12 @@ DEPLOY_KEY_VERIFIED=0
 readonly PACKAGES=(python3 python3-venv python3-systemd nginx supervisor ufw fail2ban logrotate
   curl htop)
 readonly SSH_HARDENING_FILE=/etc/ssh/sshd_config.d/10-flask-deploy-hardening.conf
+# HTTPS: certbot's folder, the challenge webroot (only root writes it: nothing the deploy or
+# app user can write steers what root's certbot serves), and a custom ACME server's CA.
+readonly LETSENCRYPT_DIR=/etc/letsencrypt
+readonly ACME_WEBROOT=/var/www/acme-challenge
+readonly ACME_CA_FILE=/etc/letsencrypt/acme-server-ca.pem
+readonly ACME_TIMEOUT_S=300
 # The same pattern as scripts/settings.py's SERVICE_NAME (a unit test holds them equal): it
 # names /etc/<name>/, a sudoers file and units, so no '/', no leading '.' or '-'.
 readonly SERVICE_NAME_PATTERN='^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$'
@@ -71,6 +82,12 @@ Usage: server_setup.sh [options]
   --deploy-key-file FILE  ... or read it from a file
   --deploy-key-verified   the deploy key was seen to work: SSH hardening may be applied
   --conf-dir DIR          templates (CONF_DIR, default: conf/ beside this script)
+  --https                 Let's Encrypt certificate for --server-name, port 443, HTTP
+                          redirected to HTTPS (HTTPS=1; needs --server-name, --letsencrypt-email)
+  --letsencrypt-email A   the ACME account's email: expiry notices (LETSENCRYPT_EMAIL)
+  --acme-server URL       ACME directory (ACME_SERVER, default Let's Encrypt's)
+  --acme-ca-bundle FILE   CA of a custom ACME server's TLS listener (ACME_CA_BUNDLE)
+  --hsts                  send Strict-Transport-Security over HTTPS (HSTS=1)
   --upgrade               also run apt-get upgrade
   --check                 dry run: report what would change, change nothing
   --allow-root            run as root without sudo (the guide advises against it)
@@ -110,6 +127,11 @@ parse_args() {
         shift ;;
       --deploy-key-verified) DEPLOY_KEY_VERIFIED=1 ;;
       --conf-dir) need_value "$@"; CONF_DIR="$2"; shift ;;
+      --https) HTTPS=1 ;;
+      --letsencrypt-email) need_value "$@"; LETSENCRYPT_EMAIL="$2"; shift ;;
+      --acme-server) need_value "$@"; ACME_SERVER="$2"; shift ;;
+      --acme-ca-bundle) need_value "$@"; ACME_CA_BUNDLE="$2"; shift ;;
+      --hsts) HSTS=1 ;;
       --upgrade) UPGRADE=1 ;;
       --check) MODE="check" ;;
       --allow-root) ALLOW_ROOT=1 ;;
@@ -167,6 +189,7 @@ validate_settings() {
     die "the deploy key is not an SSH public key (it should start with ssh-ed25519, ssh-rsa...)"
   fi
   [[ -d "${CONF_DIR}" ]] || die "templates not found in ${CONF_DIR}; pass --conf-dir"
+  validate_https_settings
 }
 
 # -- privileges: refuse plain root, re-run with sudo otherwise --------------------------------
@@ -185,6 +208,7 @@ settings_as_flags() {
   [[ "${DEPLOY_KEY_VERIFIED}" -eq 0 ]] || flags+=(--deploy-key-verified)
   [[ "${UPGRADE}" -eq 0 ]] || flags+=(--upgrade)
   [[ "${MODE}" != "check" ]] || flags+=(--check)
+  mapfile -d '' -O "${#flags[@]}" flags < <(https_flags)
   printf '%s\0' "${flags[@]}"
 }
 
@@ -220,12 +244,14 @@ report_change() {
 
 # -- generic ensure_* helpers -----------------------------------------------------------------
 render_template() {
-  local template="$1" hardening
+  local template="$1" hardening https
   hardening="$(mktemp)"
+  https="$(mktemp)"
   render_values "${CONF_DIR}/hardening.conf" > "${hardening}"
+  render_https_block > "${https}"
   render_values "${CONF_DIR}/${template}" \
-    | sed -e "/^@HARDENING@\$/{r ${hardening}" -e 'd;}'
-  rm -f "${hardening}"
+    | sed -e "/^@HARDENING@\$/{r ${hardening}" -e 'd;}' -e "/^@HTTPS@\$/{r ${https}" -e 'd;}'
+  rm -f "${hardening}" "${https}"
 }
 
 render_values() {
@@ -239,7 +265,9 @@ render_values() {
     "MIGRATE_COMMAND=${MIGRATE_COMMAND}" "SUDOERS_NAME=${SUDOERS_NAME}"
     "BACKUP_SCHEDULE=${BACKUP_SCHEDULE}" "BACKUPS_KEEP=${BACKUPS_KEEP}"
     "BACKUPS_KEEP_DAYS=${BACKUPS_KEEP_DAYS}"
-    "PERMIT_ROOT_LOGIN=${PERMIT_ROOT_LOGIN}" "OPEN_DATA_TO_GROUP=${open_data}")
+    "PERMIT_ROOT_LOGIN=${PERMIT_ROOT_LOGIN}" "OPEN_DATA_TO_GROUP=${open_data}"
+    "ACME_WEBROOT=${ACME_WEBROOT}" "CERT_DIR=${LETSENCRYPT_DIR}/live/${SITE_NAME}"
+    "ACME_CA_FILE=${ACME_CA_FILE}")
   for pair in "${pairs[@]}"; do
     name="${pair%%=*}"
     value="${pair#*=}"
@@ -735,6 +763,156 @@ ensure_firewall() {
   fi
 }
 
+# -- HTTPS: a Let's Encrypt certificate by HTTP-01 (webroot), port 443, renewal --------------
+https_flags() {
+  local flags=(--acme-server "${ACME_SERVER}")
+  [[ "${HTTPS}" -ne 1 ]] || flags+=(--https)
+  [[ -z "${LETSENCRYPT_EMAIL}" ]] || flags+=(--letsencrypt-email "${LETSENCRYPT_EMAIL}")
+  [[ -z "${ACME_CA_BUNDLE}" ]] || flags+=(--acme-ca-bundle "${ACME_CA_BUNDLE}")
+  [[ "${HSTS}" -ne 1 ]] || flags+=(--hsts)
+  printf '%s\0' "${flags[@]}"
+}
+
+validate_https_settings() {
+  [[ "${HTTPS}" =~ ^[01]$ ]] || die "HTTPS=${HTTPS} must be 1 or 0"
+  [[ "${HSTS}" =~ ^[01]$ ]] || die "HSTS=${HSTS} must be 1 or 0"
+  [[ "${HTTPS}" -eq 1 ]] || return 0
+  if [[ "${SERVER_NAME}" == "_" || "${SERVER_NAME}" == *"*"* ]]; then
+    die "HTTPS=1 needs SERVER_NAME (--server-name) set to your domain, without _ or" \
+      "wildcards: the certificate names it"
+  fi
+  [[ -n "${LETSENCRYPT_EMAIL}" ]] || die "HTTPS=1 needs LETSENCRYPT_EMAIL" \
+    "(--letsencrypt-email): the ACME account's address, for expiry notices"
+  [[ "${LETSENCRYPT_EMAIL}" =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$ ]] \
+    || die "LETSENCRYPT_EMAIL=${LETSENCRYPT_EMAIL} is not an email address"
+  [[ "${ACME_SERVER}" =~ ^https://[A-Za-z0-9.:_-]+(/[A-Za-z0-9._~/-]*)?$ ]] \
+    || die "ACME_SERVER=${ACME_SERVER} must be the https:// URL of an ACME directory"
+  if [[ -n "${ACME_CA_BUNDLE}" && ! ( -f "${ACME_CA_BUNDLE}" && -r "${ACME_CA_BUNDLE}" ) ]]; then
+    die "ACME_CA_BUNDLE=${ACME_CA_BUNDLE}: cannot read it"
+  fi
+}
+
+certificate_file() { echo "${LETSENCRYPT_DIR}/live/${SITE_NAME}/fullchain.pem"; }
+
+certificate_present() {
+  [[ -s "$(certificate_file)" && -s "${LETSENCRYPT_DIR}/live/${SITE_NAME}/privkey.pem" ]]
+}
+
+# Whole days until the certificate in $1 expires (negative: expired).
+certificate_days_left() {
+  local end
+  end="$(openssl x509 -noout -enddate -in "$1" 2>/dev/null)" || return 1
+  echo $(( ($(date -d "${end#notAfter=}" +%s) - $(date +%s)) / 86400 ))
+}
+
+# Whether the certificate in $1 names every name of SERVER_NAME.
+certificate_covers() {
+  local names=() name listed
+  read -ra names <<<"${SERVER_NAME}"
+  listed="$(openssl x509 -noout -ext subjectAltName -in "$1" 2>/dev/null | tr -s ', ' '\n')" \
+    || return 1
+  for name in "${names[@]}"; do
+    grep -qixF "DNS:${name}" <<<"${listed}" || return 1
+  done
+}
+
+# The nginx lines that @HTTPS@ in nginx-site.conf stands for: the challenge location once
+# HTTPS=1, port 443 (and the redirect) once a certificate is there.
+render_https_block() {
+  [[ "${HTTPS}" -eq 1 ]] || return 0
+  render_values "${CONF_DIR}/nginx-acme-challenge.conf"
+  certificate_present || return 0
+  render_values "${CONF_DIR}/nginx-https.conf"
+  [[ "${HSTS}" -ne 1 ]] || render_values "${CONF_DIR}/nginx-hsts.conf"
+}
+
+ensure_https_tools() {
+  [[ "${HTTPS}" -eq 1 ]] || return 0
+  ensure_packages certbot openssl
+  ensure_safe dir "${ACME_WEBROOT}" root root 755
+  ensure_dir "${LETSENCRYPT_DIR}/renewal-hooks/deploy" root root 755
+  ensure_template certbot-deploy-hook.sh \
+    "${LETSENCRYPT_DIR}/renewal-hooks/deploy/${SITE_NAME}-nginx-reload" 755 root root
+  ensure_acme_ca
+  ensure_service_active certbot.timer
+}
+
+# A custom ACME server (pebble in the tests, a company CA) may use a TLS certificate that the
+# system does not trust: its CA goes to a root-owned file, which certbot's renewals read too.
+ensure_acme_ca() {
+  local dropin=/etc/systemd/system/certbot.service.d/acme-ca.conf
+  if [[ -n "${ACME_CA_BUNDLE}" ]]; then
+    ensure_file "${ACME_CA_FILE}" 644 root root "${ACME_CA_BUNDLE}"
+    ensure_dir /etc/systemd/system/certbot.service.d root root 755
+    ensure_template certbot-acme-ca.conf "${dropin}" 644 root root
+    if [[ "${FILE_CHANGED}" -eq 1 && "${MODE}" == "apply" ]]; then
+      systemctl daemon-reload
+    fi
+  elif [[ -e "${dropin}" || -e "${ACME_CA_FILE}" ]]; then
+    if report_change "removed ${dropin} and ${ACME_CA_FILE} (no ACME_CA_BUNDLE)"; then
+      rm -f "${dropin}" "${ACME_CA_FILE}"
+      systemctl daemon-reload
+    fi
+  fi
+}
+
+ensure_certificate() {
+  [[ "${HTTPS}" -eq 1 ]] || return 0
+  local days
+  if certificate_present && certificate_covers "$(certificate_file)" \
+    && days="$(certificate_days_left "$(certificate_file)")" && (( days > 0 )); then
+    report_ok "certificate for ${SERVER_NAME} expires in ${days} days (certbot.timer renews it)"
+    return 0
+  fi
+  report_change "certificate for ${SERVER_NAME} from ${ACME_SERVER}" || return 0
+  obtain_certificate
+  ensure_nginx_site  # now with port 443 and the redirect
+}
+
+obtain_certificate() {
+  local names=() name domains=() ca_env=() cacert=() reason output status=0
+  read -ra names <<<"${SERVER_NAME}"
+  for name in "${names[@]}"; do
+    domains+=(-d "${name}")
+  done
+  if [[ -n "${ACME_CA_BUNDLE}" ]]; then
+    ca_env=("REQUESTS_CA_BUNDLE=${ACME_CA_FILE}")
+    cacert=(--cacert "${ACME_CA_FILE}")
+  fi
+  # Asked first with a short timeout: an unreachable ACME server is one line, port 80 unchanged.
+  if ! reason="$(curl -sS -o /dev/null --max-time 15 "${cacert[@]}" "${ACME_SERVER}" 2>&1)"; then
+    die "HTTPS: the ACME server ${ACME_SERVER} cannot be reached (${reason#curl: });" \
+      "the site keeps serving HTTP; check ACME_SERVER and this server's outgoing HTTPS"
+  fi
+  output="$(mktemp)"
+  env "${ca_env[@]}" timeout "${ACME_TIMEOUT_S}" certbot certonly --non-interactive \
+    --agree-tos --email "${LETSENCRYPT_EMAIL}" --no-eff-email --server "${ACME_SERVER}" \
+    --webroot -w "${ACME_WEBROOT}" --cert-name "${SITE_NAME}" --keep-until-expiring \
+    "${domains[@]}" >"${output}" 2>&1 || status=$?
+  if [[ "${status}" -ne 0 ]]; then
+    reason="$(acme_error "${output}" "${status}")"
+    rm -f "${output}"
+    die "HTTPS: no certificate for ${SERVER_NAME}: ${reason}; make sure the name points at" \
+      "this server and port 80 is open; the site keeps serving HTTP (details:" \
+      "/var/log/letsencrypt/letsencrypt.log)"
+  fi
+  rm -f "${output}"
+}
+
+# certbot's failure in one line: the ACME server's own words (its `Detail:`) when it gave any.
+acme_error() {
+  local output="$1" status="$2" detail
+  if [[ "${status}" -eq 124 ]]; then
+    echo "certbot had no answer within ${ACME_TIMEOUT_S} s"
+    return 0
+  fi
+  detail="$(sed -n 's/^ *Detail: *//p' "${output}" | head -n 1)"
+  if [[ -z "${detail}" ]]; then
+    detail="$(grep -iE 'error|fail' "${output}" | head -n 1 || true)"
+  fi
+  echo "${detail:-certbot exited with status ${status}}"
+}
+
 # The deploy key works when the caller says so (doit setup logs in with it first) or when sshd
 # logged a key login of the deploy user.
 deploy_key_proven() {
@@ -791,7 +969,9 @@ main() {
   ensure_sudoers
   ensure_directories
   ensure_app_units
+  ensure_https_tools
   ensure_nginx_site
+  ensure_certificate
   ensure_logrotate
   ensure_fail2ban
   ensure_firewall

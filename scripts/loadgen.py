@@ -29,9 +29,10 @@ class LoadReport:
 class Load:
     def __init__(self, url: str, rate_per_s: float = 40, threads: int = 4,
                  max_requests: int = 20000, max_seconds: float = 600, timeout_s: float = 30,
-                 writes: str = ""):
+                 writes: str = "", make_session=requests.Session):
         """With `writes` (a prefix), each request POSTs {"title": "<prefix> <n>"} to url and
-        expects 201; the titles acknowledged are kept in report.acknowledged."""
+        expects 201; the titles acknowledged are kept in report.acknowledged. make_session
+        gives each thread its session (HTTPS tests trust a test CA and name the host there)."""
         host = urlparse(url).hostname or ""
         if not host.startswith(LOOPBACK_PREFIXES):
             raise ValueError(f"load is only ever sent to loopback addresses, not {host}")
@@ -42,6 +43,7 @@ class Load:
         self.max_seconds = max_seconds
         self.timeout = timeout_s
         self.writes = writes
+        self.make_session = make_session
         self.report = LoadReport()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -64,7 +66,7 @@ class Load:
         self.report.seconds = time.monotonic() - self._started
 
     def _run(self) -> None:
-        session = requests.Session()
+        session = self.make_session()
         deadline = self._started + self.max_seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
             with self._lock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from scripts.errors import ToolkitError
 from scripts.remote import Target, connect
@@ -37,7 +38,37 @@ def setup_flags(settings: Settings, public_key: str, inside_ssh_port: int) -> li
             "--backup-schedule", settings.backup_schedule,
             "--backups-keep", str(settings.backups_keep),
             "--backups-keep-days", f"{settings.backups_keep_days:g}",
-            "--deploy-key", public_key]
+            "--deploy-key", public_key, *https_flags(settings)]
+
+
+# Where a local ACME_CA_BUNDLE goes in the upload folder; its flag names it there.
+CA_BUNDLE_NAME = "acme-ca.pem"
+
+
+def https_flags(settings: Settings) -> list[str]:
+    """server_setup.sh's HTTPS flags. ACME_CA_BUNDLE is a local file: it travels with the
+    upload, and its flag's value is the local path until provision() points it there."""
+    flags = ["--acme-server", settings.acme_server]
+    if settings.https:
+        flags.append("--https")
+    if settings.letsencrypt_email:
+        flags += ["--letsencrypt-email", settings.letsencrypt_email]
+    if settings.acme_ca_bundle:
+        flags += ["--acme-ca-bundle", str(settings.acme_ca_bundle)]
+    if settings.hsts:
+        flags.append("--hsts")
+    return flags
+
+
+def _upload_ca_bundle(machine, remote_dir: str, flags: list[str]) -> list[str]:
+    """flags with a local --acme-ca-bundle file uploaded and its value pointing at the copy."""
+    if "--acme-ca-bundle" not in flags:
+        return flags
+    at = flags.index("--acme-ca-bundle") + 1
+    remote = f"{remote_dir}/{CA_BUNDLE_NAME}"
+    data = Path(flags[at]).read_bytes()
+    (machine["sh"]["-c", 'cat > "$1"', "upload", remote] << data)()
+    return [*flags[:at], remote, *flags[at + 1:]]
 
 
 def setup_argv(remote_dir: str, flags: list[str], as_root: bool, verified: bool,
@@ -97,6 +128,7 @@ def provision(setup_target: Target, deploy_target: Target, flags: list[str], che
         remote_dir = machine["mktemp"]["-d", "/tmp/server-setup.XXXXXX"]().strip()
         try:
             _upload(machine, remote_dir)
+            flags = _upload_ca_bundle(machine, remote_dir, flags)
             as_root = setup_target.user == "root"
             status, lines = _run_streaming(
                 machine, setup_argv(remote_dir, flags, as_root, verified=False, check=check),

@@ -65,6 +65,35 @@ _backup_name = _matching(_NAME, "must be a backup name as `doit backups` lists t
                          optional=True)
 
 
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+_optional_email = _matching(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+                            "must be an email address", optional=True)
+# The same pattern as server_setup.sh's check of ACME_SERVER.
+_acme_url = _matching(r"https://[A-Za-z0-9.:_-]+(/[A-Za-z0-9._~/-]*)?",
+                      "must be the https:// URL of an ACME directory")
+
+
+def _https_problems(values: Mapping[str, object]) -> list[str]:
+    """HTTPS=1 needs a domain and an email; a CA bundle only for a custom ACME server."""
+    problems = []
+    if values.get("https"):
+        name = str(values.get("server_name", "_"))
+        if name == "_" or "*" in name:
+            problems.append("setting HTTPS=1 needs SERVER_NAME set to your domain (not _ and no "
+                            "wildcards): the certificate names it; set it in .env or the "
+                            "environment")
+        if not values.get("letsencrypt_email"):
+            problems.append("setting HTTPS=1 needs LETSENCRYPT_EMAIL, the ACME account's email "
+                            "address (for expiry notices); set it in .env or the environment")
+    bundle = values.get("acme_ca_bundle")
+    if bundle and values.get("acme_server") == LETS_ENCRYPT:
+        problems.append("setting ACME_CA_BUNDLE is only for a custom ACME_SERVER: Let's Encrypt "
+                        "is trusted already; remove it")
+    elif bundle and not Path(str(bundle)).is_file():
+        problems.append(f"setting ACME_CA_BUNDLE={str(bundle)!r}: no such file")
+    return problems
+
+
 def _text(raw: str) -> str:
     if not raw.strip():
         raise _Invalid("is empty")
@@ -289,6 +318,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DEPLOY_PUBLIC_KEY_FILE", _optional_local_path, "",
             "public key installed for DEPLOY_USER by `doit setup` (default: SSH_KEY_FILE.pub)"),
     Setting("SERVER_NAME", _server_name, "_", "nginx server_name: your domain (_ = any)"),
+    Setting("HTTPS", _flag, "0",
+            "1: a Let's Encrypt certificate for SERVER_NAME, port 443, HTTP redirected to HTTPS "
+            "(needs SERVER_NAME and LETSENCRYPT_EMAIL)"),
+    Setting("LETSENCRYPT_EMAIL", _optional_email, "",
+            "the ACME account's email address (expiry notices); needed with HTTPS=1"),
+    Setting("ACME_SERVER", _acme_url, LETS_ENCRYPT,
+            "ACME directory URL the certificate comes from (default: Let's Encrypt)"),
+    Setting("ACME_CA_BUNDLE", _optional_local_path, "",
+            "CA file (PEM) of a custom ACME_SERVER's TLS certificate, installed on the server "
+            "for certbot (empty: the system's CAs)"),
+    Setting("HSTS", _flag, "0",
+            "1: HTTPS answers carry Strict-Transport-Security (browsers then refuse plain HTTP "
+            "for a year)"),
     Setting("MIGRATE_COMMAND", _command, "flask --app wsgi migrate",
             "migrations, run in the release with its venv on PATH (empty: none)"),
     Setting("MIGRATIONS_PATHS", _app_paths, "",
@@ -374,6 +416,11 @@ class Settings:
     setup_key_file: Path | None
     deploy_public_key_file: Path | None
     server_name: str
+    https: bool
+    letsencrypt_email: str
+    acme_server: str
+    acme_ca_bundle: Path | None
+    hsts: bool
     migrate_command: str
     migrations_paths: tuple[str, ...]
     gunicorn_workers: int
@@ -501,6 +548,8 @@ def load_settings(env_file: Path | None = None,
             shown = "***" if setting.secret else repr(text)
             problems.append(f"setting {setting.name}={shown} {invalid}; fix it in .env or the "
                             f"environment")
+    if not problems:
+        problems += _https_problems(values)
     hosts_file = values.get("deploy_hosts_file")
     if hosts_file and not problems:
         try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from scripts.actions import user_errors_fail_task
 from scripts.build.package import BuildRecord, record_path, sha256_file, verify_package
-from scripts.deploy import commands
+from scripts.deploy import commands, https
 from scripts.deploy.check import check_server
 from scripts.deploy.fleet import connected, deploy_fleet, run_parallel
 from scripts.deploy.report import Reporter
@@ -40,6 +40,8 @@ def public_urls(settings: Settings, targets: list[Target]) -> dict[str, str]:
     """Where a person opens the app: PUBLIC_URL, the sandbox's forwarded port, or http://host/."""
     if settings.public_url:
         return {t.display: settings.public_url for t in targets}
+    if settings.https and not settings.uses_sandbox:  # the name the certificate is for
+        return {t.display: f"https://{https.primary_name(settings)}/" for t in targets}
     if settings.uses_sandbox:
         from scripts.sandbox import sandbox_from_settings
         return {s.name: s.url for s in sandbox_from_settings(settings).servers()}
@@ -66,7 +68,8 @@ def _set_up_servers(settings: Settings):
 
 def _print_results(reporter: Reporter, results: list[tuple[bool, str]]) -> bool:
     for ok, text in results:
-        reporter.line(f"{'ok' if ok else 'FAILED':8} {text}")
+        label = "WARNING" if ok and text.startswith("warning: ") else "ok" if ok else "FAILED"
+        reporter.line(f"{label:8} {text.removeprefix('warning: ')}")
     return all(ok for ok, _ in results)
 
 
@@ -319,6 +322,9 @@ def status_action():
         previous = good[good.index(current) - 1] if current in good and \
             good.index(current) > 0 else None
         reporter.line(f"service  {settings.service_name}: {active}")
+        if settings.https:
+            days = https.certificate_days(server, settings)
+            reporter.line(f"https    {https.expiry_text(settings, days).removeprefix('HTTPS: ')}")
         reporter.line(f"current  {current or 'none'}")
         reporter.line(f"previous {previous or 'none'} (what `doit rollback` goes back to)")
         # Good releases in the order they went live, newest first: rollback walks this list.

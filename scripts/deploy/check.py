@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 
-from scripts.deploy import commands
+from scripts.deploy import commands, https
 from scripts.deploy.lock import describe, holder_is_dead
 from scripts.deploy.server import Server
 from scripts.settings import Settings
@@ -83,6 +83,7 @@ def check_server(server: Server, settings: Settings, manifest: dict) -> list[tup
     nginx = server.sudo(["nginx", "-t"], check=False, reads=True)
     results.append((nginx.status == 0, "nginx configuration valid" if nginx.status == 0 else
                     f"`nginx -t` fails: {nginx.error_line}; fix nginx before deploying"))
+    results += https.check_results(server, settings)
     need = needed_mb(manifest, settings)
     free = server.tool_call("disk", path, str(settings.backup_path))["free_mb"]
     for folder, free_mb in free.items():

@@ -7,7 +7,7 @@ import json
 
 import requests
 
-from scripts.deploy import commands
+from scripts.deploy import commands, https
 from scripts.deploy.server import Server
 from scripts.errors import ToolkitError
 from scripts.settings import Settings
@@ -28,6 +28,7 @@ def verify_server(server: Server, settings: Settings, expected: str,
             results.append((True, f"{label} answers {_release_said(answer.get('release'))}"))
         except ToolkitError as error:
             results.append((False, f"{label}: {error}"))
+    results += _https_results(server, settings, expected)
     results.append(_from_outside(public_url, settings.health_path, expected))
     optional_logs = commands.app_log_files()
     for label, argv in commands.guide_checks(settings):
@@ -42,6 +43,25 @@ def verify_server(server: Server, settings: Settings, expected: str,
         outcome = server.run(argv, check=False, reads=True)
         results.append((outcome.status == 0, f"guide: {label}" if outcome.status == 0 else
                         f"guide: {label} fails: {outcome.error_line}"))
+    return results
+
+
+def _https_results(server: Server, settings: Settings, expected: str) -> list[tuple[bool, str]]:
+    """HTTPS=1: nginx answers on port 443 with the release, with a certificate not expired."""
+    if not settings.https:
+        return []
+    name = https.primary_name(settings)
+    days = https.certificate_days(server, settings)
+    results = [(days is not None and days >= 0, https.expiry_text(settings, days))]
+    answer = server.run(https.health_argv(name, settings.health_path), check=False, reads=True)
+    release = reported_release(answer.stdout) if answer.status == 0 else None
+    if answer.status != 0:
+        results.append((False, f"nginx on port 443 for {name}: {answer.error_line}"))
+    elif release in (None, expected):
+        results.append((True, f"nginx on port 443 for {name} answers {_release_said(release)}"))
+    else:
+        results.append((False, f"nginx on port 443 for {name} answers release {release}, not "
+                               f"{expected}"))
     return results
 
 

@@ -268,3 +268,61 @@ refused() {
   run ufw_has_rule 2 "${listing}"
   [ "${status}" -ne 0 ]
 }
+
+@test "HTTPS=1 without a domain or an email is refused with one line naming the setting" {
+  parse_args --https --letsencrypt-email admin@example.com
+  refused SERVER_NAME=_ "HTTPS=1 needs SERVER_NAME"
+  refused "SERVER_NAME=*.example.com" "HTTPS=1 needs SERVER_NAME"
+  parse_args --https --server-name helpdesk.example.com
+  refused LETSENCRYPT_EMAIL= "HTTPS=1 needs LETSENCRYPT_EMAIL"
+  refused LETSENCRYPT_EMAIL=nobody "LETSENCRYPT_EMAIL=nobody is not an email address"
+  parse_args --https --server-name helpdesk.example.com --letsencrypt-email a@example.com
+  refused ACME_SERVER=http://acme.example.com/dir "must be the https:// URL"
+  refused ACME_CA_BUNDLE=/nonexistent/ca.pem "ACME_CA_BUNDLE=/nonexistent/ca.pem: cannot read"
+  run validate_settings
+  [ "${status}" -eq 0 ]
+}
+
+@test "the nginx site: no HTTPS lines when off, the challenge before a certificate, 443 after" {
+  parse_args --server-name helpdesk.example.com
+  run render_template nginx-site.conf
+  [[ "${output}" != *"acme-challenge"* && "${output}" != *"443"* ]]
+  parse_args --https --server-name helpdesk.example.com --letsencrypt-email a@example.com
+  # shellcheck disable=SC2329 # render_template calls it
+  certificate_present() { return 1; }
+  run render_template nginx-site.conf
+  [[ "${output}" == *"location ^~ /.well-known/acme-challenge/ {"*"root /var/www/acme-challenge;"* ]]
+  [[ "${output}" != *"listen 443"* && "${output}" != *"return 301"* ]]
+  # shellcheck disable=SC2329 # render_template calls it
+  certificate_present() { return 0; }
+  run render_template nginx-site.conf
+  [[ "${output}" == *"listen 443 ssl default_server;"* ]]
+  [[ "${output}" == *"ssl_certificate /etc/letsencrypt/live/flask_helpdesk/fullchain.pem;"* ]]
+  [[ "${output}" == *"ssl_protocols TLSv1.2 TLSv1.3;"* ]]
+  [[ "${output}" == *"return 301 https://\$host\$request_uri;"* ]]
+  [[ "${output}" != *"Strict-Transport-Security"* ]]
+  parse_args --https --hsts --server-name helpdesk.example.com --letsencrypt-email a@example.com
+  run render_template nginx-site.conf
+  [[ "${output}" == *"Strict-Transport-Security"* ]]
+}
+
+@test "the HTTPS settings travel through sudo as flags" {
+  stub id 'echo 1000'
+  stub sudo 'exit 0'
+  parse_args --https --server-name h.example.com --letsencrypt-email a@example.com --hsts \
+    --acme-server https://127.0.0.1:14000/dir
+  run ensure_privileges
+  [ "${status}" -eq 0 ]
+  grep -q -- "--acme-server https://127.0.0.1:14000/dir --https --letsencrypt-email a@example.com --hsts" "${CALLS}"
+}
+
+@test "certbot's failure becomes the ACME server's own words, or a timeout" {
+  printf '%s\n' "Saving debug log" "Certbot failed to authenticate some domains" \
+    "  Domain: wrong.test" "  Type:   connection" \
+    "  Detail: 127.0.0.2: Fetching http://wrong.test/.well-known/acme-challenge/x: Connection refused" \
+    "" "Hint: make sure" > "${BATS_TEST_TMPDIR}/out"
+  run acme_error "${BATS_TEST_TMPDIR}/out" 1
+  [ "${output}" = "127.0.0.2: Fetching http://wrong.test/.well-known/acme-challenge/x: Connection refused" ]
+  run acme_error "${BATS_TEST_TMPDIR}/out" 124
+  [[ "${output}" == "certbot had no answer within 300 s" ]]
+}

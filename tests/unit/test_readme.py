@@ -20,6 +20,7 @@ SECTIONS = {
     "### Step 3: settings": "### Шаг 3: настройки",
     "### Step 4: first deploy": "### Шаг 4: первое развёртывание",
     "### Step 5: check the deploy": "### Шаг 5: проверка развёртывания",
+    "### HTTPS": "### HTTPS",
     "### Rollback": "### Откат",
     "### Backups": "### Резервные копии",
     "### Troubleshooting": "### Решение проблем",
