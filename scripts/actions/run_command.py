@@ -24,8 +24,10 @@ class Run(DoitRun):
     def parse_execute(self, in_args):
         if "--" not in in_args:
             return super().parse_execute(in_args)
-        split = in_args.index("--")
-        return run_command(in_args[:split], in_args[split + 1:])
+        # doit took every NAME=value word for a variable of its own and dropped it (`sh -c
+        # 'x=1; …'`): the command is read from the command line as it was typed.
+        typed = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+        return run_command(in_args[:in_args.index("--")], typed)
 
 
 def run_command(options: list[str], command: list[str]) -> int:
