@@ -206,10 +206,13 @@ def test_maintenance_serves_the_apps_own_page(deployed):
     assert deployed.doit("maintenance", "on").returncode == 0
     try:
         page = requests.get(deployed.url + "tickets/new", timeout=10)
+        verified = deployed.doit("-s", "verify")  # the 503 is on purpose: no rollback
     finally:
         assert deployed.doit("maintenance", "off").returncode == 0
     assert page.status_code == 503 and page.text == "<h1>Helpdesk is upgrading</h1>\n"
     assert page.headers["Retry-After"] == "60"
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "not checked, maintenance mode is on" in verified.stdout
 
 
 def test_maintenance_during_migrations_only_when_they_run(deployed):
