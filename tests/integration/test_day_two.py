@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -92,6 +93,24 @@ def test_run_picks_a_server_and_says_which_exist(deployed):
     assert doit_run(deployed, "status").returncode == 0
 
 
+def test_run_on_several_servers_goes_one_after_another_with_prefixed_lines(deployed, tmp_path):
+    """Two entries that reach the same server by two names: two servers to `doit run`."""
+    port = deployed.server.ssh_port
+    known = Path(deployed.sandbox.known_hosts_file).read_text()
+    (tmp_path / "known_hosts").write_text(known + known.replace("[127.0.0.1]", "[localhost]"))
+    first, second = f"127.0.0.1:{port}", f"localhost:{port}"
+    fleet = {**deployed.as_remote_server(), "DEPLOY_SERVER": f"{first},{second}",
+             "SSH_KNOWN_HOSTS_FILE": str(tmp_path / "known_hosts")}
+    result = doit_run(deployed, "--", "sh", "-c", "echo out; echo err >&2; exit 3", **fleet)
+    assert result.returncode == 3
+    assert result.stdout.splitlines() == [f"{first}: out", f"{second}: out"]
+    assert result.stderr.splitlines() == [
+        f"{first}: err", f"{second}: err",
+        f"error: the command failed on {first} (exit 3), {second} (exit 3)"]
+    one = doit_run(deployed, "--server", second, "--", "echo", "just one", **fleet)
+    assert one.returncode == 0 and one.stdout == "just one\n", one.stdout + one.stderr
+
+
 def test_run_never_runs_as_root(deployed):
     """The runner takes the user from root's own file, never from its arguments, and refuses a
     root app user."""
@@ -140,6 +159,19 @@ def test_a_failing_post_switch_hook_rolls_back(deployed):
     assert "changed  switch" in result.stdout and "FAILED   post-switch" in result.stdout
     assert "AUTO_ROLLBACK=1: switched back" in result.stderr
     assert deployed.served_release() == before
+
+
+def test_a_failing_post_switch_hook_without_auto_rollback_keeps_the_release_and_fails(deployed):
+    remove_hooks(deployed)
+    hook(deployed, "post-switch", "exit 7")
+    deployed.change_code("post-switch fails, no rollback")
+    result = deployed.ship(AUTO_ROLLBACK="0")
+    release = deployed.built_release()
+    assert result.returncode != 0
+    assert "FAILED   post-switch" in result.stdout and "changed  finish" in result.stdout
+    assert f"hook deploy-hooks/post-switch failed (exit 7); AUTO_ROLLBACK=0, so release " \
+           f"{release} stays live" in result.stderr
+    assert deployed.served_release() == release
 
 
 def test_hooks_run_in_order_as_step_lines_and_a_dry_run_lists_them(deployed, tmp_path):
