@@ -210,6 +210,7 @@ def test_maintenance_answers_503_publicly_while_the_server_reaches_the_app(deplo
         assert on.returncode == 0 and "changed  maintenance" in on.stdout, on.stdout + on.stderr
         time.sleep(1)
         public = requests.get(deployed.url, timeout=10)
+        challenge = requests.get(deployed.url + ".well-known/acme-challenge/x", timeout=10)
         _, inside = on_server(deployed, "curl -s -o /dev/null -w '%{http_code}' "
                                         "http://127.0.0.1/healthz")
         status = deployed.doit("status")
@@ -219,6 +220,7 @@ def test_maintenance_answers_503_publicly_while_the_server_reaches_the_app(deplo
     assert public.status_code == 503 and public.headers["Retry-After"] == "60"
     assert "maintenance" in public.text.lower()
     assert inside == "200"
+    assert challenge.status_code == 404  # the app's answer: certificate renewals go on
     assert "maintenance on since " in status.stdout
     assert again.returncode == 0 and "ok       maintenance" in again.stdout
     assert off.returncode == 0 and "changed  maintenance" in off.stdout
