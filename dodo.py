@@ -6,6 +6,7 @@ inside actions (scripts/), so `doit list` is instant and never touches a server.
 import sys
 
 from scripts.actions import build as tasks
+from scripts.actions import day_two
 from scripts.actions import deploy as actions
 from scripts.actions.reporter import ToolkitReporter
 
@@ -152,6 +153,11 @@ def task_backups():
 def task_backup_pull():
     """Copy the newest backup (BACKUP=<name> for another) here, verified by sha256."""
     return {**_every_time(actions.backup_pull_action), "basename": "backup-pull"}
+
+
+def task_maintenance():
+    """Maintenance mode: `doit maintenance on|off`; nginx answers 503 (the app's maintenance.html)."""
+    return {**_every_time(day_two.maintenance_action), "pos_arg": "command"}
 
 
 def task_benchmark():

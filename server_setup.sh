@@ -684,6 +684,14 @@ ensure_app_units() {
   fi
 }
 
+# `doit run` and the app's deploy hooks: root's own runner, which the deploy user may run with
+# sudo, starts a command as the app user in the service's sandbox (conf/app-run.py). The
+# hardening is written into it here, so it reads nothing the deploy user or the app can write.
+ensure_app_runner() {
+  ensure_template app-run.py "/usr/local/sbin/${SERVICE_NAME}-run" 755 root root \
+    python3 -I -S -c 'import sys; compile(open(sys.argv[1]).read(), sys.argv[1], "exec")'
+}
+
 ensure_nginx_site() {
   local available="/etc/nginx/sites-available/${SITE_NAME}"
   local enabled="/etc/nginx/sites-enabled/${SITE_NAME}"
@@ -692,6 +700,10 @@ ensure_nginx_site() {
     previous="$(mktemp)"
     cp -p "${available}" "${previous}"
   fi
+  ensure_dir /etc/nginx/snippets root root 755
+  ensure_template nginx-maintenance.conf "/etc/nginx/snippets/${SITE_NAME}-maintenance.conf" \
+    644 root root
+  changed=$((changed + FILE_CHANGED))
   ensure_template nginx-site.conf "${available}" 644 root root
   changed=$((changed + FILE_CHANGED))
   if [[ -L "${enabled}" && "$(readlink "${enabled}")" == "${available}" ]]; then
@@ -970,6 +982,7 @@ main() {
   ensure_directories
   ensure_app_units
   ensure_https_tools
+  ensure_app_runner
   ensure_nginx_site
   ensure_certificate
   ensure_logrotate

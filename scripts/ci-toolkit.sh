@@ -16,6 +16,9 @@ ci_toolkit_setup() {
   python3 -m venv "${checkout}/.venv" || return 1
   "${checkout}/.venv/bin/pip" install --quiet --require-hashes --only-binary=:all: \
     -r "${checkout}/requirements.txt" || return 1
+  # doit.cfg names the toolkit's `run` command: the checkout is on the venv's import path.
+  "${checkout}/.venv/bin/python" -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"]
+    + "/flask-deploy-toolkit.pth", "w").write(sys.argv[1] + "\n")' "${checkout}" || return 1
   export PATH="${checkout}/.venv/bin:${PATH}"
 }
 

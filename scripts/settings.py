@@ -358,7 +358,11 @@ SETTINGS: tuple[Setting, ...] = (
                                          "OnCalendar value such as daily or *-*-* 03:00"),
             "daily", "when the server's backup timer backs the database up (systemd OnCalendar)"),
     Setting("MIN_FREE_MB", _positive_int, "200", "free disk `check` requires beyond the release"),
-    Setting("AUTO_ROLLBACK", _flag, "1", "verify rolls back by itself when it fails"),
+    Setting("AUTO_ROLLBACK", _flag, "1", "verify rolls back by itself when it fails (and a "
+            "deploy whose post-switch hook fails)"),
+    Setting("MAINTENANCE_DURING_MIGRATIONS", _flag, "0",
+            "maintenance mode (503 with the app's maintenance.html) while a deploy's changed "
+            "migrations run"),
     Setting("FORCE_RELEASE", _flag, "0",
             "ship a release even though it failed verification before"),
     Setting("RELEASE", _release_id, "", "rollback target (default: the previous good release)"),
@@ -436,6 +440,7 @@ class Settings:
     backup_schedule: str
     min_free_mb: int
     auto_rollback: bool
+    maintenance_during_migrations: bool
     force_release: bool
     release: str
     restore_backup: str

@@ -102,9 +102,15 @@ def build_task(after: list[str] | None = None) -> dict:
 def build_action():
     from scripts.build.package import build_package
     from scripts.build.target import build_target
+    from scripts.deploy import hooks
+    from scripts.deploy.report import Reporter
 
     settings = build_target(load_settings())
+    reporter = Reporter(dry_run=settings.dry_run)
+    hooks.run_local(settings, "pre-build", reporter)
     record = build_package(settings)
+    hooks.run_local(settings, "post-build", reporter, DEPLOY_RELEASE=record.release_id,
+                    DEPLOY_PACKAGE=str(settings.dist_dir / record.package))
     print(f"build: release {record.release_id} -> dist/{record.package} (sha256 "
           f"{record.sha256[:12]}…) for Python {settings.target_python} on "
           f"{settings.target_platform}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from scripts.actions import user_errors_fail_task
 from scripts.build.package import BuildRecord, record_path, sha256_file, verify_package
-from scripts.deploy import commands, https
+from scripts.deploy import commands, https, maintenance
 from scripts.deploy.check import check_server
 from scripts.deploy.fleet import connected, deploy_fleet, run_parallel
 from scripts.deploy.report import Reporter
@@ -173,6 +173,9 @@ def ship_action():
                       if outcome.changed or outcome.previous != outcome.release else "")
             reporter.line(f"deploy: release {outcome.release} {verb} in {outcome.seconds:.1f} s"
                           f"{before}")
+        late = [failure for _, reporter in pairs for failure in reporter.late_failures]
+        if late:
+            raise ToolkitError("\n".join(late))
     except BaseException as error:
         failed_steps = [r.failed_step for _, r in pairs if r.failed_step]
         notifier.send(_event(settings, "deploy", "failed", record.release_id,
@@ -325,6 +328,7 @@ def status_action():
         if settings.https:
             days = https.certificate_days(server, settings)
             reporter.line(f"https    {https.expiry_text(settings, days).removeprefix('HTTPS: ')}")
+        reporter.line(f"maintenance {maintenance.describe(maintenance.state(server))}")
         reporter.line(f"current  {current or 'none'}")
         reporter.line(f"previous {previous or 'none'} (what `doit rollback` goes back to)")
         # Good releases in the order they went live, newest first: rollback walks this list.

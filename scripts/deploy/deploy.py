@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.build.package import BuildRecord
-from scripts.deploy import commands
+from scripts.deploy import commands, hooks, maintenance
 from scripts.deploy.lock import who
 from scripts.deploy.report import Reporter
 from scripts.deploy.server import Server
@@ -156,7 +156,8 @@ def backup_and_migrate(server: Server, settings: Settings, release: str, reporte
             outcome.detail = skipped
         return
     unit = commands.units(settings)["migrate"]
-    with reporter.step("backup") as outcome:
+    with maintenance.during_migrations(server, settings, reporter), \
+            reporter.step("backup") as outcome:
         held = server.tool_call("migrate-held", path, str(settings.backup_path), release, *keep,
                                 unit, what="the backup and migrations")
         backup = held.get("backup") or planned
@@ -230,6 +231,7 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
     path = str(server.deploy_path)
     release = record.release_id
     facts = dry_run_facts(server, settings, record, package) if server.dry_run else {}
+    hooks.shipped(package, release)
     with reporter.step("upload") as outcome:
         outcome.changed = upload_package(server, record, package)
         outcome.detail = (f"{record.package} ({record.size / 1e6:.2f} MB)" if outcome.changed
@@ -267,11 +269,14 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
         else:
             outcome.changed = bool(answer.get("changed"))
         outcome.detail = f"instance/, uploads/ -> shared/; {env_file} 0600"
+    hooks.on_server(server, settings, "pre-migrate", release, reporter)
     backup_and_migrate(server, settings, release, reporter, facts.get("databases", []))
+    hooks.on_server(server, settings, "post-migrate", release, reporter)
     with reporter.step("preflight") as outcome:
         start_preflight(server, settings, release)
         outcome.detail = (f"{release} healthy on 127.0.0.1:{commands.preflight_port(settings)}"
                           f"{settings.health_path}")
+    hooks.on_server(server, settings, "pre-switch", release, reporter)
 
 
 def go_live(server: Server, settings: Settings, release: str, reporter: Reporter) -> None:
@@ -296,6 +301,23 @@ def go_live(server: Server, settings: Settings, release: str, reporter: Reporter
             raise
         outcome.changed = True
         outcome.detail = f"{settings.service_name} serves {release}"
+    after_switch_hook(server, settings, release, answer.get("previous"), reporter)
+
+
+def after_switch_hook(server: Server, settings: Settings, release: str, previous: str | None,
+                      reporter: Reporter) -> None:
+    """post-switch: a failure switches this server back with AUTO_ROLLBACK (the rollout then
+    stops and returns the others); without it the release stays and the deploy says so."""
+    try:
+        hooks.on_server(server, settings, "post-switch", release, reporter)
+    except ToolkitError as error:
+        if not settings.auto_rollback:
+            reporter.late_failures.append(f"{error}; AUTO_ROLLBACK=0, so release {release} "
+                                          f"stays live")
+            return
+        switch_back(server, settings, previous)
+        raise ToolkitError(f"{error}; AUTO_ROLLBACK=1: switched back, release "
+                           f"{previous or 'none'} serves again") from None
 
 
 def finish(server: Server, settings: Settings, release: str, reporter: Reporter) -> None:

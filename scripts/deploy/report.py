@@ -23,6 +23,9 @@ class Reporter:
     steps: list[tuple[str, StepOutcome, float]] = field(default_factory=list)
     failed_step: str = ""
     dry_run: bool = False
+    # Failures reported after the release went live and kept it (a post-switch hook with
+    # AUTO_ROLLBACK=0): the run ends with an error once every step is done.
+    late_failures: list[str] = field(default_factory=list)
 
     def verdict(self, changed: bool) -> str:
         """`changed` or `ok`; a dry run says what a real run would."""

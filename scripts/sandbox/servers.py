@@ -315,12 +315,14 @@ class Sandbox:
     def _start_helpers(self, server: SandboxServer) -> None:
         log_file = Path(server.root_dir).parent / "helpers.log"
         into_server = f"nsenter -t {server.init_pid} -n socat STDIO"
-        forwards = [(server.ssh_port, 22), (server.http_port, 80)]
-        for host_port, server_port in forwards:
+        # Web requests arrive from 127.0.0.2, as from outside: nginx tells the server's own
+        # requests (127.0.0.1, which maintenance mode lets through) from the public's.
+        forwards = [(server.ssh_port, 22, ""), (server.http_port, 80, "\\,bind=127.0.0.2")]
+        for host_port, server_port, source in forwards:
             listen = f"TCP-LISTEN:{host_port},bind=127.0.0.1"
             pid = processes.spawn_detached(
                 ["socat", f"{listen},fork,reuseaddr",
-                 f"EXEC:{into_server} TCP\\:127.0.0.1\\:{server_port}"], log_file)
+                 f"EXEC:{into_server} TCP\\:127.0.0.1\\:{server_port}{source}"], log_file)
             server.helpers.append(Helper(pid, listen))
         # apt inside the server: a proxy port on its loopback, bridged to the mirror from the
         # host's network namespace (the nspawn process lives there).

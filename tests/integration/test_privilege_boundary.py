@@ -407,3 +407,51 @@ def test_r17_a_deploy_after_deploy_planted_links_everywhere_changes_nothing_of_r
     no_secret(result.stdout, result.stderr, setup.stdout)
     assert root_state(armed) == before
     assert armed.served_release() == armed.built_release()
+
+
+RUNNER = "/usr/local/sbin/flask-helpdesk-run"
+
+
+def test_r21_the_runner_of_doit_run_starts_only_the_app_in_its_sandbox(armed):
+    """`sudo flask-helpdesk-run` (doit run, deploy hooks) takes any command from deploy, and
+    runs it as www-data in the service's sandbox only: no other user, no shell outside it, no
+    root file written or read, whatever deploy plants or passes."""
+    before = root_state(armed)
+    inside = f"""
+        grep -E '^(Uid|NoNewPrivs|CapEff|CapPrm):' /proc/self/status
+        sudo -n id; su -c id root </dev/null
+        cat {CANARY_FILE} /etc/flask-helpdesk/app.env /etc/shadow
+        ls {CANARY_DIR} /root /home/deploy
+        for f in /etc/run-was-here /usr/local/sbin/run-was-here {RUNNER} \
+            {DEPLOY_PATH}/current/run-was-here /etc/sudoers.d/x; do
+            echo x >> "$f" && echo "WROTE $f"
+        done"""
+    status, output = as_deploy(armed, f"sudo -n {RUNNER} --pipe current -- sh -c "
+                                      f"{shlex.quote(inside)}")
+    assert "NoNewPrivs:\t1" in output and "CapEff:\t0000000000000000" in output, output
+    assert "CapPrm:\t0000000000000000" in output and "Uid:\t33\t33\t33\t33" in output
+    assert "WROTE" not in output and "uid=0" not in output
+    no_secret(output)
+    # Arguments that would choose the user, a property or a folder are the command's, or refused.
+    attempts = [f"{RUNNER} --uid=0 current -- id", f"{RUNNER} --pipe current -p User=root -- id",
+                f"{RUNNER} --pipe current -- --uid=0 id", f"{RUNNER} --pipe ../../root -- id",
+                f"{RUNNER} --pipe /root -- id", f"-u www-data {RUNNER} --pipe current -- id",
+                f"-u root {RUNNER} --pipe current -- --property=User=root id"]
+    for attempt in attempts:
+        _, output = as_deploy(armed, f"sudo -n {attempt}")
+        assert "uid=0" not in output and "uid=1" not in output, (attempt, output)
+    # A release folder that is deploy's link to root's: systemd enters it as www-data, or not.
+    _, output = as_deploy(armed, f"""
+        ln -sfn {CANARY_DIR} {DEPLOY_PATH}/releases/zz-run-planted
+        sudo -n {RUNNER} --pipe zz-run-planted -- cat f; echo "planted $?"
+        rm -f {DEPLOY_PATH}/releases/zz-run-planted""")
+    assert "planted 0" not in output
+    no_secret(output)
+    # The app's environment file swapped for a link is refused by systemd's reading as root
+    # (R10); the runner reads it the same way the service does.
+    _, output = as_deploy(armed, f"""
+        ln -sf {CANARY_FILE} /etc/flask-helpdesk/app.env; echo "linked $?"
+        sudo -n {RUNNER} --pipe current -- printenv ROOT_SECRET; echo "ran $?" """)
+    assert "linked 0" not in output
+    no_secret(output)
+    assert root_state(armed) == before

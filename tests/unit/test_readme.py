@@ -29,6 +29,7 @@ SECTIONS = {
     "## GitLab CI/CD": "## GitLab CI/CD",
     "## Many servers": "## Много серверов",
     "## Notifications and history": "## Уведомления и история",
+    "## Day two: run, hooks, maintenance": "## День второй: команды, хуки, обслуживание",
     "## Bring your own app": "## Своё приложение",
     "## On the server": "## На сервере",
     "## Sandbox servers": "## Тестовые серверы",

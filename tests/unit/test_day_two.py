@@ -1,0 +1,94 @@
+"""Pure parts of day-two operations: root's runner (conf/app-run.py, loaded as setup renders
+it), the remote command of `doit run`, the hooks a package ships."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import pwd
+import shlex
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from scripts.deploy import hooks
+from scripts.deploy.run import remote_command
+from scripts.settings import REPO_ROOT, load_settings
+
+SETUP = REPO_ROOT / "server_setup.sh"
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    """The runner exactly as server_setup.sh installs it, with the default settings."""
+    rendered = subprocess.run(
+        ["bash", "-c", f"source {SETUP}; CONF_DIR={REPO_ROOT / 'conf'}; "
+                       f"SITE_NAME=flask_helpdesk; render_template app-run.py"],
+        capture_output=True, text=True, check=True).stdout
+    path = tmp_path_factory.mktemp("runner") / "app_run.py"
+    path.write_text(rendered)
+    spec = importlib.util.spec_from_file_location("app_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_runner_carries_every_hardening_property_of_the_service(runner):
+    hardening = [line for line in (REPO_ROOT / "conf" / "hardening.conf").read_text()
+                 .replace("@DEPLOY_PATH@", "/var/www/flask_helpdesk")
+                 .replace("@LOG_PATH@", "/var/log/flask_helpdesk").splitlines()
+                 if line and not line.startswith("#")]
+    argv = runner.argv_for("--pipe", "current", ["flask", "shell"], 33, 33)
+    assert [arg.removeprefix("--property=") for arg in argv
+            if arg.removeprefix("--property=") in hardening] == hardening
+    assert "--property=NoNewPrivileges=yes" in argv and "--uid=33" in argv
+    assert "--working-directory=/var/www/flask_helpdesk/current" in argv
+    assert argv[-5:] == ["--", "/usr/bin/env", "--", "flask", "shell"]
+    assert not any(arg.startswith("--property=#") for arg in argv)
+
+
+def test_the_runner_passes_dollars_literally_and_names_releases_not_paths(runner):
+    argv = runner.argv_for("--pty", "4e85b8eeaa51", ["echo", "$HOME", "5$"], 33, 33)
+    assert argv[-2:] == ["$$HOME", "5$$"]
+    assert "--working-directory=/var/www/flask_helpdesk/releases/4e85b8eeaa51" in argv
+    assert "--setenv=PATH=/var/www/flask_helpdesk/releases/4e85b8eeaa51/.venv/bin:/usr/bin:/bin" \
+        in argv
+
+
+@pytest.mark.parametrize("args", [[], ["--pipe", "current", "--"], ["--uid=0", "current", "--", "id"],
+                                  ["--pipe", "..", "--", "id"], ["--pipe", "../x", "--", "id"],
+                                  ["--pipe", "/root", "--", "id"],
+                                  ["--pipe", "current", "-p", "User=root", "--", "id"]])
+def test_the_runner_refuses_anything_but_its_own_arguments(runner, args, monkeypatch, capsys):
+    monkeypatch.setattr(runner.os, "execv", lambda *a: pytest.fail(f"ran {a}"))
+    assert runner.main(args) == 2
+    assert capsys.readouterr().err.startswith("usage: flask-helpdesk-run ")
+
+
+def test_the_runner_refuses_a_root_app_user(runner, monkeypatch, capsys):
+    monkeypatch.setattr(runner.os, "execv", lambda *a: pytest.fail(f"ran {a}"))
+    monkeypatch.setattr(runner.pwd, "getpwnam", lambda name: pwd.getpwuid(0))
+    assert runner.main(["--pipe", "current", "--", "id"]) == 2
+    assert "refusing to run as root" in capsys.readouterr().err
+
+
+def test_run_quotes_the_command_for_the_login_shell():
+    settings = load_settings(env_file=Path("/nonexistent"), environ={})
+    line = remote_command(settings, ["sh", "-c", "echo $HOME; rm -rf /"], tty=False)
+    assert ("exec sudo -n /usr/local/sbin/flask-helpdesk-run --pipe current -- sh -c "
+            + shlex.quote("echo $HOME; rm -rf /")) in line
+    assert "--pty current" in remote_command(settings, ["bash"], tty=True)
+
+
+def test_a_package_ships_the_executable_server_hooks_only(tmp_path):
+    package = tmp_path / "app.tar.gz"
+    with tarfile.open(package, "w:gz") as tar:
+        for name, mode in (("deploy-hooks/pre-switch", 0o755), ("deploy-hooks/post-switch", 0o644),
+                           ("deploy-hooks/pre-build", 0o755), ("deploy-hooks/other", 0o755),
+                           ("wsgi.py", 0o755)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = 3, mode
+            tar.addfile(info, io.BytesIO(b"#!\n"))
+    assert hooks.shipped(package, "r1") == {"pre-switch"}
