@@ -85,3 +85,17 @@ def server_verdict(server, settings: Settings) -> Verdict:
     expected = expected_settings(setup_flags(settings, "", settings.ssh_port))
     return compare(read_stamp(server, settings), expected, local_version(),
                    stamp_path(settings.service_name))
+
+
+def next_step(verdict: Verdict | None, laid_out: bool, setup_reason: str) -> str:
+    """What `doit deploy` does about one server: "ok" (its stamp is current), "setup" (missing
+    or behind, and SETUP_USER can log in), "warn" (behind, but provisioned: deploy anyway) or
+    "stop" (never provisioned, or the deploy user cannot log in). verdict None: no deploy login;
+    setup_reason: why SETUP_USER cannot run setup ("" when it can)."""
+    if verdict is not None and verdict.current:
+        return "ok"
+    if not setup_reason:
+        return "setup"
+    if verdict is not None and (verdict.stamped or laid_out):
+        return "warn"
+    return "stop"

@@ -168,7 +168,7 @@ def setup_if_needed_action():
 
     from scripts.deploy.server import Server
     from scripts.remote import connect
-    from scripts.setup_stamp import server_verdict
+    from scripts.setup_stamp import next_step, server_verdict
     from scripts.targets import deploy_targets, setup_targets
 
     settings = load_settings()
@@ -195,17 +195,20 @@ def setup_if_needed_action():
                 setup_reason = ""
             except ToolkitError as error:
                 setup_reason = str(error)
-        if not setup_reason:
+        step = next_step(verdict, laid_out, setup_reason)
+        if step == "setup":
             print(f"setup: {name}: {why}; provisioning as {setup_target.user}")
             _provision_one(settings, setup_target, deploy_target)
-        elif verdict and (verdict.stamped or laid_out):
+        elif step == "warn":
             print(f"warning: {name}: {why}; not provisioning ({setup_reason}); the deploy goes "
                   f"on: run `doit setup` or server_setup.sh there to catch up", file=sys.stderr)
         else:
+            state = (f"{why}" if verdict is None else
+                     f"{name} is not provisioned ({why}; no {settings.deploy_path}/releases)")
             raise ToolkitError(
-                f"{name} is not provisioned ({why}), and setup cannot run ({setup_reason}); "
-                f"run server_setup.sh on it (README, step 1), or set SETUP_USER to an account "
-                f"with sudo that logs in with its key, then deploy again")
+                f"{state}; setup cannot run either ({setup_reason}): if {name} is new, run "
+                f"server_setup.sh on it (README, step 1), or set SETUP_USER to an account with "
+                f"sudo that logs in with its key, then deploy again")
 
 
 def _provision_one(settings, setup_target, deploy_target) -> None:

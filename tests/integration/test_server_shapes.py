@@ -97,8 +97,9 @@ def test_a_server_nobody_provisioned_stops_the_deploy_with_one_error_line(shape)
     result = shape.doit("deploy")
     assert result.returncode != 0
     (line,) = error_lines(result)
-    assert "127.0.0.1 is not provisioned" in line and "SETUP_USER is not set" in line
-    assert "run server_setup.sh on it" in line
+    assert line.startswith("error: SSH to deploy@127.0.0.1") and "refused" in line
+    assert "setup cannot run either (SETUP_USER is not set)" in line
+    assert "run server_setup.sh on it (README, step 1), or set SETUP_USER" in line
     assert "Traceback" not in result.stdout + result.stderr
 
 

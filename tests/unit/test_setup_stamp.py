@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 
 from scripts.provision import setup_flags
 from scripts.settings import load_settings
-from scripts.setup_stamp import compare, expected_settings, local_version, parse
+from scripts.setup_stamp import compare, expected_settings, local_version, next_step, parse
 
 WHERE = PurePosixPath("/etc/flask-helpdesk/server-setup.stamp")
 
@@ -58,3 +58,15 @@ def test_the_stamp_holds_no_key_and_no_secret_to_compare():
     flags = setup_flags(settings(), "ssh-ed25519 AAAA key", 22)
     assert "DEPLOY_KEY" not in expected_settings(flags)
     assert expected_settings(flags)["DEPLOY_PATH"] == "/var/www/flask_helpdesk"
+
+
+def test_deploy_sets_up_only_with_a_usable_setup_user_and_stops_only_on_a_bare_server():
+    behind = verdict(stamp_as_the_script_writes_it(templates="1" * 64))
+    never = verdict(None)
+    assert next_step(verdict(stamp_as_the_script_writes_it()), False, "no") == "ok"
+    assert next_step(behind, True, "") == next_step(never, False, "") == "setup"
+    assert next_step(None, False, "") == "setup"  # no deploy user yet, and admin can set it up
+    assert next_step(behind, True, "SETUP_USER is not set") == "warn"
+    assert next_step(never, True, "root: refused") == "warn"  # provisioned before stamps
+    assert next_step(never, False, "SETUP_USER is not set") == "stop"
+    assert next_step(None, False, "SETUP_USER is not set") == "stop"
