@@ -802,6 +802,8 @@ admin_login_remains() {
 
 ensure_ssh_hardening() {
   if ! deploy_key_proven; then
+    # An earlier run hardened SSH (the journal that proved the key may be gone since).
+    [[ ! -f "${SSH_HARDENING_FILE}" ]] || SSH_HARDENING="applied"
     echo "note: SSH hardening waits until the deploy key has logged in once (ssh" \
       "${DEPLOY_USER}@this-server), then run this again; passwords stay allowed until then"
     return 0
