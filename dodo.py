@@ -47,9 +47,14 @@ def task_setup():
 
 
 def task_setup_if_needed():
-    """Provision only when the script, templates, settings or servers changed (deploy uses it)."""
-    return {"actions": [tasks.setup_action], "uptodate": [tasks.setup_is_current],
-            "task_dep": ["sandbox_if_used"], "verbosity": 2}
+    """Provision where the server's stamp is missing or behind and SETUP_USER can (deploy uses it)."""
+    return {**_every_time(tasks.setup_if_needed_action), "task_dep": ["sandbox_if_used"]}
+
+
+def task_embed_templates():
+    """Write conf/'s templates into server_setup.sh (it runs alone on a server); run after editing conf/."""
+    return {**_every_time(f"{sys.executable} -m scripts.embed_templates"),
+            "basename": "embed-templates"}
 
 
 def task_sandbox_if_used():

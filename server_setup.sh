@@ -19,7 +19,6 @@ SSH_PORT="${SSH_PORT:-22}"
 SERVER_NAME="${SERVER_NAME:-_}"
 SITE_NAME="${SITE_NAME:-}"
 WORKERS="${WORKERS:-2}"
-MIGRATE_COMMAND="${MIGRATE_COMMAND:-flask --app wsgi migrate}"
 BACKUP_SCHEDULE="${BACKUP_SCHEDULE:-daily}"
 BACKUPS_KEEP="${BACKUPS_KEEP:-10}"
 BACKUPS_KEEP_DAYS="${BACKUPS_KEEP_DAYS:-7}"
@@ -51,6 +50,7 @@ readonly SERVICE_NAME_PATTERN='^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$'
 # Filled in by the steps that need them; templates read them through render_values.
 SUDOERS_NAME=""
 PERMIT_ROOT_LOGIN="no"
+SSH_HARDENING="waiting"
 
 CHANGES=0
 UNCHANGED=0
@@ -74,14 +74,14 @@ Usage: server_setup.sh [options]
   --server-name NAME      nginx server_name, your domain (SERVER_NAME, default _ = any)
   --site-name NAME        nginx site and log name (SITE_NAME, default: DEPLOY_PATH's last part)
   --workers N             gunicorn workers (WORKERS, default 2)
-  --migrate-command CMD   migrations, run in the release (MIGRATE_COMMAND)
   --backup-schedule WHEN  scheduled backups, a systemd OnCalendar value (BACKUP_SCHEDULE, daily)
   --backups-keep N        newest backups kept (BACKUPS_KEEP, default 10)
   --backups-keep-days N   backups younger than N days are kept (BACKUPS_KEEP_DAYS, default 7)
   --deploy-key KEY        the deploy user's SSH public key (DEPLOY_PUBLIC_KEY)
   --deploy-key-file FILE  ... or read it from a file
   --deploy-key-verified   the deploy key was seen to work: SSH hardening may be applied
-  --conf-dir DIR          templates (CONF_DIR, default: conf/ beside this script)
+  --conf-dir DIR          templates (CONF_DIR, default: conf/ beside this script if there
+                          is one, else the copies embedded in this script)
   --https                 Let's Encrypt certificate for --server-name, port 443, HTTP
                           redirected to HTTPS (HTTPS=1; needs --server-name, --letsencrypt-email)
   --letsencrypt-email A   the ACME account's email: expiry notices (LETSENCRYPT_EMAIL)
@@ -115,7 +115,10 @@ parse_args() {
       --server-name) need_value "$@"; SERVER_NAME="$2"; shift ;;
       --site-name) need_value "$@"; SITE_NAME="$2"; shift ;;
       --workers) need_value "$@"; WORKERS="$2"; shift ;;
-      --migrate-command) need_value "$@"; MIGRATE_COMMAND="$2"; shift ;;
+      --migrate-command)  # older setups baked it into a unit; deploys carry it now
+        need_value "$@"
+        echo "note: --migrate-command is ignored: MIGRATE_COMMAND travels with each deploy"
+        shift ;;
       --backup-schedule) need_value "$@"; BACKUP_SCHEDULE="$2"; shift ;;
       --backups-keep) need_value "$@"; BACKUPS_KEEP="$2"; shift ;;
       --backups-keep-days) need_value "$@"; BACKUPS_KEEP_DAYS="$2"; shift ;;
@@ -143,7 +146,7 @@ parse_args() {
   PREFLIGHT_PORT="${PREFLIGHT_PORT:-$((APP_PORT + 1))}"
   SITE_NAME="${SITE_NAME:-${DEPLOY_PATH##*/}}"
   SUDOERS_NAME="${SERVICE_NAME//./_}-deploy"  # sudo skips files in sudoers.d with a dot
-  CONF_DIR="${CONF_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/conf}"
+  CONF_DIR="${CONF_DIR:-$(beside_conf_dir)}"
 }
 
 validate_path() {
@@ -173,7 +176,6 @@ validate_settings() {
   validate_name SERVICE_NAME "${SERVICE_NAME}" "${SERVICE_NAME_PATTERN}"
   validate_name SITE_NAME "${SITE_NAME}" '^[A-Za-z0-9_.-]{1,100}$'
   validate_name SERVER_NAME "${SERVER_NAME}" '^[A-Za-z0-9_.* -]{1,250}$'
-  validate_name MIGRATE_COMMAND "${MIGRATE_COMMAND}" '^[A-Za-z0-9_ ./:=-]{1,250}$'
   validate_name WORKERS "${WORKERS}" '^[1-9][0-9]?$'
   validate_name BACKUP_SCHEDULE "${BACKUP_SCHEDULE}" '^[A-Za-z0-9 :*/,.~-]{1,100}$'
   validate_name BACKUPS_KEEP "${BACKUPS_KEEP}" '^[1-9][0-9]{0,3}$'
@@ -188,7 +190,7 @@ validate_settings() {
   if [[ -n "${DEPLOY_PUBLIC_KEY}" && ! "${DEPLOY_PUBLIC_KEY}" =~ ^(ssh-|ecdsa-|sk-) ]]; then
     die "the deploy key is not an SSH public key (it should start with ssh-ed25519, ssh-rsa...)"
   fi
-  [[ -d "${CONF_DIR}" ]] || die "templates not found in ${CONF_DIR}; pass --conf-dir"
+  [[ -z "${CONF_DIR}" || -d "${CONF_DIR}" ]] || die "--conf-dir ${CONF_DIR}: no such folder"
   validate_https_settings
 }
 
@@ -201,9 +203,9 @@ settings_as_flags() {
     --service-name "${SERVICE_NAME}" --app-port "${APP_PORT}"
     --preflight-port "${PREFLIGHT_PORT}" --ssh-port "${SSH_PORT}"
     --server-name "${SERVER_NAME}" --site-name "${SITE_NAME}" --workers "${WORKERS}"
-    --migrate-command "${MIGRATE_COMMAND}" --backup-schedule "${BACKUP_SCHEDULE}"
-    --backups-keep "${BACKUPS_KEEP}" --backups-keep-days "${BACKUPS_KEEP_DAYS}"
-    --conf-dir "${CONF_DIR}")
+    --backup-schedule "${BACKUP_SCHEDULE}"
+    --backups-keep "${BACKUPS_KEEP}" --backups-keep-days "${BACKUPS_KEEP_DAYS}")
+  [[ -z "${CONF_DIR}" ]] || flags+=(--conf-dir "${CONF_DIR}")
   [[ -z "${DEPLOY_PUBLIC_KEY}" ]] || flags+=(--deploy-key "${DEPLOY_PUBLIC_KEY}")
   [[ "${DEPLOY_KEY_VERIFIED}" -eq 0 ]] || flags+=(--deploy-key-verified)
   [[ "${UPGRADE}" -eq 0 ]] || flags+=(--upgrade)
@@ -242,14 +244,57 @@ report_change() {
   echo "changed: $*"
 }
 
+# -- templates: conf/ beside the script, or the copies embedded at its end ---------------------
+# In a checkout, conf/ beside the script wins: it is the one source, and the embedded copies are
+# generated from it (they lag until `python -m scripts.embed_templates` runs). Copied alone to a
+# server, the script uses its embedded copies. The stamp records which templates were used.
+beside_conf_dir() {
+  local beside
+  beside="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/conf"
+  if [[ -f "${beside}/app.service" ]]; then
+    echo "${beside}"
+  fi
+}
+
+template_names() {
+  if [[ -n "${CONF_DIR}" ]]; then
+    find "${CONF_DIR}" -maxdepth 1 -type f -printf '%f\n' | LC_ALL=C sort
+  else
+    embedded_template_names
+  fi
+}
+
+template_text() {
+  if [[ -n "${CONF_DIR}" ]]; then
+    cat "${CONF_DIR}/$1"
+  else
+    embedded_template "$1" || die "no template $1 is embedded in this script"
+  fi
+}
+
+# templates_digest / script_digest: what the stamp records and `doit check` compares with its
+# own copy (scripts/embed_templates.py computes the same).
+templates_digest() {
+  local name sum
+  for name in $(template_names); do
+    sum="$(template_text "${name}" | sha256sum)"
+    printf '%s  %s\n' "${sum%% *}" "${name}"
+  done | sha256sum | cut -d' ' -f1
+}
+
+script_digest() {
+  sed -e '/^# >>> embedded templates/,/^# <<< embedded templates/d' "${BASH_SOURCE[0]}" \
+    | sha256sum | cut -d' ' -f1
+}
+
 # -- generic ensure_* helpers -----------------------------------------------------------------
 render_template() {
   local template="$1" hardening https
   hardening="$(mktemp)"
   https="$(mktemp)"
-  render_values "${CONF_DIR}/hardening.conf" > "${hardening}"
+  render_values hardening.conf > "${hardening}"
   render_https_block > "${https}"
-  render_values "${CONF_DIR}/${template}" \
+  render_values "${template}" \
     | sed -e "/^@HARDENING@\$/{r ${hardening}" -e 'd;}' -e "/^@HTTPS@\$/{r ${https}" -e 'd;}'
   rm -f "${hardening}" "${https}"
 }
@@ -262,7 +307,7 @@ render_values() {
     "BACKUP_PATH=${BACKUP_PATH}" "LOG_PATH=${LOG_PATH}" "SERVICE_NAME=${SERVICE_NAME}"
     "APP_PORT=${APP_PORT}" "PREFLIGHT_PORT=${PREFLIGHT_PORT}" "SSH_PORT=${SSH_PORT}"
     "SERVER_NAME=${SERVER_NAME}" "SITE_NAME=${SITE_NAME}" "WORKERS=${WORKERS}"
-    "MIGRATE_COMMAND=${MIGRATE_COMMAND}" "SUDOERS_NAME=${SUDOERS_NAME}"
+    "SUDOERS_NAME=${SUDOERS_NAME}"
     "BACKUP_SCHEDULE=${BACKUP_SCHEDULE}" "BACKUPS_KEEP=${BACKUPS_KEEP}"
     "BACKUPS_KEEP_DAYS=${BACKUPS_KEEP_DAYS}"
     "PERMIT_ROOT_LOGIN=${PERMIT_ROOT_LOGIN}" "OPEN_DATA_TO_GROUP=${open_data}"
@@ -276,7 +321,7 @@ render_values() {
     value="${value//&/\\&}"
     escaped+=(-e "s|@${name}@|${value}|g")
   done
-  sed "${escaped[@]}" "$1"
+  template_text "$1" | sed "${escaped[@]}"
 }
 
 # ensure_file DEST MODE OWNER GROUP SOURCE [VALIDATOR...]: DEST gets SOURCE's content, mode and
@@ -832,10 +877,10 @@ certificate_covers() {
 # HTTPS=1, port 443 (and the redirect) once a certificate is there.
 render_https_block() {
   [[ "${HTTPS}" -eq 1 ]] || return 0
-  render_values "${CONF_DIR}/nginx-acme-challenge.conf"
+  render_values nginx-acme-challenge.conf
   certificate_present || return 0
-  render_values "${CONF_DIR}/nginx-https.conf"
-  [[ "${HSTS}" -ne 1 ]] || render_values "${CONF_DIR}/nginx-hsts.conf"
+  render_values nginx-https.conf
+  [[ "${HSTS}" -ne 1 ]] || render_values nginx-hsts.conf
 }
 
 ensure_https_tools() {
@@ -947,6 +992,8 @@ admin_login_remains() {
 
 ensure_ssh_hardening() {
   if ! deploy_key_proven; then
+    # An earlier run hardened SSH (the journal that proved the key may be gone since).
+    [[ ! -f "${SSH_HARDENING_FILE}" ]] || SSH_HARDENING="applied"
     echo "note: SSH hardening waits until the deploy key has logged in once (ssh" \
       "${DEPLOY_USER}@this-server), then run this again; passwords stay allowed until then"
     return 0
@@ -956,6 +1003,7 @@ ensure_ssh_hardening() {
     PERMIT_ROOT_LOGIN="prohibit-password"
     echo "note: root keeps key-only login: no other user with sudo has an SSH key"
   fi
+  SSH_HARDENING="applied"
   ensure_template sshd-hardening.conf "${SSH_HARDENING_FILE}" 644 root root
   if [[ "${FILE_CHANGED}" -eq 1 && "${MODE}" == "apply" ]]; then
     if ! sshd -t; then
@@ -964,6 +1012,574 @@ ensure_ssh_hardening() {
     fi
     systemctl reload ssh
   fi
+}
+
+# >>> embedded templates: GENERATED from conf/ by `python -m scripts.embed_templates`.
+# Edit conf/, not these lines; the script uses them when no conf/ is beside it.
+embedded_template_names() {
+  echo app-backup.service
+  echo app-backup.timer
+  echo app-migrate.service
+  echo app-preflight.service
+  echo app-run.py
+  echo app.service
+  echo app.socket
+  echo certbot-acme-ca.conf
+  echo certbot-deploy-hook.sh
+  echo fail2ban-sshd.local
+  echo gunicorn.conf.py
+  echo hardening.conf
+  echo logrotate.conf
+  echo nginx-acme-challenge.conf
+  echo nginx-hsts.conf
+  echo nginx-https.conf
+  echo nginx-maintenance.conf
+  echo nginx-site.conf
+  echo sshd-hardening.conf
+  echo sudoers
+}
+
+embedded_template() {
+  case "$1" in
+    app-backup.service)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/systemd/system/@SERVICE_NAME@-backup.service
+# A scheduled backup of the app's database (SQLite's online backup API) into
+# @BACKUP_PATH@/scheduled, as the app user, with the deploys' retention; started by
+# @SERVICE_NAME@-backup.timer. The server tool is the one the last deploy installed.
+[Unit]
+Description=@SERVICE_NAME@: scheduled database backup into @BACKUP_PATH@/scheduled
+ConditionPathExists=@DEPLOY_PATH@/.deploy-tool/server_tool.py
+
+[Service]
+Type=oneshot
+User=@APP_USER@
+Group=@APP_USER@
+ExecStart=/usr/bin/python3 -I -S @DEPLOY_PATH@/.deploy-tool/server_tool.py backup @DEPLOY_PATH@ @BACKUP_PATH@/scheduled scheduled @BACKUPS_KEEP@ @BACKUPS_KEEP_DAYS@
+@HARDENING@
+ReadWritePaths=@BACKUP_PATH@/scheduled
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    app-backup.timer)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/systemd/system/@SERVICE_NAME@-backup.timer
+# Scheduled database backups (BACKUP_SCHEDULE, a systemd OnCalendar value; daily by default).
+[Unit]
+Description=@SERVICE_NAME@: scheduled database backups (@BACKUP_SCHEDULE@)
+
+[Timer]
+OnCalendar=@BACKUP_SCHEDULE@
+RandomizedDelaySec=10min
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    app-migrate.service)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/systemd/system/@SERVICE_NAME@-migrate.service
+# Runs the database migrations of the release being deployed (DEPLOY_PATH/next) as the app user.
+[Unit]
+Description=@SERVICE_NAME@: migrations of @DEPLOY_PATH@/next
+
+[Service]
+Type=oneshot
+User=@APP_USER@
+Group=@APP_USER@
+WorkingDirectory=@DEPLOY_PATH@/next
+# Read by systemd as root: a file in a folder only root writes (server_setup.sh).
+EnvironmentFile=-/etc/@SERVICE_NAME@/app.env
+Environment=APP_LOG_DIR=@LOG_PATH@ PATH=@DEPLOY_PATH@/next/.venv/bin:/usr/bin:/bin
+# The command (MIGRATE_COMMAND) comes with each deploy, in the release: the deploy user chooses
+# what runs here, as the app user, as it chooses the app's own code.
+ExecStart=/bin/sh @DEPLOY_PATH@/next/.migrate-command
+# SQLite creates files 0644 & ~UMask = 0640; the deploy user's backups need group write (their
+# -wal/-shm files copy the database's mode), so open the app's data files to the group.
+ExecStartPost=-@OPEN_DATA_TO_GROUP@
+TimeoutStartSec=300
+@HARDENING@
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    app-preflight.service)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/systemd/system/@SERVICE_NAME@-preflight.service
+# The release being deployed (DEPLOY_PATH/next) on a spare loopback port, so its health is
+# proven before any user request reaches it.
+[Unit]
+Description=@SERVICE_NAME@: preflight of @DEPLOY_PATH@/next on 127.0.0.1:@PREFLIGHT_PORT@
+
+[Service]
+Type=notify
+User=@APP_USER@
+Group=@APP_USER@
+WorkingDirectory=@DEPLOY_PATH@/next
+# Read by systemd as root: a file in a folder only root writes (server_setup.sh).
+EnvironmentFile=-/etc/@SERVICE_NAME@/app.env
+Environment=APP_LOG_DIR=@LOG_PATH@
+ExecStart=@DEPLOY_PATH@/next/.venv/bin/gunicorn --config /etc/@SERVICE_NAME@/gunicorn.conf.py --bind 127.0.0.1:@PREFLIGHT_PORT@ --workers 1 wsgi:app
+TimeoutStartSec=60
+KillMode=mixed
+@HARDENING@
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    app-run.py)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+#!/usr/bin/python3 -IS
+# Installed by server_setup.sh as /usr/local/sbin/@SERVICE_NAME@-run (root, 0755); the deploy
+# user runs it with sudo (conf/sudoers) for `doit run` and the app's deploy hooks.
+#
+# It starts one command as @APP_USER@ in the app's own sandbox: `systemd-run` with the very
+# hardening of @SERVICE_NAME@.service (embedded below when setup rendered this file, never read
+# from a path the deploy user or the app can write), the app's environment, its venv on PATH and
+# a release folder as working directory. The deploy user chooses the command, as it chooses the
+# app's code; it chooses nothing else: not the user, not a property, not a path root opens.
+#
+#   @SERVICE_NAME@-run --pty|--pipe current|RELEASE -- COMMAND [ARG...]
+#
+# current: the live release (`doit run`); RELEASE: releases/RELEASE, the one being deployed (its
+# deploy hooks). Root opens neither: systemd enters the folder as the app user.
+# --pty: a terminal in the sandbox (ssh -t); --pipe: plain stdin/stdout/stderr. The exit status
+# is the command's.
+import os
+import pwd
+import re
+import sys
+
+APP_USER = "@APP_USER@"
+DEPLOY_PATH = "@DEPLOY_PATH@"
+ENV_FILE = "/etc/@SERVICE_NAME@/app.env"
+LOG_PATH = "@LOG_PATH@"
+HARDENING = """
+@HARDENING@
+"""
+USAGE = "usage: @SERVICE_NAME@-run --pty|--pipe current|RELEASE -- COMMAND [ARG...]"
+RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a name, never a path
+
+
+def properties(text: str) -> list[str]:
+    """The unit's hardening lines as systemd-run properties (comments and blanks dropped)."""
+    lines = (line.strip() for line in text.splitlines())
+    return [f"--property={line}" for line in lines if line and not line.startswith("#")]
+
+
+def literal(arg: str) -> str:
+    """systemd expands $NAME in a command line; $$ is its literal dollar sign."""
+    return arg.replace("$", "$$")
+
+
+def argv_for(mode: str, release: str, command: list[str], uid: int, gid: int) -> list[str]:
+    folder = f"{DEPLOY_PATH}/current" if release == "current" else \
+        f"{DEPLOY_PATH}/releases/{release}"
+    return ["/usr/bin/systemd-run", "--quiet", "--collect", "--wait", mode,
+            "--service-type=exec", f"--description=@SERVICE_NAME@-run in {folder}",
+            f"--uid={uid}", f"--gid={gid}", f"--working-directory={folder}",
+            # Read by systemd as root, as for the service: a file in a folder only root writes.
+            f"--property=EnvironmentFile=-{ENV_FILE}",
+            f"--setenv=APP_LOG_DIR={LOG_PATH}",
+            f"--setenv=PATH={folder}/.venv/bin:/usr/bin:/bin",
+            *properties(HARDENING),
+            # env finds the command on PATH as the app user, inside the sandbox.
+            "--", "/usr/bin/env", "--", *map(literal, command)]
+
+
+def main(args: list[str]) -> int:
+    if len(args) < 4 or args[0] not in ("--pty", "--pipe") \
+            or not RELEASE.fullmatch(args[1]) or args[2] != "--":
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        user = pwd.getpwnam(APP_USER)
+    except KeyError:
+        print(f"error: the app user {APP_USER} does not exist", file=sys.stderr)
+        return 2
+    if user.pw_uid == 0 or user.pw_gid == 0:
+        print(f"error: refusing to run as root: the app user {APP_USER} is root",
+              file=sys.stderr)
+        return 2
+    command = args[3:]
+    os.execv("/usr/bin/systemd-run", argv_for(args[0], args[1], command, user.pw_uid,
+                                               user.pw_gid))
+    return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    app.service)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/systemd/system/@SERVICE_NAME@.service
+# gunicorn serving DEPLOY_PATH/current. The listening socket belongs to @SERVICE_NAME@.socket,
+# so during a restart new connections wait in its queue instead of being refused.
+[Unit]
+Description=@SERVICE_NAME@: gunicorn serving @DEPLOY_PATH@/current
+Requires=@SERVICE_NAME@.socket
+After=network.target @SERVICE_NAME@.socket
+# Before the first deploy there is nothing to run: skip, instead of failing in a loop.
+ConditionPathExists=@DEPLOY_PATH@/current
+
+[Service]
+Type=notify
+User=@APP_USER@
+Group=@APP_USER@
+WorkingDirectory=@DEPLOY_PATH@/current
+# Read by systemd as root: a file in a folder only root writes (server_setup.sh).
+EnvironmentFile=-/etc/@SERVICE_NAME@/app.env
+Environment=APP_LOG_DIR=@LOG_PATH@
+ExecStartPre=-@OPEN_DATA_TO_GROUP@
+ExecStart=@DEPLOY_PATH@/current/.venv/bin/gunicorn --config /etc/@SERVICE_NAME@/gunicorn.conf.py wsgi:app
+ExecReload=/bin/kill -s HUP $MAINPID
+KillMode=mixed
+TimeoutStopSec=30
+Restart=on-failure
+RestartSec=2
+@HARDENING@
+
+[Install]
+WantedBy=multi-user.target
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    app.socket)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/systemd/system/@SERVICE_NAME@.socket
+# systemd holds 127.0.0.1:@APP_PORT@ open across restarts of @SERVICE_NAME@.service.
+[Unit]
+Description=@SERVICE_NAME@: listening socket on 127.0.0.1:@APP_PORT@
+
+[Socket]
+ListenStream=127.0.0.1:@APP_PORT@
+Backlog=2048
+NoDelay=true
+
+[Install]
+WantedBy=sockets.target
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    certbot-acme-ca.conf)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh when ACME_SERVER is not Let's Encrypt and ACME_CA_BUNDLE names
+# the CA of its TLS listener: certbot's renewals (certbot.timer) trust that CA for it.
+[Service]
+Environment=REQUESTS_CA_BUNDLE=@ACME_CA_FILE@
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    certbot-deploy-hook.sh)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+#!/bin/sh
+# Installed by server_setup.sh (root 755): certbot runs it as root after renewing a
+# certificate. nginx loads the new certificate on reload; if `nginx -t` fails, nginx is not
+# reloaded and keeps serving with the certificate it has, so a renewal never takes it down.
+if nginx -t -q; then
+    systemctl reload nginx
+else
+    echo "certbot deploy hook: nginx -t fails; nginx keeps the previous certificate" >&2
+    exit 1
+fi
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    fail2ban-sshd.local)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/fail2ban/jail.d/sshd-journald.local
+# Debian 12 logs sshd to journald only (no /var/log/auth.log), so the jail reads the journal.
+[sshd]
+enabled = true
+backend = systemd
+port = @SSH_PORT@
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    gunicorn.conf.py)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/@SERVICE_NAME@/gunicorn.conf.py
+# Under systemd the listening socket comes from @SERVICE_NAME@.socket; bind is the fallback.
+bind = "127.0.0.1:@APP_PORT@"
+workers = @WORKERS@
+# The master imports the app once and the workers fork from it: a restart costs one import,
+# not one per worker, and the workers share that memory. An app that fails to import makes
+# `systemctl restart` itself fail, so a deploy sees it at once. (Restarts, never HUP reloads,
+# switch releases: a reload would keep the preloaded old code.)
+preload_app = True
+# Releases are switched by systemd, not by gunicornc; no control socket (and no thread for it).
+control_socket_disable = True
+timeout = 30
+graceful_timeout = 20
+keepalive = 5
+errorlog = "-"  # journald: journalctl -u @SERVICE_NAME@
+loglevel = "info"
+
+# The write gate: while a deploy backs up and migrates the database (or `doit restore` runs), it
+# holds an exclusive lock on this file. Each request takes a shared lock first, so requests wait
+# here (they are never refused) and none writes between the backup and the migration's end:
+# restoring that backup after a failed migration undoes nothing the app acknowledged. The lock
+# dies with the process that holds it, so a killed deploy never leaves requests waiting.
+WRITE_GATE = "@DEPLOY_PATH@/shared/write-gate"
+
+
+def pre_request(worker, req):
+    import fcntl
+    import os
+    try:
+        gate = os.open(WRITE_GATE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # before the first deploy made it (or a link planted in its place)
+        return
+    fcntl.flock(gate, fcntl.LOCK_SH)
+    req.write_gate = gate
+
+
+def post_request(worker, req, environ, resp):
+    import os
+    gate = getattr(req, "write_gate", None)
+    if gate is not None:
+        os.close(gate)
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    hardening.conf)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Sandboxing shared by the app's units (systemd-analyze security scores it; see README).
+UMask=0007
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths=@DEPLOY_PATH@/shared/instance -@DEPLOY_PATH@/shared/uploads @LOG_PATH@
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateUsers=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+DevicePolicy=closed
+CapabilityBoundingSet=
+AmbientCapabilities=
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    logrotate.conf)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/logrotate.d/@SITE_NAME@
+# The app reopens its files after rotation (WatchedFileHandler); nginx's logs rotate with nginx.
+# The folder belongs to root (the app owns only its files), so logrotate rotates as root and no
+# link can be planted there for it to follow.
+@LOG_PATH@/*.log {
+    daily
+    rotate 14
+    compress
+    delaycompress
+    missingok
+    notifempty
+    create 0640 @APP_USER@ @APP_USER@
+}
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    nginx-acme-challenge.conf)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+    # HTTPS (HTTPS=1): the ACME HTTP-01 challenge, answered from a folder only root writes
+    # (certbot's webroot), never redirected and never passed to the app.
+    location ^~ /.well-known/acme-challenge/ {
+        root @ACME_WEBROOT@;
+        default_type text/plain;
+        try_files $uri =404;
+    }
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    nginx-hsts.conf)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+    # HSTS=1: browsers keep to HTTPS for this name for a year (they ignore it over plain HTTP).
+    add_header Strict-Transport-Security "max-age=31536000" always;
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    nginx-https.conf)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+    # HTTPS (HTTPS=1, a certificate obtained): port 443 with a modern TLS configuration
+    # (Mozilla's "intermediate": TLS 1.2 and 1.3, forward-secret AEAD ciphers only).
+    listen 443 ssl default_server;
+    listen [::]:443 ssl default_server;
+    ssl_certificate @CERT_DIR@/fullchain.pem;
+    ssl_certificate_key @CERT_DIR@/privkey.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305;
+    ssl_prefer_server_ciphers off;
+    ssl_session_cache shared:flask_deploy_tls:10m;
+    ssl_session_timeout 1d;
+    ssl_session_tickets off;
+    # Plain HTTP moves to HTTPS, except the ACME challenge (renewals use it) and loopback
+    # names: the guide's `curl http://localhost/` and the health checks on the server itself.
+    set $to_https $scheme;
+    if ($host ~ ^(localhost|127\.0\.0\.1|\[::1\])$) {
+        set $to_https local;
+    }
+    if ($request_uri ~ ^/\.well-known/acme-challenge/) {
+        set $to_https acme;
+    }
+    if ($to_https = http) {
+        return 301 https://$host$request_uri;
+    }
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    nginx-maintenance.conf)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/nginx/snippets/@SITE_NAME@-maintenance.conf, included
+# in every server block of the site. Maintenance mode (`doit maintenance on|off`): while the
+# flag file exists, nginx answers 503 with Retry-After and the live release's maintenance.html
+# (a plain page if it has none); requests from the server itself (its health checks, your curl
+# on it) still reach the app. Only the workers (www-data) look for the flag and read the page,
+# at request time: root's master never reads a file the deploy user or the app can write.
+set $maintenance "";
+if (-f @DEPLOY_PATH@/shared/maintenance.on) {
+    set $maintenance "on";
+}
+if ($remote_addr = 127.0.0.1) {
+    set $maintenance "";
+}
+if ($remote_addr = ::1) {
+    set $maintenance "";
+}
+# Certificate renewals (HTTP-01 challenges) go on during maintenance.
+if ($uri ~ ^/\.well-known/acme-challenge/) {
+    set $maintenance "";
+}
+if ($maintenance) {
+    return 503;
+}
+error_page 503 @maintenance;
+location @maintenance {
+    root @DEPLOY_PATH@/current;
+    add_header Retry-After 60 always;
+    add_header Cache-Control no-store always;
+    try_files /maintenance.html @maintenance_default;
+}
+location @maintenance_default {
+    default_type text/html;
+    add_header Retry-After 60 always;
+    add_header Cache-Control no-store always;
+    return 503 "<!doctype html><title>Maintenance</title><h1>Down for maintenance</h1><p>We will be back in a minute.</p>\n";
+}
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    nginx-site.conf)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/nginx/sites-available/@SITE_NAME@
+server {
+    listen 80 default_server;
+    listen [::]:80 default_server;
+    server_name @SERVER_NAME@;
+@HTTPS@
+
+    access_log /var/log/nginx/@SITE_NAME@_access.log;
+    error_log /var/log/nginx/@SITE_NAME@_error.log;
+    client_max_body_size 10m;
+    include /etc/nginx/snippets/@SITE_NAME@-maintenance.conf;
+
+    location / {
+        proxy_pass http://127.0.0.1:@APP_PORT@;
+        proxy_set_header Host $host;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_connect_timeout 5s;
+        proxy_read_timeout 60s;
+    }
+}
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    sshd-hardening.conf)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/ssh/sshd_config.d/10-flask-deploy-hardening.conf once
+# the deploy key was proven to work. sshd takes the first value it reads, and 10- comes first.
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin @PERMIT_ROOT_LOGIN@
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    sudoers)
+      cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
+# Installed by server_setup.sh as /etc/sudoers.d/@SUDOERS_NAME@
+# Exactly what the deploy user runs with sudo: the app's units, nginx's check and reload, and
+# the guide's log commands. No wildcards: each line is a whole command. None of them reads or
+# writes a path deploy or www-data can swap: the log folders belong to root, the units' paths
+# are fixed, and systemctl and journalctl page through `less` in its secure mode under sudo
+# (no shell, no other files).
+Cmnd_Alias APP_UNITS = \
+    /usr/bin/systemctl start @SERVICE_NAME@, /usr/bin/systemctl stop @SERVICE_NAME@, \
+    /usr/bin/systemctl restart @SERVICE_NAME@, /usr/bin/systemctl reload @SERVICE_NAME@, \
+    /usr/bin/systemctl status @SERVICE_NAME@, /usr/bin/systemctl reset-failed @SERVICE_NAME@, \
+    /usr/bin/systemctl start @SERVICE_NAME@-migrate, \
+    /usr/bin/systemctl start @SERVICE_NAME@-preflight, \
+    /usr/bin/systemctl stop @SERVICE_NAME@-preflight
+Cmnd_Alias APP_JOURNAL = \
+    /usr/bin/journalctl -u @SERVICE_NAME@, /usr/bin/journalctl -u @SERVICE_NAME@ -f, \
+    /usr/bin/journalctl -u @SERVICE_NAME@ --no-pager -n 20, \
+    /usr/bin/journalctl -u @SERVICE_NAME@ --no-pager -n 50, \
+    /usr/bin/journalctl -u @SERVICE_NAME@ --no-pager -n 100, \
+    /usr/bin/journalctl -u @SERVICE_NAME@-migrate --no-pager -n 30, \
+    /usr/bin/journalctl -u @SERVICE_NAME@-preflight --no-pager -n 30
+Cmnd_Alias APP_LOGS = \
+    /usr/bin/tail -f @LOG_PATH@/app.log, /usr/bin/tail -f @LOG_PATH@/error.log, \
+    /usr/bin/tail -f /var/log/nginx/@SITE_NAME@_access.log, \
+    /usr/bin/tail -f /var/log/nginx/@SITE_NAME@_error.log, \
+    /usr/bin/tail -n 100 @LOG_PATH@/app.log, /usr/bin/tail -n 100 @LOG_PATH@/error.log, \
+    /usr/bin/tail -n 100 /var/log/nginx/@SITE_NAME@_access.log, \
+    /usr/bin/tail -n 100 /var/log/nginx/@SITE_NAME@_error.log
+Cmnd_Alias APP_NGINX = \
+    /usr/sbin/nginx -t, /usr/bin/systemctl reload nginx, /usr/bin/systemctl status nginx
+# `doit run` and the deploy hooks: any arguments, since they are the command, which the runner
+# (root's own file) starts as @APP_USER@ only inside the service's sandbox (conf/app-run.py).
+Cmnd_Alias APP_RUN = /usr/local/sbin/@SERVICE_NAME@-run
+
+@DEPLOY_USER@ ALL=(root) NOPASSWD: APP_UNITS, APP_JOURNAL, APP_LOGS, APP_NGINX, APP_RUN
+# No rule runs anything as @APP_USER@ outside the app's sandbox: every program there (the venv's
+# python) is one the deploy user can rewrite, and a sha256 bound to it is checked before the
+# exec, so it can change in between; APP_RUN starts its command in the sandbox only. The guide's `@DEPLOY_PATH@/venv/bin/python --version` runs as the deploy user.
+END_OF_FLASK_DEPLOY_TEMPLATE
+      ;;
+    *) return 1 ;;
+  esac
+}
+# <<< embedded templates
+
+# -- provisioning state ------------------------------------------------------------------------
+# The stamp says which script and templates provisioned this server, with which settings (no
+# secrets, no key): `doit check` and `doit deploy` read it as the deploy user and compare it
+# with their own copy. Root writes it in /etc/SERVICE_NAME/, a folder only root can write.
+stamp_path() {
+  echo "/etc/${SERVICE_NAME}/server-setup.stamp"
+}
+
+stamp_text() {
+  local name
+  echo "# written by server_setup.sh after a successful run; read by doit check and deploy"
+  echo "script=$(script_digest)"
+  echo "templates=$(templates_digest)"
+  echo "ssh_hardening=${SSH_HARDENING}"
+  for name in DEPLOY_USER APP_USER DEPLOY_PATH BACKUP_PATH LOG_PATH SERVICE_NAME APP_PORT \
+    PREFLIGHT_PORT SSH_PORT SERVER_NAME SITE_NAME WORKERS BACKUP_SCHEDULE BACKUPS_KEEP \
+    BACKUPS_KEEP_DAYS; do
+    echo "${name}=${!name}"
+  done
+}
+
+ensure_stamp() {
+  local staged
+  staged="$(mktemp)"
+  stamp_text > "${staged}"
+  ensure_file "$(stamp_path)" 644 root root "${staged}"
+  rm -f "${staged}"
 }
 
 main() {
@@ -990,6 +1606,7 @@ main() {
   ensure_firewall
   ensure_service_active ssh
   ensure_ssh_hardening
+  ensure_stamp
   echo "setup: ${CHANGES} changed, ${UNCHANGED} ok in $((SECONDS - started)) s"
 }
 

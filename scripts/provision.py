@@ -1,10 +1,9 @@
-"""`doit setup`: upload server_setup.sh and conf/ to each server and run them there over SSH,
-prove the deploy key logs in, then run once more so SSH hardening can apply."""
+"""`doit setup`: upload server_setup.sh (alone, its templates embedded from conf/) to each server
+and run it there over SSH as root (SETUP_USER root, or through sudo), prove the deploy key logs
+in, then run once more so SSH hardening can apply."""
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from scripts.errors import ToolkitError
 from scripts.remote import Target, connect
 from scripts.settings import REPO_ROOT, Settings
 
-SETUP_SCRIPT = REPO_ROOT / "server_setup.sh"
-CONF_DIR = REPO_ROOT / "conf"
 # What server_setup.sh prints while SSH hardening waits for a proven deploy key.
 HARDENING_WAITS = "note: SSH hardening waits"
 
@@ -71,11 +68,17 @@ def _upload_ca_bundle(machine, remote_dir: str, flags: list[str]) -> list[str]:
     return [*flags[:at], remote, *flags[at + 1:]]
 
 
-def setup_argv(remote_dir: str, flags: list[str], as_root: bool, verified: bool,
-               check: bool = False) -> list[str]:
-    argv = ["bash", f"{remote_dir}/server_setup.sh", "--conf-dir", f"{remote_dir}/conf", *flags]
-    if as_root:
+def setup_argv(remote_dir: str, flags: list[str], user: str, verified: bool,
+               check: bool = False, sudo_password: bool = False) -> list[str]:
+    """As root the script runs itself; any other SETUP_USER runs it through sudo: `sudo -n`
+    (NOPASSWD), or `sudo -S` reading SETUP_SUDO_PASSWORD from stdin, never from argv."""
+    argv = ["bash", f"{remote_dir}/server_setup.sh", *flags]
+    if user == "root":
         argv.append("--allow-root")  # doit setup was told to log in as root: that is intended
+    elif sudo_password:
+        argv = ["sudo", "-S", "-p", "", "--", *argv]
+    else:
+        argv = ["sudo", "-n", "--", *argv]
     if verified:
         argv.append("--deploy-key-verified")
     if check:
@@ -83,18 +86,13 @@ def setup_argv(remote_dir: str, flags: list[str], as_root: bool, verified: bool,
     return argv
 
 
-def script_fingerprint() -> str:
-    """Changes whenever the script or a template changes, so `doit setup` runs again."""
-    digest = hashlib.sha256(SETUP_SCRIPT.read_bytes())
-    for template in sorted(CONF_DIR.iterdir()):
-        digest.update(template.name.encode() + template.read_bytes())
-    return digest.hexdigest()
-
-
 def _upload(machine, remote_dir: str) -> None:
-    archive = subprocess.run(["tar", "-C", str(REPO_ROOT), "-czf", "-", "server_setup.sh",
-                              "conf"], capture_output=True, check=True).stdout
-    (machine["tar"]["-xzf", "-", "-C", remote_dir] << archive)()
+    """The script alone, as the guide copies it, its templates embedded from conf/ as it is
+    now (so an edit of conf/ that was not regenerated yet still reaches the server)."""
+    from scripts.embed_templates import current_script
+
+    (machine["sh"]["-c", 'umask 077 && cat > "$1"', "sh", f"{remote_dir}/server_setup.sh"]
+     << current_script())()
 
 
 # apt's package configuration talks on stderr even when it works ("debconf: delaying package
@@ -107,11 +105,15 @@ def shown(line: str) -> bool:
     return not line.startswith(_APT_NOISE)
 
 
-def _run_streaming(machine, argv: list[str], prefix: str, log) -> tuple[int, list[str]]:
+def _run_streaming(machine, argv: list[str], prefix: str, log,
+                   password: str = "") -> tuple[int, list[str]]:
     """Run argv remotely and print its lines as they come (the first setup takes a minute)."""
     # stderr joins stdout remotely, so errors appear in order with the steps.
     command = machine["bash"]["-c", 'exec "$@" 2>&1', "setup", *argv]
     process = command.popen()
+    if password:  # sudo -S reads its first line; the script reads no input
+        process.stdin.write(f"{password}\n".encode())
+    process.stdin.close()
     lines = []
     for raw in process.stdout:
         line = raw.decode(errors="replace").rstrip("\n")
@@ -123,16 +125,16 @@ def _run_streaming(machine, argv: list[str], prefix: str, log) -> tuple[int, lis
 
 
 def provision(setup_target: Target, deploy_target: Target, flags: list[str], check: bool,
-              prefix: str = "", log=print) -> SetupOutcome:
+              prefix: str = "", log=print, sudo_password: str = "") -> SetupOutcome:
+    user, password = setup_target.user, sudo_password
     with connect(setup_target) as machine:
         remote_dir = machine["mktemp"]["-d", "/tmp/server-setup.XXXXXX"]().strip()
         try:
             _upload(machine, remote_dir)
             flags = _upload_ca_bundle(machine, remote_dir, flags)
-            as_root = setup_target.user == "root"
             status, lines = _run_streaming(
-                machine, setup_argv(remote_dir, flags, as_root, verified=False, check=check),
-                prefix, log)
+                machine, setup_argv(remote_dir, flags, user, verified=False, check=check,
+                                    sudo_password=bool(password)), prefix, log, password)
             _raise_on_failure(status, lines, setup_target)
             if check:
                 return SetupOutcome(setup_target, _changes(lines), lines)
@@ -143,8 +145,9 @@ def provision(setup_target: Target, deploy_target: Target, flags: list[str], che
             if not any(line.startswith(HARDENING_WAITS) for line in lines):
                 return SetupOutcome(setup_target, _changes(lines), lines)
             status, more = _run_streaming(
-                machine, setup_argv(remote_dir, flags, as_root, verified=True), prefix,
-                lambda line: log(line) if not line.startswith(f"{prefix}ok:") else None)
+                machine, setup_argv(remote_dir, flags, user, verified=True,
+                                    sudo_password=bool(password)), prefix,
+                lambda line: log(line) if not line.startswith(f"{prefix}ok:") else None, password)
             _raise_on_failure(status, more, setup_target)
             return SetupOutcome(setup_target, _changes(lines) + _changes(more), lines + more)
         finally:
@@ -155,7 +158,17 @@ def _changes(lines: list[str]) -> int:
     return sum(1 for line in lines if line.startswith(("changed:", "would change:")))
 
 
+SUDO_WANTS_PASSWORD = "a password is required"
+SUDO_REFUSED_PASSWORD = ("incorrect password", "no password was provided", "Sorry, try again")
+
+
 def _raise_on_failure(status: int, lines: list[str], target: Target) -> None:
+    if status != 0 and any(SUDO_WANTS_PASSWORD in line for line in lines):
+        raise ToolkitError(f"setup on {target.display}: sudo asks {target.user} for a password; "
+                           f"set SETUP_SUDO_PASSWORD, or give {target.user} NOPASSWD sudo")
+    if status != 0 and any(word in line for line in lines for word in SUDO_REFUSED_PASSWORD):
+        raise ToolkitError(f"setup on {target.display}: sudo refused SETUP_SUDO_PASSWORD for "
+                           f"{target.user}; correct it (it is never printed)")
     if status != 0:
         errors = [line for line in lines if line.startswith("error:")]
         reason = errors[-1] if errors else (lines[-1] if lines else f"exit {status}")

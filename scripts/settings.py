@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Mapping
 
@@ -149,6 +149,12 @@ def _remote_path(raw: str) -> PurePosixPath:
     if ".." in PurePosixPath(raw).parts:
         raise _Invalid("must not contain '..'")
     return PurePosixPath(raw)
+
+
+def _sudo_password(raw: str) -> str:
+    if "\n" in raw or "\r" in raw:
+        raise _Invalid("must be one line (sudo -S reads one line)")
+    return raw
 
 
 def _optional_user(raw: str) -> str:
@@ -315,6 +321,9 @@ SETTINGS: tuple[Setting, ...] = (
             "account with sudo that provisions (default: root; admin on sandbox servers)"),
     Setting("SETUP_KEY_FILE", _optional_local_path, "",
             "SETUP_USER's own private key (else ssh-agent); never the deploy key"),
+    Setting("SETUP_SUDO_PASSWORD", _sudo_password, "",
+            "SETUP_USER's sudo password, fed to `sudo -S` (unset: sudo must need none)",
+            secret=True),
     Setting("DEPLOY_PUBLIC_KEY_FILE", _optional_local_path, "",
             "public key installed for DEPLOY_USER by `doit setup` (default: SSH_KEY_FILE.pub)"),
     Setting("SERVER_NAME", _server_name, "_", "nginx server_name: your domain (_ = any)"),
@@ -418,6 +427,7 @@ class Settings:
     ssh_config: Path | None
     setup_user: str
     setup_key_file: Path | None
+    setup_sudo_password: str = field(repr=False)  # a secret: never in a printed Settings
     deploy_public_key_file: Path | None
     server_name: str
     https: bool

@@ -124,33 +124,22 @@ def build_action():
 
 def _setup_plan(settings):
     """(setup target, deploy target, server_setup.sh flags) for each server."""
+    from scripts.targets import deploy_targets, setup_targets
+
+    return [(setup_target, deploy_target, _flags_for(settings, deploy_target))
+            for setup_target, deploy_target in zip(setup_targets(settings),
+                                                   deploy_targets(settings))]
+
+
+def _flags_for(settings, deploy_target) -> list[str]:
     from scripts.provision import setup_flags
-    from scripts.targets import deploy_public_key, deploy_targets, setup_targets
+    from scripts.targets import deploy_public_key
 
-    plan = []
-    for setup_target, deploy_target in zip(setup_targets(settings), deploy_targets(settings)):
-        public_key = deploy_public_key(settings, deploy_target)
-        # The firewall keeps open the port SSH really comes in on: SSH_PORT, the entry's, or
-        # the SSH configuration's (a sandbox's forward ends on 22).
-        inside_ssh_port = 22 if settings.uses_sandbox else deploy_target.port
-        plan.append((setup_target, deploy_target,
-                     setup_flags(settings, public_key, inside_ssh_port)))
-    return plan
-
-
-def setup_fingerprint(settings) -> str:
-    """What a provisioned server depends on: script, templates, settings, which servers."""
-    import hashlib
-
-    from scripts.provision import script_fingerprint
-    from scripts.sandbox import sandbox_from_settings
-
-    identity = [script_fingerprint()]
-    for setup_target, _, flags in _setup_plan(settings):
-        identity += [*flags, setup_target.label()]
-    if settings.uses_sandbox:  # a rebooted sandbox server is a new, bare server
-        identity += [s.host_key for s in sandbox_from_settings(settings).servers()]
-    return hashlib.sha256("\0".join(identity).encode()).hexdigest()
+    public_key = deploy_public_key(settings, deploy_target)
+    # The firewall keeps open the port SSH really comes in on: SSH_PORT, the entry's, or
+    # the SSH configuration's (a sandbox's forward ends on 22).
+    inside_ssh_port = 22 if settings.uses_sandbox else deploy_target.port
+    return setup_flags(settings, public_key, inside_ssh_port)
 
 
 @user_errors_fail_task
@@ -168,15 +157,70 @@ def setup_action(check=False):
         prefix = f"{setup_target.display}: " if len(plan) > 1 else ""
         print(f"setup: {setup_target.display} as {setup_target.user}"
               f"{' (check only)' if check else ''}")
-        changed += provision(setup_target, deploy_target, flags, check, prefix).changed
+        changed += provision(setup_target, deploy_target, flags, check, prefix,
+                             sudo_password=settings.setup_sudo_password).changed
     verb = "would change" if check else "changed"
     print(f"setup: {len(plan)} server(s), {changed} {verb} in "
           f"{time.monotonic() - started:.1f} s")
-    return {} if check else {"fingerprint": setup_fingerprint(settings)}
 
 
-def setup_is_current(task, values) -> bool:
-    try:
-        return values.get("fingerprint") == setup_fingerprint(load_settings())
-    except ToolkitError:
-        return False
+@user_errors_fail_task
+def setup_if_needed_action():
+    """`doit deploy`'s provisioning: the servers' stamps decide, read as the deploy user. Setup
+    runs only where a stamp is missing or behind AND SETUP_USER is set (or the sandbox's admin)
+    and can log in; elsewhere one warning line, and the deploy goes on. Only a server that was
+    never provisioned stops it."""
+    import sys
+
+    from scripts.deploy.server import Server
+    from scripts.remote import connect
+    from scripts.setup_stamp import next_step, server_verdict
+    from scripts.targets import deploy_targets, setup_targets
+
+    settings = load_settings()
+    configured = settings.uses_sandbox or "SETUP_USER" in settings.given
+    targets = list(zip(deploy_targets(settings), setup_targets(settings)))
+    for deploy_target, setup_target in targets:
+        name = deploy_target.display
+        try:
+            with Server(deploy_target, settings.deploy_path) as server:
+                verdict = server_verdict(server, settings)
+                laid_out = server.run(["test", "-d", str(settings.deploy_path / "releases")],
+                                      check=False, reads=True).status == 0
+            deploy_reason = ""
+        except ToolkitError as error:
+            verdict, laid_out, deploy_reason = None, False, str(error)
+        if verdict and verdict.current:
+            print(f"ok       setup    {name}: {verdict.text}")
+            continue
+        why = verdict.text if verdict else deploy_reason
+        setup_reason = "SETUP_USER is not set"
+        if configured:
+            try:
+                connect(setup_target).close()
+                setup_reason = ""
+            except ToolkitError as error:
+                setup_reason = str(error)
+        step = next_step(verdict, laid_out, setup_reason)
+        if step == "setup":
+            print(f"setup: {name}: {why}; provisioning as {setup_target.user}")
+            _provision_one(settings, setup_target, deploy_target)
+        elif step == "warn":
+            print(f"warning: {name}: {why}; not provisioning ({setup_reason}); the deploy goes "
+                  f"on: run `doit setup` or server_setup.sh there to catch up", file=sys.stderr)
+        else:
+            state = (f"{why}" if verdict is None else
+                     f"{name} is not provisioned ({why}; no {settings.deploy_path}/releases)")
+            raise ToolkitError(
+                f"{state}; setup cannot run either ({setup_reason}): if {name} is new, run "
+                f"server_setup.sh on it (README, step 1), or set SETUP_USER to an account with "
+                f"sudo that logs in with its key, then deploy again")
+
+
+def _provision_one(settings, setup_target, deploy_target) -> None:
+    from scripts.provision import provision
+
+    provision(setup_target, deploy_target, _flags_for(settings, deploy_target), settings.dry_run,
+              sudo_password=settings.setup_sudo_password)
+
+

@@ -93,6 +93,7 @@ def check_action():
     def check_one(server, reporter):
         with server:
             verdicts.append(_print_results(reporter, check_server(server, settings, manifest)))
+            _print_setup_state(server, settings, reporter)
     # Every server is checked before any changes: an unreachable one fails the whole check.
     errors = run_parallel([lambda pair=pair: check_one(*pair) for pair in _servers(settings)],
                           settings.deploy_parallel)
@@ -104,6 +105,19 @@ def check_action():
         first = next((str(e) for e in errors if e), "see FAILED above")
         raise ToolkitError(f"pre-deploy checks failed ({first.splitlines()[0]}); nothing was "
                            f"changed")
+
+
+def _print_setup_state(server, settings, reporter) -> None:
+    """The provisioning stamp against this server_setup.sh: one line, a warning when behind
+    (a deploy still works on a server provisioned by an older script)."""
+    from scripts.setup_stamp import server_verdict
+
+    verdict = server_verdict(server, settings)
+    if verdict.current:
+        reporter.line(f"{'ok':8} {verdict.text}")
+    else:
+        reporter.line(f"{'warning':8} {verdict.text}; run `doit setup` (SETUP_USER) or "
+                      f"server_setup.sh there")
 
 
 @user_errors_fail_task

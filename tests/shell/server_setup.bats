@@ -326,3 +326,28 @@ refused() {
   run acme_error "${BATS_TEST_TMPDIR}/out" 124
   [[ "${output}" == "certbot had no answer within 300 s" ]]
 }
+
+@test "the stamp records script, templates and settings, never the deploy key" {
+  parse_args --deploy-key "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 deploy" --workers 3
+  run stamp_text
+  [ "${status}" -eq 0 ]
+  [[ "${output}" == *"WORKERS=3"* ]]
+  [[ "${output}" == *"script=$(script_digest)"* ]]
+  [[ "${output}" == *"templates=$(templates_digest)"* ]]
+  [[ "${output}" != *"AAAAC3Nza"* ]]
+}
+
+@test "--migrate-command is accepted and ignored with a note (deploys carry it)" {
+  run parse_args --migrate-command "flask --app wsgi migrate"
+  [ "${status}" -eq 0 ]
+  [[ "${output}" == *"--migrate-command is ignored"* ]]
+}
+
+@test "copied alone, the script renders from its embedded templates" {
+  cp "${REPO}/server_setup.sh" "${BATS_TEST_TMPDIR}/server_setup.sh"
+  run bash -c 'source "$1"; parse_args; echo "[${CONF_DIR}]"; render_template app.socket' \
+    bash "${BATS_TEST_TMPDIR}/server_setup.sh"
+  [ "${status}" -eq 0 ]
+  [[ "${output}" == "[]"* ]]
+  [[ "${output}" == *"ListenStream=127.0.0.1:5000"* ]]
+}

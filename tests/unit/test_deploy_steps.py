@@ -206,9 +206,19 @@ def test_setup_flags_carry_every_setting_and_root_needs_allow_root():
     assert pairs["--deploy-path"] == "/var/www/flask_helpdesk"
     assert pairs["--service-name"] == "flask-helpdesk"
     assert pairs["--deploy-key"] == "ssh-ed25519 AAAA key"
-    assert "--allow-root" in setup_argv("/tmp/x", flags, as_root=True, verified=False)
-    assert "--allow-root" not in setup_argv("/tmp/x", flags, as_root=False, verified=True)
-    assert setup_argv("/tmp/x", flags, False, False, check=True)[-1] == "--check"
+    as_root = setup_argv("/tmp/x", flags, "root", verified=False)
+    assert as_root[:2] == ["bash", "/tmp/x/server_setup.sh"] and as_root[-1] == "--allow-root"
+    assert "--conf-dir" not in as_root  # the script goes alone, its templates inside it
+    assert setup_argv("/tmp/x", flags, "root", False, check=True)[-1] == "--check"
+
+
+def test_a_non_root_setup_user_runs_the_script_through_sudo_never_with_the_password_in_argv():
+    flags = setup_flags(SETTINGS, "ssh-ed25519 AAAA key", 22)
+    nopasswd = setup_argv("/tmp/x", flags, "admin", verified=True)
+    assert nopasswd[:4] == ["sudo", "-n", "--", "bash"] and "--allow-root" not in nopasswd
+    assert nopasswd[-1] == "--deploy-key-verified"
+    with_password = setup_argv("/tmp/x", flags, "admin", False, sudo_password=True)
+    assert with_password[:5] == ["sudo", "-S", "-p", "", "--"]  # no prompt text; stdin only
 
 
 def test_a_lock_released_while_python_exits_warns_instead_of_reconnecting(monkeypatch):

@@ -45,3 +45,23 @@ def test_a_refused_setup_key_is_explained_without_advising_the_deploy_key(tmp_pa
     line = explain_ssh_failure(setup, "root@web-1.example.com: Permission denied (publickey).")
     assert "set SETUP_KEY_FILE to root's own key" in line
     assert "authorized_keys" not in line and "Never give root the deploy key" in line
+
+
+def test_sudo_asking_for_or_refusing_the_password_is_one_line_that_never_holds_it():
+    from scripts.provision import _raise_on_failure
+    from scripts.remote import Target
+
+    olga = Target("web-1.example.com", 22, "olga", name="web-1.example.com")
+    with pytest.raises(ToolkitError, match=r"sudo asks olga for a password; set "
+                                           r"SETUP_SUDO_PASSWORD, or give olga NOPASSWD sudo$"):
+        _raise_on_failure(1, ["sudo: a password is required"], olga)
+    with pytest.raises(ToolkitError, match=r"sudo refused SETUP_SUDO_PASSWORD for olga"):
+        _raise_on_failure(1, ["Sorry, try again.", "sudo: no password was provided",
+                              "sudo: 1 incorrect password attempt"], olga)
+
+
+def test_a_sudo_password_of_two_lines_is_refused_without_showing_it(tmp_path):
+    with pytest.raises(ToolkitError) as error:
+        settings_with(tmp_path, SETUP_SUDO_PASSWORD="first\nsecond")
+    assert "SETUP_SUDO_PASSWORD" in str(error.value) and "first" not in str(error.value)
+    assert "second" not in repr(settings_with(tmp_path, SETUP_SUDO_PASSWORD="second"))
