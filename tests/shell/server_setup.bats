@@ -229,6 +229,34 @@ refused() {
   [ ! -e "${victim}/instance" ]
 }
 
+@test "moving the app's data never follows a link and never lands where others write" {
+  local victim="${BATS_TEST_TMPDIR}/victim"
+  mkdir -p "${victim}" "${BATS_TEST_TMPDIR}/app/shared"
+  chmod 700 "${victim}"
+  ln -s "${victim}" "${BATS_TEST_TMPDIR}/app/shared/instance"
+  run safe_path move "${BATS_TEST_TMPDIR}/app/shared/instance" /nonexistent/instance \
+    "${BATS_TEST_TMPDIR}/app/shared/write-gate"
+  [ "${status}" -eq 0 ]
+  [ "${output}" = "link" ]
+  [ -L "${BATS_TEST_TMPDIR}/app/shared/instance" ]
+  [ "$(stat -c '%a %U' "${victim}")" = "700 ${ME}" ]
+  rm "${BATS_TEST_TMPDIR}/app/shared/instance"
+  mkdir "${BATS_TEST_TMPDIR}/app/shared/instance" "${BATS_TEST_TMPDIR}/data"
+  run safe_path move "${BATS_TEST_TMPDIR}/app/shared/instance" "${BATS_TEST_TMPDIR}/data/instance" \
+    "${BATS_TEST_TMPDIR}/app/shared/write-gate"
+  [ "${status}" -ne 0 ]
+  [[ "${output}" == *"can be written by a user other than root"* ]]
+  [ -d "${BATS_TEST_TMPDIR}/app/shared/instance" ]
+}
+
+@test "the units' writable paths sit under /var/lib/<service>, none under DEPLOY_PATH" {
+  parse_args --service-name helpdesk --deploy-path /srv/hd --backup-path /srv/backups
+  run render_template app-backup.service
+  [[ "${output}" == *"ReadWritePaths=/var/lib/helpdesk/backups"* ]]
+  [[ "${output}" == *"server_tool.py backup /srv/hd /var/lib/helpdesk/backups scheduled"* ]]
+  [[ "${output}" != *"ReadWritePaths=/srv"* ]]
+}
+
 @test "a folder root owns needs folders above it that only root can write" {
   run ensure_safe dir "${BATS_TEST_TMPDIR}/logs" root root 755
   [ "${status}" -ne 0 ]
@@ -241,7 +269,8 @@ refused() {
   [ "${status}" -eq 0 ]
   [[ "${output}" == *"ExecStart=/srv/hd/current/.venv/bin/gunicorn --config /etc/helpdesk/"* ]]
   [[ "${output}" == *"ProtectSystem=strict"* ]]
-  [[ "${output}" == *"ReadWritePaths=/srv/hd/shared/instance"* ]]
+  [[ "${output}" == *"ReadWritePaths=/var/lib/helpdesk/instance -/var/lib/helpdesk/uploads"* ]]
+  [[ "${output}" != *"/srv/hd/shared"* ]]
   run render_template app.socket
   [[ "${output}" == *"ListenStream=127.0.0.1:5100"* ]]
 }
