@@ -12,6 +12,7 @@ import secrets
 import shlex
 
 import pytest
+import requests
 
 from tests.integration.helpers import script_lines
 
@@ -453,21 +454,32 @@ def writable_paths_and_their_folders(site) -> list[str]:
     return output.splitlines()
 
 
+# A folder of root's that the app may write by its permissions, but that its sandbox keeps
+# read-only (ProtectSystem=strict): what a link systemd followed would open to it.
+VICTIM_DIR = "/etc/flask-helpdesk-victim"
+
+
 @pytest.mark.parametrize("attacker", ["deploy", "www-data"])
 def test_r20_the_units_writable_folders_cannot_be_swapped_for_a_link(armed, attacker):
     """systemd (root) follows a link in ReadWritePaths=: if the deploy user (or the app) could
     swap one of those folders for a link, the app could write /etc. Plant the link wherever
     the attacker can, restart the app (deploy's sudo rule), run the backup unit and `doit
-    setup`: the app's mounts never include the planted target, and every writable path sits
-    under folders only root can write."""
+    setup`: the app's mounts never include the planted target, nothing lands there, and every
+    writable path sits under folders only root can write."""
     before = root_state(armed)
     plant = as_deploy if attacker == "deploy" else as_app
+    with armed.admin() as admin:
+        run(admin, f"sudo install -d -m 2770 -o root -g www-data {VICTIM_DIR}")
     _, planted = plant(armed, "; ".join(
-        f"mv {place} {place}.mine && ln -s {CANARY_DIR} {place}; echo \"{place} $?\""
+        f"mv {place} {place}.mine && ln -s {VICTIM_DIR} {place}; echo \"{place} $?\""
         for place in OLD_DATA_PLACES + DATA_PLACES))
     try:
         as_deploy(armed, "sudo -n systemctl restart flask-helpdesk")
-        swapped_mounts = app_mountinfo(armed, running=False)
+        swapped_mounts = app_mountinfo(armed)
+        try:
+            armed.create_ticket("through a planted link")
+        except requests.RequestException:
+            pass  # the app cannot write through the link: the sandbox holds
         with armed.admin() as admin:
             run(admin, "sudo systemctl start flask-helpdesk-backup.service")
         setup = armed.doit("setup")
@@ -479,10 +491,12 @@ def test_r20_the_units_writable_folders_cannot_be_swapped_for_a_link(armed, atta
             run(admin, "; ".join(f"if [ -e {place}.mine ] || [ -L {place}.mine ]; then "
                                  f"sudo rm -f {place}; sudo mv {place}.mine {place}; fi"
                                  for place in OLD_DATA_PLACES + DATA_PLACES))
-            run(admin, "sudo systemctl restart flask-helpdesk")
+            _, written = run(admin, f"sudo find {VICTIM_DIR} -mindepth 1")
+            run(admin, f"sudo rm -rf {VICTIM_DIR}; sudo systemctl restart flask-helpdesk")
     for place in DATA_PLACES:  # nobody but root can replace these
         assert f"{place} 0" not in planted
-    assert CANARY_DIR not in swapped_mounts and CANARY_DIR not in mounts_after_setup
+    assert VICTIM_DIR not in swapped_mounts and VICTIM_DIR not in mounts_after_setup
+    assert written.strip() == ""
     assert f"{DATA_PATH}/instance" in mounts_after_setup
     for line in layout:
         owner, mode, kind = line.split()[:3]
