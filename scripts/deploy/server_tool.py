@@ -5,8 +5,9 @@ one line on stderr.
 
 Layout (DEPLOY_PATH):
   releases/<id>/      unpacked package; .venv -> ../../shared/venvs/<requirements hash>
-  shared/             instance/ (SQLite), uploads/, venvs/ (the app's environment is
-                      /etc/<service>/app.env: systemd reads it as root)
+  shared/             venvs/; instance and uploads are links (the deploy user's) to the
+                      app's folders in /var/lib/<service>, which only root can replace (the
+                      app's environment is /etc/<service>/app.env: systemd reads it as root)
   packages/           uploaded packages
   current, next       symlinks to releases/<id> (next: the release being deployed)
   good-releases       ids that went live, oldest first (rollback walks it backwards)
@@ -629,7 +630,7 @@ def prune_backups(root, backup_root, keep, keep_days):
     return removed
 
 
-SCHEDULED = "scheduled"  # in BACKUP_PATH: the backup timer's, written by the app user
+SCHEDULED = "scheduled"  # in BACKUP_PATH, a link to /var/lib/<service>/backups: the timer's
 
 
 def _backup_names(folder):
