@@ -16,6 +16,8 @@ SERVICE_NAME="${SERVICE_NAME:-flask-helpdesk}"
 APP_PORT="${APP_PORT:-5000}"
 PREFLIGHT_PORT="${PREFLIGHT_PORT:-}"
 SSH_PORT="${SSH_PORT:-22}"
+SESSION_SSH_PORT=""  # the port this SSH session came in on; carried through sudo as a flag
+SSH_PORTS=""         # every SSH port the firewall keeps open (find_ssh_ports)
 SERVER_NAME="${SERVER_NAME:-_}"
 SITE_NAME="${SITE_NAME:-}"
 WORKERS="${WORKERS:-2}"
@@ -59,7 +61,8 @@ Usage: server_setup.sh [options]
   --service-name NAME     systemd service (SERVICE_NAME, default flask-helpdesk)
   --app-port PORT         gunicorn port on 127.0.0.1 (APP_PORT, default 5000)
   --preflight-port PORT   port for a new release's health check (PREFLIGHT_PORT, APP_PORT+1)
-  --ssh-port PORT         SSH port kept open in the firewall (SSH_PORT, default 22)
+  --ssh-port PORT         SSH port kept open in the firewall (SSH_PORT, default 22), besides
+                          the ports sshd listens on and the one this session came in on
   --server-name NAME      nginx server_name, your domain (SERVER_NAME, default _ = any)
   --site-name NAME        nginx site and log name (SITE_NAME, default: DEPLOY_PATH's last part)
   --workers N             gunicorn workers (WORKERS, default 2)
@@ -95,6 +98,7 @@ parse_args() {
       --app-port) need_value "$@"; APP_PORT="$2"; shift ;;
       --preflight-port) need_value "$@"; PREFLIGHT_PORT="$2"; shift ;;
       --ssh-port) need_value "$@"; SSH_PORT="$2"; shift ;;
+      --session-ssh-port) need_value "$@"; SESSION_SSH_PORT="$2"; shift ;;
       --server-name) need_value "$@"; SERVER_NAME="$2"; shift ;;
       --site-name) need_value "$@"; SITE_NAME="$2"; shift ;;
       --workers) need_value "$@"; WORKERS="$2"; shift ;;
@@ -182,6 +186,9 @@ settings_as_flags() {
     --backups-keep "${BACKUPS_KEEP}" --backups-keep-days "${BACKUPS_KEEP_DAYS}"
     --conf-dir "${CONF_DIR}")
   [[ -z "${DEPLOY_PUBLIC_KEY}" ]] || flags+=(--deploy-key "${DEPLOY_PUBLIC_KEY}")
+  local session
+  session="$(session_ssh_port)"
+  [[ -z "${session}" ]] || flags+=(--session-ssh-port "${session}")
   [[ "${DEPLOY_KEY_VERIFIED}" -eq 0 ]] || flags+=(--deploy-key-verified)
   [[ "${UPGRADE}" -eq 0 ]] || flags+=(--upgrade)
   [[ "${MODE}" != "check" ]] || flags+=(--check)
@@ -242,7 +249,7 @@ render_values() {
     "BACKUP_SCHEDULE=${BACKUP_SCHEDULE}" "BACKUPS_KEEP=${BACKUPS_KEEP}"
     "BACKUPS_KEEP_DAYS=${BACKUPS_KEEP_DAYS}"
     "PERMIT_ROOT_LOGIN=${PERMIT_ROOT_LOGIN}" "OPEN_DATA_TO_GROUP=${open_data}"
-    "DATA_PATH=${data}")
+    "DATA_PATH=${data}" "SSH_PORTS=${SSH_PORTS:-${SSH_PORT}}")
   for pair in "${pairs[@]}"; do
     name="${pair%%=*}"
     value="${pair#*=}"
@@ -835,10 +842,38 @@ ufw_has_rule() {
   grep -Eq "^$1/tcp +ALLOW IN +Anywhere( |$)" <<<"$2"
 }
 
+# -- SSH ports: the firewall never shuts SSH out -----------------------------------------------
+# SSH_PORT is the port a client dials; a forward or NAT may end elsewhere, and sshd may listen
+# on more. So the firewall keeps open SSH_PORT, every port `sshd -T` says sshd listens on, and
+# the port this very session came in on (SSH_CONNECTION, carried through sudo as a flag).
+session_ssh_port() {
+  local fields=()
+  if [[ -n "${SESSION_SSH_PORT}" ]]; then
+    echo "${SESSION_SSH_PORT}"
+  elif read -r -a fields <<<"${SSH_CONNECTION:-}" && [[ "${#fields[@]}" -eq 4 ]]; then
+    echo "${fields[3]}"
+  fi
+}
+
+sshd_ports() {
+  # `port 2222`, and `listenaddress [::]:2222` / `0.0.0.0:2222` (the port after the last ':').
+  sshd -T 2>/dev/null | awk '$1 == "port" { print $2 }
+    $1 == "listenaddress" { n = split($2, part, ":"); print part[n] }' || true
+}
+
+find_ssh_ports() {
+  local port ports=()
+  for port in "${SSH_PORT}" $(sshd_ports) "$(session_ssh_port)"; do
+    [[ "${port}" =~ ^[0-9]+$ ]] && (( port >= 1 && port <= 65535 )) && ports+=("${port}")
+  done
+  SSH_PORTS="$(printf '%s\n' "${ports[@]}" | sort -nu | paste -sd, -)"
+}
+
 ensure_firewall() {
-  local port verbose
+  local port verbose session
   verbose="$(ufw status verbose 2>/dev/null || true)"
-  for port in "${SSH_PORT}" 80 443; do
+  [[ -n "${SSH_PORTS}" ]] || find_ssh_ports
+  for port in ${SSH_PORTS//,/ } 80 443; do
     if ufw_has_rule "${port}" "${verbose}"; then
       report_ok "ufw allows ${port}/tcp"
     elif report_change "ufw allows ${port}/tcp"; then
@@ -849,6 +884,12 @@ ensure_firewall() {
     && grep -q "Default: deny (incoming)" <<<"${verbose}"; then
     report_ok "ufw active, incoming denied by default (${APP_PORT} stays closed)"
   elif report_change "ufw active, incoming denied by default"; then
+    # Never enable a firewall that would cut this session: its port must be allowed by now.
+    session="$(session_ssh_port)"
+    if [[ -n "${session}" ]] && ! ufw_has_rule "${session}" "$(ufw show added 2>/dev/null \
+      | sed -n 's|^ufw allow \([0-9]*\)/tcp$|\1/tcp ALLOW IN Anywhere|p')"; then
+      die "ufw would shut out this SSH session (port ${session}); it was not enabled"
+    fi
     ufw default deny incoming >/dev/null
     ufw default allow outgoing >/dev/null
     ufw --force enable >/dev/null
@@ -901,6 +942,7 @@ main() {
   parse_args "$@"
   validate_settings
   ensure_privileges
+  find_ssh_ports
   local started="${SECONDS}"
   echo "setup: ${MODE} ${SERVICE_NAME} in ${DEPLOY_PATH} (deploy user ${DEPLOY_USER}," \
     "app user ${APP_USER})"

@@ -297,3 +297,34 @@ refused() {
   run ufw_has_rule 2 "${listing}"
   [ "${status}" -ne 0 ]
 }
+
+@test "the firewall keeps open SSH_PORT, every port sshd listens on and this session's port" {
+  stub sshd 'printf "port 2222\nport 22\nlistenaddress [::]:2222\nlistenaddress 0.0.0.0:2200\n"'
+  parse_args --ssh-port 40022
+  SSH_CONNECTION="127.0.0.1 51000 127.0.0.1 2022"
+  find_ssh_ports
+  [ "${SSH_PORTS}" = "22,2022,2200,2222,40022" ]
+  run render_template fail2ban-sshd.local
+  [[ "${output}" == *"port = 22,2022,2200,2222,40022"* ]]
+}
+
+@test "this session's port survives the re-run with sudo as a flag" {
+  parse_args --session-ssh-port 2222
+  unset SSH_CONNECTION
+  [ "$(session_ssh_port)" = "2222" ]
+  SESSION_SSH_PORT=""
+  SSH_CONNECTION="10.0.0.1 51000 10.0.0.2 2223"
+  [[ "$(settings_as_flags | tr '\0' ' ')" == *"--session-ssh-port 2223"* ]]
+}
+
+@test "ufw is never enabled when this session's port would not be allowed" {
+  # shellcheck disable=SC2016 # $1 is the stub's own argument
+  stub ufw 'case "$1" in status) echo "Status: inactive";; show) echo "ufw allow 80/tcp";; esac'
+  parse_args --ssh-port 22
+  SSH_PORTS="22"
+  SESSION_SSH_PORT=2222
+  run ensure_firewall
+  [ "${status}" -ne 0 ]
+  [[ "${output}" == *"error: ufw would shut out this SSH session (port 2222)"* ]]
+  refute_called "ufw --force enable"
+}
