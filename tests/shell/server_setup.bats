@@ -328,3 +328,24 @@ refused() {
   [[ "${output}" == *"error: ufw would shut out this SSH session (port 2222)"* ]]
   refute_called "ufw --force enable"
 }
+
+@test "across filesystems the app's data is copied by its own user with the app stopped" {
+  # shellcheck disable=SC2016 # runuser's "$@" belongs to the stub
+  stub runuser 'while [ "$1" != "--" ]; do shift; done; shift; exec "$@"'
+  stub systemctl 'exit 0'
+  parse_args --app-user daemon --deploy-user "${ME}" --service-name helpdesk
+  local old="${BATS_TEST_TMPDIR}/app/shared/instance" new="${BATS_TEST_TMPDIR}/data/instance"
+  mkdir -p "${old}/sub" "${BATS_TEST_TMPDIR}/data"
+  echo tickets > "${old}/helpdesk.sqlite3"
+  echo photo > "${old}/sub/a.png"
+  chown -R daemon "${old}"
+  run copy_app_data "${old}" "${new}"
+  [ "${status}" -eq 0 ]
+  [[ "${output}" == *"changed: ${old}/ copied to ${new}/ (another filesystem; the app stops"* ]]
+  [ "$(cat "${new}/helpdesk.sqlite3")" = "tickets" ]
+  [ "$(cat "${new}/sub/a.png")" = "photo" ]
+  [ "$(stat -c '%U' "${new}")" = "daemon" ]
+  [ ! -e "${old}" ]
+  grep -q "^systemctl stop helpdesk.socket helpdesk.service" "${CALLS}"
+  grep -q "^systemctl start helpdesk.socket" "${CALLS}"
+}
