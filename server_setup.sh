@@ -16,6 +16,8 @@ SERVICE_NAME="${SERVICE_NAME:-flask-helpdesk}"
 APP_PORT="${APP_PORT:-5000}"
 PREFLIGHT_PORT="${PREFLIGHT_PORT:-}"
 SSH_PORT="${SSH_PORT:-22}"
+SESSION_SSH_PORT=""  # the port this SSH session came in on; carried through sudo as a flag
+SSH_PORTS=""         # every SSH port the firewall keeps open (find_ssh_ports)
 SERVER_NAME="${SERVER_NAME:-_}"
 SITE_NAME="${SITE_NAME:-}"
 WORKERS="${WORKERS:-2}"
@@ -70,7 +72,8 @@ Usage: server_setup.sh [options]
   --service-name NAME     systemd service (SERVICE_NAME, default flask-helpdesk)
   --app-port PORT         gunicorn port on 127.0.0.1 (APP_PORT, default 5000)
   --preflight-port PORT   port for a new release's health check (PREFLIGHT_PORT, APP_PORT+1)
-  --ssh-port PORT         SSH port kept open in the firewall (SSH_PORT, default 22)
+  --ssh-port PORT         SSH port kept open in the firewall (SSH_PORT, default 22), besides
+                          the ports sshd listens on and the one this session came in on
   --server-name NAME      nginx server_name, your domain (SERVER_NAME, default _ = any)
   --site-name NAME        nginx site and log name (SITE_NAME, default: DEPLOY_PATH's last part)
   --workers N             gunicorn workers (WORKERS, default 2)
@@ -112,6 +115,7 @@ parse_args() {
       --app-port) need_value "$@"; APP_PORT="$2"; shift ;;
       --preflight-port) need_value "$@"; PREFLIGHT_PORT="$2"; shift ;;
       --ssh-port) need_value "$@"; SSH_PORT="$2"; shift ;;
+      --session-ssh-port) need_value "$@"; SESSION_SSH_PORT="$2"; shift ;;
       --server-name) need_value "$@"; SERVER_NAME="$2"; shift ;;
       --site-name) need_value "$@"; SITE_NAME="$2"; shift ;;
       --workers) need_value "$@"; WORKERS="$2"; shift ;;
@@ -207,6 +211,9 @@ settings_as_flags() {
     --backups-keep "${BACKUPS_KEEP}" --backups-keep-days "${BACKUPS_KEEP_DAYS}")
   [[ -z "${CONF_DIR}" ]] || flags+=(--conf-dir "${CONF_DIR}")
   [[ -z "${DEPLOY_PUBLIC_KEY}" ]] || flags+=(--deploy-key "${DEPLOY_PUBLIC_KEY}")
+  local session
+  session="$(session_ssh_port)"
+  [[ -z "${session}" ]] || flags+=(--session-ssh-port "${session}")
   [[ "${DEPLOY_KEY_VERIFIED}" -eq 0 ]] || flags+=(--deploy-key-verified)
   [[ "${UPGRADE}" -eq 0 ]] || flags+=(--upgrade)
   [[ "${MODE}" != "check" ]] || flags+=(--check)
@@ -301,7 +308,9 @@ render_template() {
 
 render_values() {
   local escaped=() pair name value
-  local open_data="/usr/bin/find ${DEPLOY_PATH}/shared/instance ${DEPLOY_PATH}/shared/uploads"
+  local data open_data
+  data="$(data_path)"
+  open_data="/usr/bin/find ${data}/instance ${data}/uploads"
   open_data+=" -maxdepth 1 -type f -user ${APP_USER} -exec chmod g+rw {} +"
   local pairs=("DEPLOY_USER=${DEPLOY_USER}" "APP_USER=${APP_USER}" "DEPLOY_PATH=${DEPLOY_PATH}"
     "BACKUP_PATH=${BACKUP_PATH}" "LOG_PATH=${LOG_PATH}" "SERVICE_NAME=${SERVICE_NAME}"
@@ -312,7 +321,8 @@ render_values() {
     "BACKUPS_KEEP_DAYS=${BACKUPS_KEEP_DAYS}"
     "PERMIT_ROOT_LOGIN=${PERMIT_ROOT_LOGIN}" "OPEN_DATA_TO_GROUP=${open_data}"
     "ACME_WEBROOT=${ACME_WEBROOT}" "CERT_DIR=${LETSENCRYPT_DIR}/live/${SITE_NAME}"
-    "ACME_CA_FILE=${ACME_CA_FILE}")
+    "ACME_CA_FILE=${ACME_CA_FILE}"
+    "DATA_PATH=${data}" "SSH_PORTS=${SSH_PORTS:-${SSH_PORT}}")
   for pair in "${pairs[@]}"; do
     name="${pair%%=*}"
     value="${pair#*=}"
@@ -376,6 +386,7 @@ ensure_dir() {
 # refused, except a root-owned link in a folder only root can write. Work that needs no root is
 # done as the user (runuser), with that user's rights and nothing more.
 # Usage: python3 -c "$SAFE_PATH_PY" dir|file|clean PATH [OWNER GROUP MODE CHECK]
+#        python3 -c "$SAFE_PATH_PY" move OLD NEW GATE
 read -r -d '' SAFE_PATH_PY <<'PY' || true
 import os, pwd, grp, stat, sys
 
@@ -473,10 +484,52 @@ def clean(path):
             removed.append(entry)
     print(" ".join(removed))
 
+def move(old, new, gate):
+    """Move the folder OLD (in a folder others write) to NEW (in one only root writes) by one
+    rename, never through a link: prints none (nothing there), link (a link at OLD is never
+    followed: moved before, or planted), moved, or copy (another filesystem: the caller copies
+    it). The app's requests wait on the write gate meanwhile; a running app keeps its files,
+    as they move with the folder."""
+    import errno, fcntl
+    parent, name, _ = walk(old)
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return print("none")
+    if stat.S_ISLNK(st.st_mode):
+        return print("link")
+    if not stat.S_ISDIR(st.st_mode):
+        sys.exit("error: %s is not a folder; move it away and run again" % old)
+    target, target_name, safe = walk(new)
+    if not (safe and trusted(os.fstat(target))):
+        sys.exit("error: %s: its folder can be written by a user other than root" % new)
+    try:  # the gate: a plain file in a folder deploy owns, opened without following a link
+        held = os.open(gate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if stat.S_ISREG(os.fstat(held).st_mode):
+            fcntl.flock(held, fcntl.LOCK_EX)
+    except OSError:
+        held = None
+    try:
+        os.rename(name, target_name, src_dir_fd=parent, dst_dir_fd=target)
+    except OSError as error:
+        if error.errno == errno.EXDEV:
+            return print("copy")
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            sys.exit("error: %s and %s both hold files; keep one (the app's data), remove the "
+                     "other, and run again" % (old, new))
+        raise
+    st = os.stat(target_name, dir_fd=target, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):  # swapped for a link between the look and the rename
+        os.unlink(target_name, dir_fd=target)
+        sys.exit("error: %s was swapped for a link while it moved; nothing moved" % old)
+    print("moved")
+
 verb, path = sys.argv[1], sys.argv[2]
 try:
     if verb == "clean":
         clean(path)
+    elif verb == "move":
+        move(path, sys.argv[3], sys.argv[4])
     else:
         owner, group, mode, check = sys.argv[3], sys.argv[4], int(sys.argv[5], 8), sys.argv[6]
         (ensure_dir if verb == "dir" else ensure_file)(path, owner, group, mode, check == "1")
@@ -629,14 +682,9 @@ ensure_directories() {
   ensure_safe dir "${DEPLOY_PATH}/releases" "${DEPLOY_USER}" "${APP_USER}" 2750
   ensure_safe dir "${DEPLOY_PATH}/shared" "${DEPLOY_USER}" "${APP_USER}" 750
   ensure_safe dir "${DEPLOY_PATH}/shared/venvs" "${DEPLOY_USER}" "${APP_USER}" 2750
-  # The app writes only here: its database and uploads (setgid keeps the group on new files).
-  ensure_safe dir "${DEPLOY_PATH}/shared/instance" "${APP_USER}" "${APP_USER}" 2770
-  ensure_safe dir "${DEPLOY_PATH}/shared/uploads" "${APP_USER}" "${APP_USER}" 2770
-  # The app's group may pass through (not list: 710) to scheduled/, where the backup timer
-  # writes as the app user; the deploy user reads those through their group, to list and
-  # restore them. The deploys' own backups stay the deploy user's.
+  # The deploys' own backups stay the deploy user's; the timer's live under data_path.
   ensure_safe dir "${BACKUP_PATH}" "${DEPLOY_USER}" "${APP_USER}" 710
-  ensure_safe dir "${BACKUP_PATH}/scheduled" "${APP_USER}" "${DEPLOY_USER}" 2750
+  ensure_app_data
   ensure_log_folder
   ensure_venv_link
 }
@@ -656,6 +704,85 @@ ensure_log_folder() {
   for name in app.log error.log; do
     ensure_safe file "${LOG_PATH}/${name}" "${APP_USER}" "${APP_USER}" 640
   done
+}
+
+# -- the app's data: under a folder only root writes (R20) --------------------------------------
+# systemd (root) opens the units' ReadWritePaths= and follows a link there: a data folder in a
+# folder the deploy user owns could be swapped for a link to /etc, which the app could then
+# write. So the app's database, uploads and the timer's backups live under /var/lib/<service>
+# (root, 755), where only root can rename or replace them. The old places (shared/instance,
+# shared/uploads, BACKUP_PATH/scheduled) become links the deploy user owns: releases,
+# the server tool and people's habits keep working through them, and root never follows them.
+data_path() {
+  echo "/var/lib/${SERVICE_NAME}"
+}
+
+ensure_app_data() {
+  local data
+  data="$(data_path)"
+  ensure_safe dir "${data}" root root 755
+  move_app_data "${DEPLOY_PATH}/shared/instance" "${data}/instance"
+  move_app_data "${DEPLOY_PATH}/shared/uploads" "${data}/uploads"
+  move_app_data "${BACKUP_PATH}/scheduled" "${data}/backups"
+  # The app writes only here (setgid keeps the group on new files).
+  ensure_safe dir "${data}/instance" "${APP_USER}" "${APP_USER}" 2770
+  ensure_safe dir "${data}/uploads" "${APP_USER}" "${APP_USER}" 2770
+  # The backup timer writes here as the app user; the deploy user lists and restores them.
+  ensure_safe dir "${data}/backups" "${APP_USER}" "${DEPLOY_USER}" 2750
+  ensure_data_link "${DEPLOY_PATH}/shared/instance" "${data}/instance"
+  ensure_data_link "${DEPLOY_PATH}/shared/uploads" "${data}/uploads"
+  ensure_data_link "${BACKUP_PATH}/scheduled" "${data}/backups"
+}
+
+# move_app_data OLD NEW: a server set up before keeps its data: OLD moves to NEW once (one
+# rename, the app's requests held; on another filesystem a copy with the app stopped).
+move_app_data() {
+  local old="$1" new="$2" state
+  if [[ "${MODE}" == "check" ]]; then
+    if [[ -d "${old}" && ! -L "${old}" ]]; then
+      report_change "${old}/ moved to ${new}/" || true
+    fi
+    return 0
+  fi
+  state="$(safe_path move "${old}" "${new}" "${DEPLOY_PATH}/shared/write-gate")" || exit 1
+  case "${state}" in
+    moved) report_change "${old}/ moved to ${new}/" ;;
+    copy) copy_app_data "${old}" "${new}" ;;
+  esac
+}
+
+# Another filesystem: no rename keeps the running app's files, so the app stops (its socket
+# too: systemd would start it again on a request) while its own user copies its files, which
+# keeps them out of root's hands. Requests are refused for that time.
+copy_app_data() {
+  local old="$1" new="$2" running=0 owner
+  report_change "${old}/ copied to ${new}/ (another filesystem; the app stops meanwhile)"
+  if systemctl is-active --quiet "${SERVICE_NAME}.socket"; then
+    running=1
+    systemctl stop "${SERVICE_NAME}.socket" "${SERVICE_NAME}.service"
+  fi
+  owner="$(stat -c %U "${old}")"
+  [[ "${owner}" == "${APP_USER}" ]] || die "${old} belongs to ${owner}, not ${APP_USER}; move" \
+    "its files to ${new} by hand and run again"
+  ensure_safe dir "${new}" "${APP_USER}" "${APP_USER}" 2770
+  as_user "${APP_USER}" cp -a --no-dereference -T "${old}" "${new}" \
+    || die "could not copy ${old} to ${new} as ${APP_USER}; nothing was removed"
+  as_user "${DEPLOY_USER}" rm -rf "${old}"
+  if [[ "${running}" -eq 1 ]]; then
+    systemctl start "${SERVICE_NAME}.socket"
+  fi
+}
+
+# ensure_data_link LINK TARGET: made by the deploy user, in its own folder.
+ensure_data_link() {
+  local link="$1" target="$2"
+  if [[ -L "${link}" && "$(readlink "${link}")" == "${target}" ]]; then
+    report_ok "${link} -> ${target}"
+  elif [[ -e "${link}" && ! -L "${link}" ]] && [[ "${MODE}" == "apply" ]]; then
+    die "${link} is not a link; move its files to ${target} and run again"
+  elif report_change "${link} -> ${target}"; then
+    as_user "${DEPLOY_USER}" ln -sfnT "${target}" "${link}"
+  fi
 }
 
 # The guide's troubleshooting runs DEPLOY_PATH/venv/bin/python: venv -> current/.venv, made
@@ -800,10 +927,38 @@ ufw_has_rule() {
   grep -Eq "^$1/tcp +ALLOW IN +Anywhere( |$)" <<<"$2"
 }
 
+# -- SSH ports: the firewall never shuts SSH out -----------------------------------------------
+# SSH_PORT is the port a client dials; a forward or NAT may end elsewhere, and sshd may listen
+# on more. So the firewall keeps open SSH_PORT, every port `sshd -T` says sshd listens on, and
+# the port this very session came in on (SSH_CONNECTION, carried through sudo as a flag).
+session_ssh_port() {
+  local fields=()
+  if [[ -n "${SESSION_SSH_PORT}" ]]; then
+    echo "${SESSION_SSH_PORT}"
+  elif read -r -a fields <<<"${SSH_CONNECTION:-}" && [[ "${#fields[@]}" -eq 4 ]]; then
+    echo "${fields[3]}"
+  fi
+}
+
+sshd_ports() {
+  # `port 2222`, and `listenaddress [::]:2222` / `0.0.0.0:2222` (the port after the last ':').
+  sshd -T 2>/dev/null | awk '$1 == "port" { print $2 }
+    $1 == "listenaddress" { n = split($2, part, ":"); print part[n] }' || true
+}
+
+find_ssh_ports() {
+  local port ports=()
+  for port in "${SSH_PORT}" $(sshd_ports) "$(session_ssh_port)"; do
+    [[ "${port}" =~ ^[0-9]+$ ]] && (( port >= 1 && port <= 65535 )) && ports+=("${port}")
+  done
+  SSH_PORTS="$(printf '%s\n' "${ports[@]}" | sort -nu | paste -sd, -)"
+}
+
 ensure_firewall() {
-  local port verbose
+  local port verbose session
   verbose="$(ufw status verbose 2>/dev/null || true)"
-  for port in "${SSH_PORT}" 80 443; do
+  [[ -n "${SSH_PORTS}" ]] || find_ssh_ports
+  for port in ${SSH_PORTS//,/ } 80 443; do
     if ufw_has_rule "${port}" "${verbose}"; then
       report_ok "ufw allows ${port}/tcp"
     elif report_change "ufw allows ${port}/tcp"; then
@@ -814,6 +969,12 @@ ensure_firewall() {
     && grep -q "Default: deny (incoming)" <<<"${verbose}"; then
     report_ok "ufw active, incoming denied by default (${APP_PORT} stays closed)"
   elif report_change "ufw active, incoming denied by default"; then
+    # Never enable a firewall that would cut this session: its port must be allowed by now.
+    session="$(session_ssh_port)"
+    if [[ -n "${session}" ]] && ! ufw_has_rule "${session}" "$(ufw show added 2>/dev/null \
+      | sed -n 's|^ufw allow \([0-9]*\)/tcp$|\1/tcp ALLOW IN Anywhere|p')"; then
+      die "ufw would shut out this SSH session (port ${session}); it was not enabled"
+    fi
     ufw default deny incoming >/dev/null
     ufw default allow outgoing >/dev/null
     ufw --force enable >/dev/null
@@ -1045,19 +1206,20 @@ embedded_template() {
       cat <<'END_OF_FLASK_DEPLOY_TEMPLATE'
 # Installed by server_setup.sh as /etc/systemd/system/@SERVICE_NAME@-backup.service
 # A scheduled backup of the app's database (SQLite's online backup API) into
-# @BACKUP_PATH@/scheduled, as the app user, with the deploys' retention; started by
-# @SERVICE_NAME@-backup.timer. The server tool is the one the last deploy installed.
+# @DATA_PATH@/backups (BACKUP_PATH/scheduled links there), as the app user, with the deploys'
+# retention; started by @SERVICE_NAME@-backup.timer. The server tool is the one the last
+# deploy installed.
 [Unit]
-Description=@SERVICE_NAME@: scheduled database backup into @BACKUP_PATH@/scheduled
+Description=@SERVICE_NAME@: scheduled database backup into @DATA_PATH@/backups
 ConditionPathExists=@DEPLOY_PATH@/.deploy-tool/server_tool.py
 
 [Service]
 Type=oneshot
 User=@APP_USER@
 Group=@APP_USER@
-ExecStart=/usr/bin/python3 -I -S @DEPLOY_PATH@/.deploy-tool/server_tool.py backup @DEPLOY_PATH@ @BACKUP_PATH@/scheduled scheduled @BACKUPS_KEEP@ @BACKUPS_KEEP_DAYS@
+ExecStart=/usr/bin/python3 -I -S @DEPLOY_PATH@/.deploy-tool/server_tool.py backup @DEPLOY_PATH@ @DATA_PATH@/backups scheduled @BACKUPS_KEEP@ @BACKUPS_KEEP_DAYS@
 @HARDENING@
-ReadWritePaths=@BACKUP_PATH@/scheduled
+ReadWritePaths=@DATA_PATH@/backups
 END_OF_FLASK_DEPLOY_TEMPLATE
       ;;
     app-backup.timer)
@@ -1285,7 +1447,7 @@ END_OF_FLASK_DEPLOY_TEMPLATE
 [sshd]
 enabled = true
 backend = systemd
-port = @SSH_PORT@
+port = @SSH_PORTS@
 END_OF_FLASK_DEPLOY_TEMPLATE
       ;;
     gunicorn.conf.py)
@@ -1339,7 +1501,8 @@ END_OF_FLASK_DEPLOY_TEMPLATE
 UMask=0007
 NoNewPrivileges=yes
 ProtectSystem=strict
-ReadWritePaths=@DEPLOY_PATH@/shared/instance -@DEPLOY_PATH@/shared/uploads @LOG_PATH@
+# Only folders under one only root writes: systemd follows a link here, as root (R20).
+ReadWritePaths=@DATA_PATH@/instance -@DATA_PATH@/uploads @LOG_PATH@
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
@@ -1587,6 +1750,7 @@ main() {
   parse_args "$@"
   validate_settings
   ensure_privileges
+  find_ssh_ports
   local started="${SECONDS}"
   echo "setup: ${MODE} ${SERVICE_NAME} in ${DEPLOY_PATH} (deploy user ${DEPLOY_USER}," \
     "app user ${APP_USER})"

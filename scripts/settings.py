@@ -25,7 +25,9 @@ SERVICE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
 # Release and backup names as the server lists them: never ".", ".." or a path.
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 _USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+# A DNS name, or a `Host` alias of an SSH configuration, which may hold '_' (web_1); never a
+# leading '-' (ssh would read an option).
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*$")
 _IPV6 = re.compile(r"^\[?[0-9A-Fa-f:.]+\]?$")
 _PYTHON_VERSION = re.compile(r"^3\.\d{1,2}$")
 _PLATFORM_TAG = re.compile(r"^[a-z0-9_]+$")

@@ -138,7 +138,7 @@ def backup_and_migrate(server: Server, settings: Settings, release: str, reporte
                if server.dry_run and planned_databases else None)
     path = str(server.deploy_path)
     answer = server.tool_call("set-next", path, release, ",".join(settings.migrations_paths),
-                              settings.migrate_command)
+                              settings.migrate_command, settings.health_path)
     skipped = ""
     if not settings.migrate_command:
         skipped = "no MIGRATE_COMMAND"
@@ -171,7 +171,9 @@ def backup_and_migrate(server: Server, settings: Settings, release: str, reporte
             outcome.detail = (f"{settings.migrate_command} (requests held "
                               f"{held.get('held_s', 0):.2f} s for the backup and migrations)")
             return
-        reason = journal_tail(server, unit)
+        # The setting, by name: the command is the user's, and so is the fix.
+        reason = f"setting MIGRATE_COMMAND={settings.migrate_command!r}: " \
+                 f"{journal_tail(server, unit)}"
         if held.get("restored"):
             raise ToolkitError(
                 f"{server.name}: migrations of {release} failed ({reason}); requests were held "

@@ -104,6 +104,11 @@ def deploy_lock(server, release: str, action: str = "deploy", log=print):
     answer = server.tool_call("lock", path, json.dumps(info), what="taking the deploy lock")
     if not server.dry_run and not answer.get("taken"):
         holder = answer.get("holder") or {}
+        if holder and "who" in holder and not holder.get("machine_id"):
+            raise ToolkitError(f"{server.name}: the deploy lock was taken by an older version "
+                               f"of this toolkit, which did not record its machine, so whether "
+                               f"it died cannot be told: {describe(holder)}; if no deploy is "
+                               f"running, run `doit unlock`")
         if not holder_is_dead(holder):
             raise ToolkitError(f"{server.name}: another deploy holds the lock: "
                                f"{describe(holder)}; wait for it, or if it died run "

@@ -3,6 +3,7 @@ did; a summary at the end. Every line names the server when there are several.""
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ class Reporter:
     def line(self, text: str) -> None:
         prefix = f"{self.server}: " if self.show_server else ""
         self.log(f"{prefix}{text}")
+
+    def warning(self, text: str) -> None:
+        """`warning: …` on stderr, where CI logs and people look for what went wrong."""
+        prefix = f"{self.server}: " if self.show_server else ""
+        print(f"{prefix}warning: {text}", file=sys.stderr, flush=True)
 
     @contextmanager
     def step(self, name: str):

@@ -4,6 +4,7 @@ always the explicit, one-time `doit restore`, never a setting a rollback picks u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -39,18 +40,23 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
         raise ToolkitError(f"{server.name}: nothing to roll back to: release {current} is the "
                            f"only good release on the server")
     restore = settings.restore_backup if stay_on_current else ""
+    action = "restore" if stay_on_current else "rollback"  # as the history shows it
     if settings.restore_backup and not stay_on_current:
-        reporter.line(f"warning: RESTORE_BACKUP={settings.restore_backup} is set, but a rollback "
-                      f"never restores a backup: the database stays as it is (restore it with "
-                      f"`RESTORE_BACKUP=<name> doit restore`, then unset it)")
+        reporter.warning(f"RESTORE_BACKUP={settings.restore_backup} is set, but a rollback "
+                         f"never restores a backup: the database stays as it is (restore it "
+                         f"with `RESTORE_BACKUP=<name> doit restore`, then unset it)")
     if target == current and not restore:
         reporter.line(f"ok: release {target} is already current; nothing to do")
         return DeployOutcome(server.name, target, current, False, time.monotonic() - started)
     already_good = target in state.get("good", [])
-    with deploy_lock(server, target, "rollback", log=reporter.line):
+    with deploy_lock(server, target, action, log=reporter.line):
         try:
             with reporter.step("preflight") as outcome:
-                server.tool_call("set-next", path, target)
+                kept = server.tool_call("set-next", path, target).get("health_path")
+                # The release answers where it was deployed to answer (HEALTH_PATH may have
+                # changed since); one deployed before releases kept it gets the setting's.
+                if kept and kept != settings.health_path:
+                    settings = dataclasses.replace(settings, health_path=kept)
                 if already_good:
                     # It served before: the health check after the restart gates it (and
                     # switches back if it fails); that keeps a rollback near one second.
@@ -70,12 +76,12 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
                                       f"(requests held {answer.get('held_s', 0):.2f} s)")
             go_live(server, settings, target, reporter)
         except BaseException as error:
-            log_quietly(server, log_entry("rollback", target, current, started, "failed",
+            log_quietly(server, log_entry(action, target, current, started, "failed",
                                            step=reporter.failed_step, error=str(error)))
             raise
         if current and current != target:
             server.tool_call("rolled-back", path, target, current)
-        server.tool_call("log", path, json.dumps(log_entry("rollback", target, current, started,
+        server.tool_call("log", path, json.dumps(log_entry(action, target, current, started,
                                                            "ok")))
     return DeployOutcome(server.name, target, current, True, time.monotonic() - started)
 

@@ -5,8 +5,9 @@ one line on stderr.
 
 Layout (DEPLOY_PATH):
   releases/<id>/      unpacked package; .venv -> ../../shared/venvs/<requirements hash>
-  shared/             instance/ (SQLite), uploads/, venvs/ (the app's environment is
-                      /etc/<service>/app.env: systemd reads it as root)
+  shared/             venvs/; instance and uploads are links (the deploy user's) to the
+                      app's folders in /var/lib/<service>, which only root can replace (the
+                      app's environment is /etc/<service>/app.env: systemd reads it as root)
   packages/           uploaded packages
   current, next       symlinks to releases/<id> (next: the release being deployed)
   good-releases       ids that went live, oldest first (rollback walks it backwards)
@@ -629,7 +630,7 @@ def prune_backups(root, backup_root, keep, keep_days):
     return removed
 
 
-SCHEDULED = "scheduled"  # in BACKUP_PATH: the backup timer's, written by the app user
+SCHEDULED = "scheduled"  # in BACKUP_PATH, a link to /var/lib/<service>/backups: the timer's
 
 
 def _backup_names(folder):
@@ -677,19 +678,25 @@ def cmd_backups(backup_root):
 
 # -- switching --------------------------------------------------------------------------------
 MIGRATE_COMMAND_FILE = ".migrate-command"
+HEALTH_PATH_FILE = ".health-path"  # the HEALTH_PATH a release was deployed with
+HEALTH_PATH_FORM = r"/[A-Za-z0-9._~/-]*"  # as scripts/settings.py's HEALTH_PATH
 
 
-def cmd_set_next(root, release, migrations_paths="", migrate_command=None):
+def cmd_set_next(root, release, migrations_paths="", migrate_command=None, health_path=None):
     """Point `next` at the release; with MIGRATIONS_PATHS, also say whether they are the same
     as in the live release (then its migrations have already run). MIGRATE_COMMAND is kept in
     the release, where the -migrate unit (the app user, hardened) runs it: it can change with
-    any deploy, and root never reads it."""
+    any deploy, and root never reads it. HEALTH_PATH travels with the release as well: a
+    rollback checks the old release where it answers (`health_path` in the answer)."""
     release = release_name(release)
     if not os.path.isfile(path(root, "releases", release, ".unpacked")):
         raise Refusal("release %s is not on this server; deploy it first" % release)
     if migrate_command is not None:  # a deploy's; a rollback runs no migrations
         write_atomically(path(root, "releases", release, MIGRATE_COMMAND_FILE),
                          migrate_command + "\n", mode=0o640)
+    if health_path is not None:
+        write_atomically(path(root, "releases", release, HEALTH_PATH_FILE), health_path + "\n",
+                         mode=0o640)
     link_atomically(path(root, "next"), path("releases", release))
     paths = [item for item in migrations_paths.split(",") if item]
     current = release_id_of(path(root, "current"))
@@ -700,7 +707,19 @@ def cmd_set_next(root, release, migrations_paths="", migrate_command=None):
     unchanged = bool(paths) and current not in (None, release) and all(
         _same_content(path(root, "releases", current, item),
                       path(root, "releases", release, item)) for item in paths)
-    out(changed=True, migrations_unchanged=unchanged, current=current)
+    out(changed=True, migrations_unchanged=unchanged, current=current,
+        health_path=_health_path_of(root, release))
+
+
+def _health_path_of(root, release):
+    """The HEALTH_PATH the release was deployed with; None for one deployed before it was kept."""
+    import re
+    try:
+        with open(path(root, "releases", release, HEALTH_PATH_FILE)) as stream:
+            kept = stream.read().strip()
+    except OSError:
+        return None
+    return kept if re.fullmatch(HEALTH_PATH_FORM, kept) else None
 
 
 def _same_content(old, new):

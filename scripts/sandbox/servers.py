@@ -55,6 +55,8 @@ class SandboxServer:
     init_pid: int = 0
     host_key: str = ""
     helpers: list[Helper] = field(default_factory=list)
+    inside_ssh_port: int = 22  # where sshd listens inside; ssh_port forwards there
+    ipv6: bool = False         # also reachable on [::1], at the same ports
 
     @property
     def host(self) -> str:
@@ -69,7 +71,8 @@ class SandboxServer:
         return f"--machine={self.name}"
 
     def known_hosts_line(self) -> str:
-        return f"[127.0.0.1]:{self.ssh_port} {self.host_key}"
+        line = f"[127.0.0.1]:{self.ssh_port} {self.host_key}"
+        return line + (f"\n[::1]:{self.ssh_port} {self.host_key}" if self.ipv6 else "")
 
 
 def check_host_ready() -> None:
@@ -88,7 +91,8 @@ class Sandbox:
 
     def __init__(self, state_dir: Path, cache_dir: Path, mirror: str = "",
                  preferred_ssh_port: int | None = None, preferred_http_port: int | None = None,
-                 log=print, suite: str = DEFAULT_SUITE):
+                 log=print, suite: str = DEFAULT_SUITE, inside_ssh_port: int = 22,
+                 ipv6: bool = False):
         if suite not in SUITES:
             raise ToolkitError(f"setting SANDBOX_SUITE={suite!r} is not a Debian release the "
                                f"sandbox boots; use one of {', '.join(SUITES)}")
@@ -99,6 +103,9 @@ class Sandbox:
         self.preferred_ssh_port = preferred_ssh_port
         self.preferred_http_port = preferred_http_port
         self.log = log
+        # Server shapes (new servers only): sshd on another port inside, and [::1] forwards.
+        self.inside_ssh_port = inside_ssh_port
+        self.ipv6 = ipv6
         # Machine names must be unique on this host (nspawn keeps per-name runtime folders).
         digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:4]
         self.name_prefix = f"sbx{digest}"
@@ -228,7 +235,8 @@ class Sandbox:
             http_port = _free_port(_offset(self.preferred_http_port, offset), taken)
             taken.add(http_port)
             root_dir = self.state_dir / "servers" / name / "root"
-            planned.append(SandboxServer(name, ssh_port, http_port, str(root_dir)))
+            planned.append(SandboxServer(name, ssh_port, http_port, str(root_dir),
+                                         inside_ssh_port=self.inside_ssh_port, ipv6=self.ipv6))
         return planned
 
     def _boot_or_clean(self, server: SandboxServer, lower: str) -> SandboxServer | Exception:
@@ -276,6 +284,9 @@ class Sandbox:
         server.host_key = " ".join(
             (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2])
         public_key = Path(f"{self.key_file}.pub").read_text()
+        if server.inside_ssh_port != 22:
+            (root / "etc/ssh/sshd_config.d/05-sandbox-port.conf").write_text(
+                f"Port {server.inside_ssh_port}\n")
         for home, owner in ((root / "root", "root"), (root / "home" / ADMIN_USER, ADMIN_USER)):
             ssh_dir = home / ".ssh"
             ssh_dir.mkdir(mode=0o700, exist_ok=True)
@@ -317,13 +328,16 @@ class Sandbox:
         into_server = f"nsenter -t {server.init_pid} -n socat STDIO"
         # Web requests arrive from 127.0.0.2, as from outside: nginx tells the server's own
         # requests (127.0.0.1, which maintenance mode lets through) from the public's.
-        forwards = [(server.ssh_port, 22, ""), (server.http_port, 80, "\\,bind=127.0.0.2")]
+        forwards = [(server.ssh_port, server.inside_ssh_port, ""),
+                    (server.http_port, 80, "\\,bind=127.0.0.2")]
+        listens = ["TCP-LISTEN:{},bind=127.0.0.1"] + (["TCP6-LISTEN:{},bind=[::1]"]
+                                                      if server.ipv6 else [])
         for host_port, server_port, source in forwards:
-            listen = f"TCP-LISTEN:{host_port},bind=127.0.0.1"
-            pid = processes.spawn_detached(
-                ["socat", f"{listen},fork,reuseaddr",
-                 f"EXEC:{into_server} TCP\\:127.0.0.1\\:{server_port}{source}"], log_file)
-            server.helpers.append(Helper(pid, listen))
+            for listen in (form.format(host_port) for form in listens):
+                pid = processes.spawn_detached(
+                    ["socat", f"{listen},fork,reuseaddr",
+                     f"EXEC:{into_server} TCP\\:127.0.0.1\\:{server_port}{source}"], log_file)
+                server.helpers.append(Helper(pid, listen))
         # apt inside the server: a proxy port on its loopback, bridged to the mirror from the
         # host's network namespace (the nspawn process lives there).
         listen = f"TCP-LISTEN:{APT_PROXY_PORT},bind=127.0.0.1"

@@ -80,12 +80,15 @@ def test_no_acknowledged_write_is_lost_through_deploys_a_failed_migration_a_roll
         rollback = site.doit("rollback", RESTORE_BACKUP=backups[0])
         assert rollback.returncode == 0, rollback.stdout + rollback.stderr
         assert f"warning: RESTORE_BACKUP={backups[0]} is set, but a rollback never restores" \
-            in rollback.stdout
+            in rollback.stderr
         assert "restore" not in [line.split()[1] for line in rollback.stdout.splitlines()
                                  if line.startswith(("changed", "ok"))]
         time.sleep(1)
         restore = site.doit("restore", RESTORE_BACKUP=backups[-1])
         assert restore.returncode == 0, restore.stdout + restore.stderr
+        history = site.doit("history").stdout.splitlines()
+        actions = [line.split()[2] for line in history if line.startswith("20")]
+        assert actions[:2] == ["restore", "rollback"], history
         time.sleep(1)
     report = load.report
     safety = re.search(r"the database it overwrote is saved in (\S+)", restore.stdout).group(1)

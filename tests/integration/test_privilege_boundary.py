@@ -12,6 +12,7 @@ import secrets
 import shlex
 
 import pytest
+import requests
 
 from tests.integration.helpers import script_lines
 
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.integration
 DEPLOY_PATH = "/var/www/flask_helpdesk"
 LOG_PATH = "/var/log/flask_helpdesk"
 BACKUP_PATH = "/var/backups/flask_helpdesk"
+DATA_PATH = "/var/lib/flask-helpdesk"  # the app's data, under a folder only root writes (R20)
 CANARY_FILE = "/root/canary"       # root-only content: must never be printed or copied
 CANARY_DIR = "/root/canary-dir"    # a root-owned folder: must never change owner or mode
 SECRET = "ROOT-ONLY-" + secrets.token_hex(8)
@@ -46,7 +48,14 @@ def armed(site):
             echo 'ROOT_SECRET={SECRET}' | sudo tee {CANARY_FILE} >/dev/null
             sudo install -d -m 700 {CANARY_DIR}
             echo '{SECRET}' | sudo tee {CANARY_DIR}/f >/dev/null
-            sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q less >/dev/null""")
+            # Every sandbox server shares one .deb cache: another may hold its lock a while.
+            for try in $(seq 30); do
+              sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q less >/dev/null \\
+                2>/tmp/apt.err && break
+              grep -q 'Could not get lock' /tmp/apt.err || break
+              sleep 2
+            done
+            cat /tmp/apt.err >&2; command -v less""")
         assert status == 0, output
     return site
 
@@ -140,7 +149,7 @@ def test_r5_r6_setup_never_writes_through_the_deploy_users_home(armed, planted):
     assert armed.doit("setup").returncode == 0
 
 
-@pytest.mark.parametrize("folder", ["releases", "shared/instance", "shared/venvs"])
+@pytest.mark.parametrize("folder", ["releases", "shared", "shared/venvs"])
 def test_r7_r8_r9_setup_refuses_a_folder_swapped_for_a_link(armed, folder):
     before = root_state(armed)
     moved = f"{DEPLOY_PATH}/{folder}.mine"
@@ -455,3 +464,132 @@ def test_r21_the_runner_of_doit_run_starts_only_the_app_in_its_sandbox(armed):
     assert "linked 0" not in output
     no_secret(output)
     assert root_state(armed) == before
+
+
+# Where the units' ReadWritePaths= pointed before R20 (now links the deploy user owns), and
+# where they point now (folders the app owns, in a folder only root writes).
+OLD_DATA_PLACES = [f"{DEPLOY_PATH}/shared/instance", f"{DEPLOY_PATH}/shared/uploads",
+                   f"{BACKUP_PATH}/scheduled"]
+DATA_PLACES = [f"{DATA_PATH}/instance", f"{DATA_PATH}/uploads", f"{DATA_PATH}/backups"]
+APP_UNITS = ["flask-helpdesk", "flask-helpdesk-migrate", "flask-helpdesk-preflight",
+             "flask-helpdesk-backup"]
+
+
+def app_mountinfo(site, running: bool = True) -> str:
+    """The mounts systemd made for the running app: a ReadWritePaths= entry is a bind mount.
+    With running=False, an app that is not running (it cannot read a planted folder) has none."""
+    with site.admin() as admin:
+        status, output = run(admin, "pid=$(systemctl show -p MainPID --value flask-helpdesk); "
+                                    "[ $pid != 0 ] || { systemctl status flask-helpdesk; "
+                                    "exit 3; }; sudo cat /proc/$pid/mountinfo")
+    if status == 3 and not running:
+        return ""
+    assert status == 0, output
+    return output
+
+
+def writable_paths_and_their_folders(site) -> list[str]:
+    """`owner mode type path` of every unit's ReadWritePaths= and of each folder above it."""
+    with site.admin() as admin:
+        _, paths = run(admin, "; ".join(f"systemctl show -p ReadWritePaths --value {unit}"
+                                        for unit in APP_UNITS))
+        listed = sorted({item.lstrip("-") for item in paths.split()})
+        assert listed, paths
+        script = "; ".join(f"p={path}; while [ \"$p\" != / ]; do "
+                           f"stat -c '%U %a %F %n' \"$p\"; p=$(dirname \"$p\"); done"
+                           for path in listed)
+        _, output = run(admin, script)
+    return output.splitlines()
+
+
+# A folder of root's that the app may write by its permissions, but that its sandbox keeps
+# read-only (ProtectSystem=strict): what a link systemd followed would open to it.
+VICTIM_DIR = "/etc/flask-helpdesk-victim"
+
+
+@pytest.mark.parametrize("attacker", ["deploy", "www-data"])
+def test_r20_the_units_writable_folders_cannot_be_swapped_for_a_link(armed, attacker):
+    """systemd (root) follows a link in ReadWritePaths=: if the deploy user (or the app) could
+    swap one of those folders for a link, the app could write /etc. Plant the link wherever
+    the attacker can, restart the app (deploy's sudo rule), run the backup unit and `doit
+    setup`: the app's mounts never include the planted target, nothing lands there, and every
+    writable path sits under folders only root can write."""
+    before = root_state(armed)
+    plant = as_deploy if attacker == "deploy" else as_app
+    with armed.admin() as admin:
+        run(admin, f"sudo install -d -m 2770 -o root -g www-data {VICTIM_DIR}")
+    _, planted = plant(armed, "; ".join(
+        f"mv {place} {place}.mine && ln -s {VICTIM_DIR} {place}; echo \"{place} $?\""
+        for place in OLD_DATA_PLACES + DATA_PLACES))
+    try:
+        as_deploy(armed, "sudo -n systemctl restart flask-helpdesk")
+        swapped_mounts = app_mountinfo(armed)
+        try:
+            armed.create_ticket("through a planted link")
+        except requests.RequestException:
+            pass  # the app cannot write through the link: the sandbox holds
+        with armed.admin() as admin:
+            run(admin, "sudo systemctl start flask-helpdesk-backup.service")
+        setup = armed.doit("setup")
+        as_deploy(armed, "sudo -n systemctl restart flask-helpdesk")
+        mounts_after_setup = app_mountinfo(armed)
+        layout = writable_paths_and_their_folders(armed)
+    finally:
+        with armed.admin() as admin:
+            run(admin, "; ".join(f"if [ -e {place}.mine ] || [ -L {place}.mine ]; then "
+                                 f"sudo rm -f {place}; sudo mv {place}.mine {place}; fi"
+                                 for place in OLD_DATA_PLACES + DATA_PLACES))
+            _, written = run(admin, f"sudo find {VICTIM_DIR} -mindepth 1")
+            run(admin, f"sudo rm -rf {VICTIM_DIR}; sudo systemctl restart flask-helpdesk")
+    for place in DATA_PLACES:  # nobody but root can replace these
+        assert f"{place} 0" not in planted
+    assert VICTIM_DIR not in swapped_mounts and VICTIM_DIR not in mounts_after_setup
+    assert written.strip() == ""
+    assert f"{DATA_PATH}/instance" in mounts_after_setup
+    for line in layout:
+        owner, mode, kind = line.split()[:3]
+        assert kind == "directory", line  # never a link systemd would follow
+        if not line.endswith(tuple(DATA_PLACES)):
+            assert owner == "root" and int(mode, 8) & 0o022 == 0, line
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    no_secret(planted, setup.stdout, setup.stderr)
+    assert root_state(armed) == before
+    assert armed.served_release() == armed.built_release()
+
+
+def test_r20_a_server_set_up_before_moves_its_data_once_and_keeps_it(armed):
+    """The layout older setups made: the data in real folders under DEPLOY_PATH and
+    BACKUP_PATH, and the units pointing there. One `doit setup` moves it, the app keeps
+    serving the same tickets, and the next run has nothing to do."""
+    armed.create_ticket("before the move")
+    with armed.admin() as admin:
+        status, output = run(admin, "set -e; " + "; ".join(
+            f"sudo rm {old}; sudo mv {new} {old}"
+            for old, new in zip(OLD_DATA_PLACES, DATA_PLACES)) + f"""
+            sudo sed -i -e 's|{DATA_PATH}/instance|{DEPLOY_PATH}/shared/instance|g' \\
+              -e 's|{DATA_PATH}/uploads|{DEPLOY_PATH}/shared/uploads|g' \\
+              -e 's|{DATA_PATH}/backups|{BACKUP_PATH}/scheduled|g' \\
+              /etc/systemd/system/flask-helpdesk*.service
+            sudo systemctl daemon-reload; sudo systemctl restart flask-helpdesk""")
+    assert status == 0, output
+    armed.create_ticket("in the old layout")
+    setup = armed.doit("setup")
+    again = armed.doit("setup")
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    lines = script_lines(setup.stdout)
+    for old, new in zip(OLD_DATA_PLACES, DATA_PLACES):
+        assert any(line.startswith(f"changed: {old}/ ") and f" to {new}/" in line
+                   for line in lines), lines
+    assert again.returncode == 0 and "changed:" not in "\n".join(script_lines(again.stdout))
+    with armed.admin() as admin:
+        _, listing = run(admin, f"sudo stat -c '%U %G %a %N' {DATA_PATH} {' '.join(DATA_PLACES)} "
+                                f"{' '.join(OLD_DATA_PLACES)}")
+    assert listing.splitlines()[:4] == [
+        f"root root 755 '{DATA_PATH}'", f"www-data www-data 2770 '{DATA_PATH}/instance'",
+        f"www-data www-data 2770 '{DATA_PATH}/uploads'", f"www-data deploy 2750 '{DATA_PATH}/backups'"]
+    for old, new in zip(OLD_DATA_PLACES, DATA_PLACES):
+        assert f"'{old}' -> '{new}'" in listing
+    armed.create_ticket("after the move")
+    titles = armed.ticket_titles()
+    assert {"before the move", "in the old layout", "after the move"} <= set(titles)
+    assert any(line.endswith("-scheduled") for line in armed.doit("backups").stdout.split())

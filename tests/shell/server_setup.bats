@@ -229,6 +229,34 @@ refused() {
   [ ! -e "${victim}/instance" ]
 }
 
+@test "moving the app's data never follows a link and never lands where others write" {
+  local victim="${BATS_TEST_TMPDIR}/victim"
+  mkdir -p "${victim}" "${BATS_TEST_TMPDIR}/app/shared"
+  chmod 700 "${victim}"
+  ln -s "${victim}" "${BATS_TEST_TMPDIR}/app/shared/instance"
+  run safe_path move "${BATS_TEST_TMPDIR}/app/shared/instance" /nonexistent/instance \
+    "${BATS_TEST_TMPDIR}/app/shared/write-gate"
+  [ "${status}" -eq 0 ]
+  [ "${output}" = "link" ]
+  [ -L "${BATS_TEST_TMPDIR}/app/shared/instance" ]
+  [ "$(stat -c '%a %U' "${victim}")" = "700 ${ME}" ]
+  rm "${BATS_TEST_TMPDIR}/app/shared/instance"
+  mkdir "${BATS_TEST_TMPDIR}/app/shared/instance" "${BATS_TEST_TMPDIR}/data"
+  run safe_path move "${BATS_TEST_TMPDIR}/app/shared/instance" "${BATS_TEST_TMPDIR}/data/instance" \
+    "${BATS_TEST_TMPDIR}/app/shared/write-gate"
+  [ "${status}" -ne 0 ]
+  [[ "${output}" == *"can be written by a user other than root"* ]]
+  [ -d "${BATS_TEST_TMPDIR}/app/shared/instance" ]
+}
+
+@test "the units' writable paths sit under /var/lib/<service>, none under DEPLOY_PATH" {
+  parse_args --service-name helpdesk --deploy-path /srv/hd --backup-path /srv/backups
+  run render_template app-backup.service
+  [[ "${output}" == *"ReadWritePaths=/var/lib/helpdesk/backups"* ]]
+  [[ "${output}" == *"server_tool.py backup /srv/hd /var/lib/helpdesk/backups scheduled"* ]]
+  [[ "${output}" != *"ReadWritePaths=/srv"* ]]
+}
+
 @test "a folder root owns needs folders above it that only root can write" {
   run ensure_safe dir "${BATS_TEST_TMPDIR}/logs" root root 755
   [ "${status}" -ne 0 ]
@@ -241,7 +269,8 @@ refused() {
   [ "${status}" -eq 0 ]
   [[ "${output}" == *"ExecStart=/srv/hd/current/.venv/bin/gunicorn --config /etc/helpdesk/"* ]]
   [[ "${output}" == *"ProtectSystem=strict"* ]]
-  [[ "${output}" == *"ReadWritePaths=/srv/hd/shared/instance"* ]]
+  [[ "${output}" == *"ReadWritePaths=/var/lib/helpdesk/instance -/var/lib/helpdesk/uploads"* ]]
+  [[ "${output}" != *"/srv/hd/shared"* ]]
   run render_template app.socket
   [[ "${output}" == *"ListenStream=127.0.0.1:5100"* ]]
 }
@@ -350,4 +379,56 @@ refused() {
   [ "${status}" -eq 0 ]
   [[ "${output}" == "[]"* ]]
   [[ "${output}" == *"ListenStream=127.0.0.1:5000"* ]]
+}
+
+@test "the firewall keeps open SSH_PORT, every port sshd listens on and this session's port" {
+  stub sshd 'printf "port 2222\nport 22\nlistenaddress [::]:2222\nlistenaddress 0.0.0.0:2200\n"'
+  parse_args --ssh-port 40022
+  SSH_CONNECTION="127.0.0.1 51000 127.0.0.1 2022"
+  find_ssh_ports
+  [ "${SSH_PORTS}" = "22,2022,2200,2222,40022" ]
+  run render_template fail2ban-sshd.local
+  [[ "${output}" == *"port = 22,2022,2200,2222,40022"* ]]
+}
+
+@test "this session's port survives the re-run with sudo as a flag" {
+  parse_args --session-ssh-port 2222
+  unset SSH_CONNECTION
+  [ "$(session_ssh_port)" = "2222" ]
+  SESSION_SSH_PORT=""
+  SSH_CONNECTION="10.0.0.1 51000 10.0.0.2 2223"
+  [[ "$(settings_as_flags | tr '\0' ' ')" == *"--session-ssh-port 2223"* ]]
+}
+
+@test "ufw is never enabled when this session's port would not be allowed" {
+  # shellcheck disable=SC2016 # $1 is the stub's own argument
+  stub ufw 'case "$1" in status) echo "Status: inactive";; show) echo "ufw allow 80/tcp";; esac'
+  parse_args --ssh-port 22
+  SSH_PORTS="22"
+  SESSION_SSH_PORT=2222
+  run ensure_firewall
+  [ "${status}" -ne 0 ]
+  [[ "${output}" == *"error: ufw would shut out this SSH session (port 2222)"* ]]
+  refute_called "ufw --force enable"
+}
+
+@test "across filesystems the app's data is copied by its own user with the app stopped" {
+  # shellcheck disable=SC2016 # runuser's "$@" belongs to the stub
+  stub runuser 'while [ "$1" != "--" ]; do shift; done; shift; exec "$@"'
+  stub systemctl 'exit 0'
+  parse_args --app-user daemon --deploy-user "${ME}" --service-name helpdesk
+  local old="${BATS_TEST_TMPDIR}/app/shared/instance" new="${BATS_TEST_TMPDIR}/data/instance"
+  mkdir -p "${old}/sub" "${BATS_TEST_TMPDIR}/data"
+  echo tickets > "${old}/helpdesk.sqlite3"
+  echo photo > "${old}/sub/a.png"
+  chown -R daemon "${old}"
+  run copy_app_data "${old}" "${new}"
+  [ "${status}" -eq 0 ]
+  [[ "${output}" == *"changed: ${old}/ copied to ${new}/ (another filesystem; the app stops"* ]]
+  [ "$(cat "${new}/helpdesk.sqlite3")" = "tickets" ]
+  [ "$(cat "${new}/sub/a.png")" = "photo" ]
+  [ "$(stat -c '%U' "${new}")" = "daemon" ]
+  [ ! -e "${old}" ]
+  grep -q "^systemctl stop helpdesk.socket helpdesk.service" "${CALLS}"
+  grep -q "^systemctl start helpdesk.socket" "${CALLS}"
 }

@@ -32,6 +32,7 @@ class FakeServer:
         self.deploy_path = PurePosixPath("/var/www/flask_helpdesk")
         self.target = Target("fake", 22, "deploy")
         self.calls: list[str] = []
+        self.tool_args: list[tuple] = []
         self.answers = {"probe": {"current": "old", "good": ["old"], "layout": True},
                         "lock": {"taken": True}, "unlock": {"released": True},
                         "has-package": {"present": False}, "unpack": {"changed": True},
@@ -49,6 +50,7 @@ class FakeServer:
 
     def tool_call(self, subcommand, *args, what="", reads=None):
         self.calls.append(f"tool {subcommand}")
+        self.tool_args.append((subcommand, *args))
         if subcommand in self.failing:
             raise ToolkitError(f"{subcommand} failed")
         return self.answers.get(subcommand, {})
@@ -116,6 +118,13 @@ def test_a_failed_migration_says_its_exact_backup_was_restored_and_never_switche
     assert server.calls[-1] == "tool unlock"
 
 
+def test_a_failed_migration_names_the_setting_that_holds_the_command(package):
+    server = FakeServer({"migrate-held": {"backup": None, "migrated": False}})
+    with pytest.raises(ToolkitError) as error:
+        deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    assert "setting MIGRATE_COMMAND='flask --app wsgi migrate'" in str(error.value)
+
+
 def test_the_migration_runs_under_the_write_gate_and_the_output_says_how_long(package):
     lines = []
     deploy_to_server(FakeServer(), SETTINGS, RECORD, package, Reporter(log=lines.append))
@@ -180,6 +189,42 @@ def test_rollback_to_a_good_release_is_gated_by_its_health_after_the_restart():
     assert not any("preflight" in call for call in server.calls)
     positions = order_of(server.calls, "tool switch", "restart flask-helpdesk", "tool health")
     assert positions == sorted(positions)
+
+
+def test_a_rollback_checks_the_health_path_the_old_release_was_deployed_with():
+    server = FakeServer({"set-next": {"health_path": "/ping"}})
+    rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
+    urls = [args[1] for args in server.tool_args if args[0] == "health"]
+    assert urls and all(url.endswith(":5000/ping") for url in urls), urls
+    before = FakeServer({"set-next": {"health_path": None}})  # deployed before it was kept
+    rollback_server(before, SETTINGS, Reporter(log=lambda *_: None))
+    assert [args[1] for args in before.tool_args if args[0] == "health"][-1].endswith("/healthz")
+
+
+def test_a_deploy_keeps_its_health_path_with_the_release(package):
+    server = FakeServer()
+    deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    (set_next,) = [args for args in server.tool_args if args[0] == "set-next"]
+    assert set_next[-1] == "/healthz"
+
+
+def test_a_restore_is_recorded_as_restore_and_a_rollback_warns_on_stderr(capsys):
+    from dataclasses import replace
+    restore = FakeServer({"restore": {"restored": ["helpdesk.sqlite3"]}})
+    lines = []
+    rollback_server(restore, replace(SETTINGS, restore_backup="20260101T000000000000Z-old"),
+                    Reporter(log=lines.append), stay_on_current=True)
+    logged = [json.loads(args[2]) for args in restore.tool_args if args[0] == "log"]
+    locked = [json.loads(args[2]) for args in restore.tool_args if args[0] == "lock"]
+    assert [entry["action"] for entry in logged + locked] == ["restore", "restore"]
+    rollback = FakeServer()
+    rollback_server(rollback, replace(SETTINGS, restore_backup="20260101T000000000000Z-old"),
+                    Reporter(log=lines.append))
+    assert [json.loads(args[2])["action"] for args in rollback.tool_args
+            if args[0] == "log"] == ["rollback"]
+    assert not any("RESTORE_BACKUP" in line for line in lines)
+    assert "warning: RESTORE_BACKUP=20260101T000000000000Z-old is set, but a rollback never " \
+        "restores" in capsys.readouterr().err
 
 
 def test_a_rollback_target_failing_its_health_check_is_switched_back():

@@ -46,3 +46,27 @@ def test_in_this_boot_a_lock_is_dead_only_when_its_process_is_gone():
 def test_this_process_holds_a_live_lock():
     assert not holder_is_dead(lock_info("abc", "deploy"))
     assert machine_identity()["machine_id"] and os.getpid()
+
+
+def test_a_lock_of_an_older_toolkit_without_machine_id_gets_one_line_pointing_to_unlock():
+    import pytest
+
+    from scripts.deploy.lock import deploy_lock
+    from scripts.errors import ToolkitError
+
+    old = {key: value for key, value in lock_info("abc", "deploy").items()
+           if key not in ("machine_id", "boot_id")}
+
+    class Held:
+        name, dry_run, deploy_path = "web-1", False, "/var/www/flask_helpdesk"
+
+        def tool_call(self, subcommand, *args, what=""):
+            return {"taken": False, "holder": old}
+
+    with pytest.raises(ToolkitError) as error:
+        with deploy_lock(Held(), "new"):
+            pass
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("web-1: the deploy lock was taken by an "
+                                                      "older version")
+    assert message.endswith("run `doit unlock`") and old["who"] in message

@@ -537,3 +537,15 @@ def test_health_fails_at_once_on_a_final_answer_and_waits_on_a_passing_one(
                              timeout, expect_ok=False)
     finally:
         server.shutdown()
+
+
+def test_set_next_keeps_the_health_path_with_the_release_and_answers_it(root):
+    for release in ("r1", "r2"):
+        tool("unpack", root, make_package(root, release), release)
+    assert tool("set-next", root, "r1", "", "flask --app wsgi migrate", "/ping")[
+        "health_path"] == "/ping"
+    assert (root / "releases" / "r1" / ".health-path").read_text() == "/ping\n"
+    assert tool("set-next", root, "r1")["health_path"] == "/ping"  # a rollback to it
+    assert tool("set-next", root, "r2")["health_path"] is None  # deployed before it was kept
+    (root / "releases" / "r2" / ".health-path").write_text("/x; rm -rf /\n")
+    assert tool("set-next", root, "r2")["health_path"] is None  # not a URL path

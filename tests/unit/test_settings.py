@@ -61,9 +61,22 @@ def test_several_servers_and_the_sandbox_word(tmp_path):
     assert load_settings(tmp_path / "none", environ={"DEPLOY_SERVER": "sandbox"}).uses_sandbox
 
 
+@pytest.mark.parametrize("entry, host, port", [
+    ("web_1", "web_1", None), ("deploy@staging_web:2222", "staging_web", "2222"),
+    ("[::1]:40022", "::1", "40022"), ("deploy@[2001:db8::1]:2222", "2001:db8::1", "2222")])
+def test_deploy_server_takes_ssh_config_aliases_with_underscores_and_ipv6(tmp_path, entry,
+                                                                          host, port):
+    from scripts.settings import split_host
+    settings = load_settings(tmp_path / "none", environ={"DEPLOY_SERVER": entry})
+    assert settings.deploy_servers == (entry,)
+    assert split_host(entry)[1:] == (host, port)
+
+
 @pytest.mark.parametrize("name, value, expected", [
     ("DEPLOY_SERVER", "", "DEPLOY_SERVER='' is empty"),
     ("DEPLOY_SERVER", "bad host;rm", "not a host name"),
+    ("DEPLOY_SERVER", "-oProxyCommand=x", "not a host name"),
+    ("DEPLOY_SERVER", "web_1.-bad", "not a host name"),
     ("DEPLOY_USER", "", "DEPLOY_USER='' must be a Linux user name"),
     ("DEPLOY_USER", "Root User", "must be a Linux user name"),
     ("DEPLOY_PATH", "", "DEPLOY_PATH='' must be an absolute path"),
