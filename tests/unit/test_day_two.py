@@ -38,6 +38,7 @@ def runner(tmp_path_factory):
 def test_the_runner_carries_every_hardening_property_of_the_service(runner):
     hardening = [line for line in (REPO_ROOT / "conf" / "hardening.conf").read_text()
                  .replace("@DEPLOY_PATH@", "/var/www/flask_helpdesk")
+                 .replace("@DATA_PATH@", "/var/lib/flask-helpdesk")
                  .replace("@LOG_PATH@", "/var/log/flask_helpdesk").splitlines()
                  if line and not line.startswith("#")]
     argv = runner.argv_for("--pipe", "current", ["flask", "shell"], 33, 33)
