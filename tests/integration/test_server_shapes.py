@@ -56,7 +56,7 @@ class Shape:
             env["SSH_AUTH_SOCK"] = self.agent_socket
         return subprocess.run([sys.executable, "-m", "doit", "-f", str(self.clone / "dodo.py"),
                                "--dir", str(self.clone), *args], capture_output=True, text=True,
-                              env=env, timeout=900)
+                              env=env, timeout=900, cwd=self.clone)
 
     def ssh_argv(self, user: str, key: Path) -> list[str]:
         return ["ssh", "-p", str(self.server.ssh_port), "-i", str(key), "-o", "BatchMode=yes",
