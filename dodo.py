@@ -111,7 +111,8 @@ def task__deploy_ship():
 
 def task__deploy_verify():
     """verify, once ship finished."""
-    return {**_every_time(actions.verify_action), "task_dep": ["_deploy_ship"]}
+    return {**_every_time(actions.verify_action), "task_dep": ["_deploy_ship"],
+            "getargs": {"shipped": ("_deploy_ship", "shipped")}}
 
 
 def task_rollback():

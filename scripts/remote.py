@@ -7,9 +7,13 @@ only inside actions."""
 
 from __future__ import annotations
 
+import atexit
 import functools
+import hashlib
 import os
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +22,11 @@ from plumbum.commands.processes import ProcessExecutionError
 from plumbum.machines.session import ShellSession, ShellSessionError
 
 from scripts.errors import ToolkitError
-from scripts.ssh_config import CONNECT_TIMEOUT_S, SshView, config_file, describe_config
+from scripts.ssh_config import (CONNECT_TIMEOUT_S, SshView, config_file, describe_config,
+                                private_dir)
+
+# A master left by a run that was killed ends by itself after this long without a session.
+MASTER_IDLE_S = 10
 
 
 @dataclass(frozen=True)
@@ -99,12 +107,80 @@ def connect(target: Target) -> SshMachine:
         raise connection_failed(target, error) from None
 
 
+class _Masters:
+    """One SSH connection per server for a whole run: the first session to a server starts an
+    OpenSSH master (`ssh -M -N` with ControlPersist: once the server let it in, it listens on a
+    control socket in the run's private 0700 folder and goes to the background), and every
+    later session of the run (check, ship, verify, a rollback, a reconnect) is multiplexed
+    over it: no second handshake. The master verified the host key strictly when it
+    connected; only this user can reach its socket. At exit each master is closed with
+    `ssh -O exit`; one whose run was killed ends by itself after MASTER_IDLE_S without a
+    session."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks: dict[Path, threading.Lock] = {}
+        self._started: set[Path] = set()
+
+    def socket_for(self, target: Target) -> Path | None:
+        """The control socket of the target's master, started if needed; None if it could not
+        start (the session then connects by itself, and says in ssh's words what failed)."""
+        key = "\0".join(map(str, (ssh_options(target), target.host, target.port, target.user,
+                                  target.key_file)))
+        socket = private_dir() / f"m-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        with self._guard:
+            if not self._started:
+                atexit.register(self.close_all)
+            lock = self._locks.setdefault(socket, threading.Lock())
+        with lock:  # servers connect in parallel; each server's master starts once
+            if socket in self._started and self._alive(socket):
+                return socket
+            socket.unlink(missing_ok=True)  # a master that died (a cut link) left its socket
+            self._started.add(socket)
+            try:
+                # It returns once the master listens, in the background (or failed).
+                started = subprocess.run(
+                    [*ssh_argv(target, "-M", "-N", "-S", str(socket), "-o",
+                               f"ControlPersist={MASTER_IDLE_S}")],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, timeout=CONNECT_TIMEOUT_S + 5)
+            except subprocess.TimeoutExpired:
+                return None
+            return socket if started.returncode == 0 and socket.exists() else None
+
+    @staticmethod
+    def _control(socket: Path, command: str) -> bool:
+        try:
+            return subprocess.run(["ssh", "-S", str(socket), "-O", command, "flask-deploy"],
+                                  stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=10).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _alive(self, socket: Path) -> bool:
+        return socket.exists() and self._control(socket, "check")
+
+    def close_all(self) -> None:
+        """End every master of this run (at exit; tests may call it to check nothing stays)."""
+        with self._guard:
+            started, self._started = set(self._started), set()
+        for socket in started:
+            if socket.exists():
+                self._control(socket, "exit")
+
+
+MASTERS = _Masters()
+
+
 def open_session(target: Target) -> ShellSession:
-    """A shell over one SSH connection, for the deploy steps. (SshMachine opens a connection of
-    its own for bookkeeping, and a session on top would be a second handshake per server.)"""
+    """A shell for the deploy steps, over the run's one connection to the server (see
+    _Masters)."""
     if target.key_file is not None:
         check_key_file(Path(target.key_file), target.key_setting)
-    process = subprocess.Popen([*ssh_argv(target, "-T"), "/bin/sh"], stdin=subprocess.PIPE,
+    socket = MASTERS.socket_for(target)
+    shared = ["-S", str(socket), "-o", "ControlMaster=no"] if socket else []
+    process = subprocess.Popen([*ssh_argv(target, "-T", *shared), "/bin/sh"],
+                               stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         return ShellSession(process, "utf8", False, CONNECT_TIMEOUT_S, host=target.host)

@@ -56,6 +56,25 @@ def out(**values):
     print(json.dumps(values, sort_keys=True))
 
 
+class _captured:
+    """What the commands called inside print, as a dict: one call runs several steps."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        self.answer = {}
+        self._buffer = io.StringIO()
+        self._redirect = contextlib.redirect_stdout(self._buffer)
+        self._redirect.__enter__()
+        return self.answer
+
+    def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
+        text = self._buffer.getvalue().strip()
+        if text:
+            self.answer.update(json.loads(text.splitlines()[-1]))
+
+
 def rmtree(folder, ignore_errors=False):
     import shutil
     shutil.rmtree(folder, ignore_errors=ignore_errors)
@@ -120,8 +139,10 @@ def sha256_of(file_name):
 
 
 # -- state ------------------------------------------------------------------------------------
-def cmd_probe(root):
-    """Everything a deploy, check or status needs to know, in one round trip."""
+def cmd_probe(root, health_url="", release=""):
+    """Everything a deploy, check or status needs to know, in one round trip. With a health
+    url and a release: whether that release is current and answers healthy there (`serving`),
+    which is all a deploy of the same package needs to know."""
     lock = None
     try:
         with open(path(root, ".deploy-lock", "info.json")) as stream:
@@ -136,7 +157,14 @@ def cmd_probe(root):
         path(root, "releases")) else []
     libc = os.confstr("CS_GNU_LIBC_VERSION") or ""  # "glibc 2.41"
     import importlib.util
-    out(current=release_id_of(path(root, "current")), good=read_good(root), lock=lock,
+    current = release_id_of(path(root, "current"))
+    serving = False
+    if health_url and release and current == release:
+        try:
+            serving = wait_healthy(health_url, release, 1) in (None, release)
+        except Refusal:
+            pass
+    out(current=current, good=read_good(root), lock=lock, serving=serving,
         failed=read_ids(root, "failed-releases"),
         releases=releases, python="%d.%d" % sys.version_info[:2], machine=os.uname().machine,
         glibc=libc.split()[-1] if libc.startswith("glibc ") else "",
@@ -160,8 +188,16 @@ def cmd_plan(root, release, venv_key, env_file):
         env_sha256_without_secret=env_sha256_without_secret)
 
 
-def cmd_lock(root, info_json):
-    """mkdir is atomic: exactly one deploy gets the lock."""
+def cmd_lock(root, info_json, package="", sha256=""):
+    """mkdir is atomic: exactly one deploy gets the lock. With a package name and its sha256,
+    also whether that package is on the server already (one round trip for both)."""
+    if package:
+        file_name = path(root, "packages", package)
+        present = os.path.isfile(file_name) and sha256_of(file_name) == sha256
+        with _captured() as answer:
+            cmd_lock(root, info_json)
+        out(present=present, **answer)
+        return
     lock_dir = path(root, ".deploy-lock")
     try:
         os.mkdir(lock_dir)
@@ -247,6 +283,42 @@ def cmd_unpack(root, name, release):
     out(changed=True)
 
 
+def cmd_prepare(root, release, package, sha256, uploaded_package, env_file, uploaded_env,
+                migrations_paths, migrate_command, backup_root, keep, keep_days):
+    """Everything from the upload to the backup in one call: accept the uploaded package
+    (when UPLOADED_PACKAGE), unpack, venv, shared links and the app's environment, `next`;
+    then, when no migration will run (no MIGRATE_COMMAND, or MIGRATIONS_PATHS unchanged), the
+    backup (the migrate step takes its own, under the write gate). Answers each step's answer
+    and seconds, in order; a step that fails is named (`failed`, `error`), later ones do not
+    run."""
+    import time
+    steps = [("unpack", lambda: cmd_unpack(root, package, release)),
+             ("venv", lambda: cmd_venv(root, release)),
+             ("shared", lambda: cmd_link_shared(root, release, env_file, uploaded_env)),
+             ("next", lambda: cmd_set_next(root, release, migrations_paths, migrate_command))]
+    if uploaded_package:
+        steps.insert(0, ("accept", lambda: cmd_accept_package(root, package, sha256)))
+    answers = {}
+    backup = ("backup", lambda: cmd_backup(root, backup_root, release, keep, keep_days))
+    while steps:
+        name, step = steps.pop(0)
+        started = time.monotonic()
+        try:
+            with _captured() as answer:
+                step()
+        except Refusal as refusal:
+            out(steps=answers, failed=name, error=str(refusal))
+            return
+        except Exception as error:  # noqa: BLE001 - named as main() names it
+            out(steps=answers, failed=name, error="%s: %s: %s" % (name, type(error).__name__,
+                                                                   error))
+            return
+        answers[name] = dict(answer, seconds=round(time.monotonic() - started, 3))
+        if name == "next" and (not migrate_command or answer.get("migrations_unchanged")):
+            steps.append(backup)
+    out(steps=answers)
+
+
 def requirements_key(manifest, python):
     """The shared venv a release uses: its requirements, wheels and the server's Python. A dry
     run computes it from the local package's manifest."""
@@ -316,8 +388,9 @@ def without_secret_key(text):
 def cmd_link_shared(root, release, env_file, uploaded=""):
     """instance/ and uploads/ of the release point into shared/. env_file (systemd reads it as
     root) is the deploy user's file in a folder only root writes: it is written in place, never
-    replaced, and a first deploy puts a random SECRET_KEY in it. With `uploaded`,
-    shared/.env.upload (written privately by the deploy) is its new content."""
+    replaced, and a first deploy puts a random SECRET_KEY in it. With `uploaded`, the file
+    shared/<uploaded> (written privately by the deploy: `.env.upload-<token>`, or
+    `.env.upload` as older toolkits name it) is its new content."""
     release = release_name(release)
     import secrets
     release_dir = path(root, "releases", release)
@@ -338,7 +411,10 @@ def cmd_link_shared(root, release, env_file, uploaded=""):
     with open(descriptor, "r+") as stream:
         current = stream.read()
         if uploaded:
-            upload = path(root, "shared", ".env.upload")
+            import re
+            name = uploaded if re.fullmatch(r"\.env\.upload(-[0-9a-f]+)?", uploaded) \
+                else ".env.upload"
+            upload = path(root, "shared", name)
             with open(upload) as staged:
                 wanted_text = with_secret_key(staged.read(), current)
             os.unlink(upload)
@@ -739,6 +815,11 @@ def cmd_switch(root, release):
 
 def cmd_health(url, expect_release, timeout):
     """Poll url until it answers 2xx with the expected release (when it reports one)."""
+    out(ok=True, release=wait_healthy(url, expect_release, timeout))
+
+
+def wait_healthy(url, expect_release, timeout):
+    """The release url reports once it answers healthy (None: it reports none), or Refusal."""
     import time
     import urllib.error
     import urllib.request
@@ -754,8 +835,7 @@ def cmd_health(url, expect_release, timeout):
                 answer = None
             release = answer.get("release") if isinstance(answer, dict) else None
             if not expect_release or release in (None, expect_release):
-                out(ok=True, release=release)
-                return
+                return release
             last = "it runs release %s, not %s" % (release, expect_release)
             import re
             id_form = "[0-9a-f]{12}"
@@ -778,6 +858,90 @@ def cmd_health(url, expect_release, timeout):
         if time.monotonic() > deadline:
             raise Refusal("%s did not answer healthy within %ss: %s" % (url, timeout, last))
         time.sleep(0.1)
+
+
+def cmd_verify(spec_json):
+    """Every check of `doit verify` in one call, run side by side: the service's state, health
+    checks (url, expected release) and the guide's commands as the deploy user types them.
+    SPEC: {"active": unit, "expected": id, "timeout": s, "health": [[label, url]],
+    "commands": [[label, argv, file]]}; a command with a file is skipped when that file is
+    empty (the app logs to the journal). Answers [ok, label, detail] per check, in order."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+    spec = json.loads(spec_json)
+
+    def run(argv):
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True)
+        return result.returncode, result.stdout, result.stderr
+
+    def active():
+        _, stdout, _ = run(["systemctl", "is-active", spec["active"]])
+        return ["active", stdout.strip()]
+
+    def health(url):
+        try:
+            return ["healthy", wait_healthy(url, spec["expected"], spec["timeout"])]
+        except Refusal as refusal:
+            return ["unhealthy", str(refusal)]
+
+    def command(argv, file_name):
+        if file_name and not (os.path.isfile(file_name) and os.path.getsize(file_name)):
+            return ["empty", file_name]
+        status, _, stderr = run(argv)
+        return ["ran", status, stderr]
+    jobs = [active] + [lambda url=url: health(url) for _, url in spec["health"]] + \
+        [lambda argv=argv, name=name: command(argv, name) for _, argv, name in spec["commands"]]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda job: job(), jobs))
+    out(answers=answers)
+
+
+def _systemctl(action, unit):
+    """sudo systemctl ACTION UNIT (sudoers allows exactly the forms deploys use): its status."""
+    import subprocess
+    return subprocess.run(["sudo", "-n", "systemctl", action, unit], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
+
+
+def cmd_preflight(unit, url, release, timeout):
+    """The release in `next` on the spare port (UNIT): started, its health at URL required,
+    stopped again, in one call. The caller reads the unit's journal when it did not start."""
+    _systemctl("stop", unit)  # a leftover of a killed deploy
+    try:
+        if _systemctl("start", unit) != 0:
+            out(started=False, healthy=False)
+            return
+        try:
+            wait_healthy(url, release, timeout)
+        except Refusal as refusal:
+            out(started=True, healthy=False, error=str(refusal))
+            return
+        out(started=True, healthy=True)
+    finally:
+        _systemctl("stop", unit)
+
+
+def cmd_restart(unit, url, release, timeout):
+    """Restart the app's service onto `current` (its socket holds new connections meanwhile)
+    and require its health at URL, in one call. Failed starts before (a reboot with a broken
+    release) must not rate-limit this one: reset-failed first."""
+    import subprocess
+    _systemctl("reset-failed", unit)
+    result = subprocess.run(["sudo", "-n", "systemctl", "restart", unit],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        out(restarted=False, healthy=False,
+            error=(lines or ["exit status %d" % result.returncode])[-1])
+        return
+    try:
+        wait_healthy(url, release, timeout)
+    except Refusal as refusal:
+        out(restarted=True, healthy=False, error=str(refusal))
+        return
+    out(restarted=True, healthy=True)
 
 
 def _mark_good(root, release):
@@ -901,6 +1065,8 @@ COMMANDS = {
     "previous-good": cmd_previous_good,
     "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
+    "verify": cmd_verify, "preflight": cmd_preflight, "restart": cmd_restart,
+    "prepare": cmd_prepare,
 }
 
 
