@@ -963,14 +963,18 @@ def cmd_mark_failed(root, release):
     out(changed=True)
 
 
-def cmd_rolled_back(root, target, rolled_back_from):
+def cmd_rolled_back(root, target, rolled_back_from, entry_json=""):
     """After a rollback from one release to another, history matches what people did: the
     target is the newest good release (what a later deploy's rollback returns to, and what
     pruning keeps as the release before), and the release rolled back from is no rollback
-    target any more (it stays on disk until pruned; RELEASE=<id> while it is there)."""
+    target any more (it stays on disk until pruned; RELEASE=<id> while it is there). With
+    ENTRY_JSON, the deploy log's line for the rollback too (one round trip)."""
     target, rolled_back_from = release_name(target), release_name(rolled_back_from)
     good = [name for name in read_good(root) if name not in (target, rolled_back_from)]
     write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good + [target]))
+    if entry_json:
+        with _captured():
+            cmd_log(root, entry_json)
     out(changed=True, good=good + [target])
 
 

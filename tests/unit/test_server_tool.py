@@ -233,7 +233,8 @@ def test_a_release_rolled_back_from_is_never_the_target_of_a_later_rollback(root
         tool("switch", root, name)
         tool("finish", root, name, 5)
     tool("switch", root, "A")
-    tool("rolled-back", root, "A", "B")
+    tool("rolled-back", root, "A", "B", '{"action": "rollback", "release": "A"}')
+    assert tool("history", root, 5)["entries"] == [{"action": "rollback", "release": "A"}]
     release(root, "C")
     tool("switch", root, "C")
     tool("finish", root, "C", 1)
