@@ -295,21 +295,28 @@ WATERFALLS: list[str] = []  # printed after the table
 OUTPUTS: dict[str, str] = {}  # the last run of each kind, as printed, in the JSON
 
 
-def bench_deploy(work: Path, rounds: int = 5) -> list[Row]:
-    """The issue #16 goals on one provisioned server: warm `doit deploy` of a code change,
-    the same package again, `doit rollback` (medians of `rounds`), each with its waterfall and
-    CPU; then the same under steady reads and writes, counting failed requests."""
+def _provisioned(work: Path, name: str):
+    """Settings, the provisioned layer, a sandbox (not booted yet) that boots from it, and a
+    private copy of the bundled app."""
     from scripts.sandbox import Sandbox
     from scripts.sandbox.layers import ensure_provisioned_layer
 
     settings = load_settings()
     layer = ensure_provisioned_layer(settings.sandbox_cache, settings.sandbox_mirror, work,
                                      settings.sandbox_suite)
-    sandbox = Sandbox(work / "one", settings.sandbox_cache, settings.sandbox_mirror,
+    sandbox = Sandbox(work / name, settings.sandbox_cache, settings.sandbox_mirror,
                       log=lambda *_: None, suite=settings.sandbox_suite)
     app_dir = work / "helpdesk"
     shutil.copytree(REPO_ROOT / "examples" / "helpdesk", app_dir,
                     ignore=shutil.ignore_patterns("__pycache__", "instance", "tests"))
+    return settings, layer, sandbox, app_dir
+
+
+def bench_deploy(work: Path, rounds: int = 5) -> list[Row]:
+    """The issue #16 goals on one provisioned server: warm `doit deploy` of a code change,
+    the same package again, `doit rollback` (medians of `rounds`), each with its waterfall and
+    CPU; then the same under steady reads and writes, counting failed requests."""
+    settings, layer, sandbox, app_dir = _provisioned(work, "one")
     views = app_dir / "helpdesk" / "views.py"
     median = statistics.median
     try:
@@ -382,17 +389,7 @@ def bench_deploy(work: Path, rounds: int = 5) -> list[Row]:
 
 def bench_fleet(work: Path) -> list[Row]:
     """Deploy times for 1, 2, 4 and 8 servers booted from the provisioned layer."""
-    from scripts.sandbox import Sandbox
-    from scripts.sandbox.layers import ensure_provisioned_layer
-
-    settings = load_settings()
-    layer = ensure_provisioned_layer(settings.sandbox_cache, settings.sandbox_mirror, work,
-                                     settings.sandbox_suite)
-    sandbox = Sandbox(work / "fleet", settings.sandbox_cache, settings.sandbox_mirror,
-                      log=lambda *_: None, suite=settings.sandbox_suite)
-    app_dir = work / "helpdesk"
-    shutil.copytree(REPO_ROOT / "examples" / "helpdesk", app_dir,
-                    ignore=shutil.ignore_patterns("__pycache__", "instance", "tests"))
+    settings, layer, sandbox, app_dir = _provisioned(work, "fleet")
     views = app_dir / "helpdesk" / "views.py"
     rows = []
     try:

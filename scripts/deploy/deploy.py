@@ -75,15 +75,25 @@ def journal_tail(server: Server, unit: str) -> str:
     return explain_failure(lines)
 
 
+def _started_healthy(server: Server, settings: Settings, subcommand: str, unit: str,
+                     port: int, release: str, dry_run_actions: tuple[str, ...]) -> dict:
+    """One call of the server tool: (re)start UNIT and wait until it answers healthy on PORT
+    with the release. A dry run prints the systemctl commands the tool would run there."""
+    if server.dry_run:
+        for action in dry_run_actions:
+            server.sudo(commands.systemctl(action, unit))
+        return {"started": True, "healthy": True}
+    return server.tool_call(subcommand, unit, commands.health_url(port, settings.health_path),
+                            release, settings.health_timeout_s, reads=False)
+
+
 def start_preflight(server: Server, settings: Settings, release: str) -> None:
-    """Run `next` on the spare port and require its health check, then stop it again (one
-    call of the server tool)."""
+    """Run `next` on the spare port and require its health check, then stop it again."""
     unit = commands.units(settings)["preflight"]
-    answer = server.tool_call("preflight", unit,
-                              commands.health_url(commands.preflight_port(settings),
-                                                  settings.health_path),
-                              release, settings.health_timeout_s, reads=False)
-    if server.dry_run or answer.get("healthy"):
+    answer = _started_healthy(server, settings, "preflight", unit,
+                              commands.preflight_port(settings), release,
+                              ("stop", "start", "stop"))
+    if answer.get("healthy"):
         return
     if not answer.get("started"):
         raise ToolkitError(f"{server.name}: release {release} does not start: "
@@ -94,14 +104,13 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
 
 
 def restart_and_check(server: Server, settings: Settings, release: str) -> None:
-    """Restart onto `current` and require its health (one call of the server tool): systemd
-    holds the socket, so requests wait instead of failing."""
-    answer = server.tool_call("restart", commands.units(settings)["app"],
-                              commands.health_url(settings.app_port, settings.health_path),
-                              release, settings.health_timeout_s, reads=False)
-    if server.dry_run or answer.get("healthy"):
+    """Restart onto `current` and require its health: systemd holds the socket, so requests
+    wait instead of failing."""
+    answer = _started_healthy(server, settings, "restart", commands.units(settings)["app"],
+                              settings.app_port, release, ("reset-failed", "restart"))
+    if answer.get("healthy"):
         return
-    if not answer.get("restarted"):
+    if not answer.get("started"):
         raise ToolkitError(f"{server.name}: restarting the service failed: "
                            f"{answer.get('error')}")
     raise ToolkitError(f"{server.name}: health check after the restart failed: "

@@ -904,44 +904,51 @@ def _systemctl(action, unit):
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
 
 
+def _started_healthy(action, unit, url, release, timeout):
+    """sudo systemctl ACTION UNIT, then its health at URL required: started, healthy, and
+    what went wrong (systemctl's last line, or the health check's)."""
+    import subprocess
+    result = subprocess.run(["sudo", "-n", "systemctl", action, unit],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        return {"started": False, "healthy": False,
+                "error": (lines or ["exit status %d" % result.returncode])[-1]}
+    try:
+        wait_healthy(url, release, timeout)
+    except Refusal as refusal:
+        return {"started": True, "healthy": False, "error": str(refusal)}
+    return {"started": True, "healthy": True}
+
+
 def cmd_preflight(unit, url, release, timeout):
     """The release in `next` on the spare port (UNIT): started, its health at URL required,
-    stopped again, in one call. The caller reads the unit's journal when it did not start."""
+    stopped again, in one call. The caller reads the unit's journal when it did not start.
+    A healthy preflight is stopped in the background: the deploy goes on to the switch and
+    restart (another unit, another port) while it shuts down, and the next preflight's own
+    first `stop` waits for a stop still under way."""
+    import subprocess
     _systemctl("stop", unit)  # a leftover of a killed deploy
+    answer = {"healthy": False}
     try:
-        if _systemctl("start", unit) != 0:
-            out(started=False, healthy=False)
-            return
-        try:
-            wait_healthy(url, release, timeout)
-        except Refusal as refusal:
-            out(started=True, healthy=False, error=str(refusal))
-            return
-        out(started=True, healthy=True)
+        answer = _started_healthy("start", unit, url, release, timeout)
+        out(**answer)
     finally:
-        _systemctl("stop", unit)
+        if answer["healthy"]:
+            subprocess.Popen(["sudo", "-n", "systemctl", "stop", unit], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        else:
+            _systemctl("stop", unit)
 
 
 def cmd_restart(unit, url, release, timeout):
     """Restart the app's service onto `current` (its socket holds new connections meanwhile)
     and require its health at URL, in one call. Failed starts before (a reboot with a broken
     release) must not rate-limit this one: reset-failed first."""
-    import subprocess
     _systemctl("reset-failed", unit)
-    result = subprocess.run(["sudo", "-n", "systemctl", "restart", unit],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, universal_newlines=True)
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        out(restarted=False, healthy=False,
-            error=(lines or ["exit status %d" % result.returncode])[-1])
-        return
-    try:
-        wait_healthy(url, release, timeout)
-    except Refusal as refusal:
-        out(restarted=True, healthy=False, error=str(refusal))
-        return
-    out(restarted=True, healthy=True)
+    out(**_started_healthy("restart", unit, url, release, timeout))
 
 
 def _mark_good(root, release):

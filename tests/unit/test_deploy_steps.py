@@ -42,7 +42,7 @@ class FakeServer:
                         "switch": {"changed": True, "previous": "old"},
                         "previous-good": {"current": "new", "previous": "old"},
                         "preflight": {"started": True, "healthy": True},
-                        "restart": {"restarted": True, "healthy": True},
+                        "restart": {"started": True, "healthy": True},
                         **(answers or {})}
         self.failing = failing
 
@@ -157,7 +157,7 @@ def test_unchanged_migrations_are_skipped_and_said_so(package):
 
 
 def test_a_failed_restart_switches_back_to_the_previous_release(package):
-    server = FakeServer({"restart": {"restarted": False, "error": "Job failed"}})
+    server = FakeServer({"restart": {"started": False, "error": "Job failed"}})
     with pytest.raises(ToolkitError, match="restarting the service failed: Job failed; "
                                            "switched back: release old serves again"):
         deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
@@ -199,7 +199,7 @@ def test_rollback_to_a_good_release_is_gated_by_its_health_after_the_restart():
 
 
 def test_a_rollback_target_failing_its_health_check_is_switched_back():
-    server = FakeServer({"restart": {"restarted": True, "healthy": False, "error": "HTTP 500"}})
+    server = FakeServer({"restart": {"started": True, "healthy": False, "error": "HTTP 500"}})
     with pytest.raises(ToolkitError):
         rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
     assert server.calls.count("tool switch") == 2

@@ -601,6 +601,10 @@ def test_preflight_is_stopped_whatever_happened(fake_sudo, unit, health, started
     finally:
         server.shutdown()
     assert (answer["started"], answer["healthy"]) == (started, healthy)
+    import time
+    deadline = time.monotonic() + 5  # a healthy one is stopped in the background
+    while len(fake_sudo.read_text().splitlines()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert fake_sudo.read_text().splitlines() == [
         f"-n systemctl stop {unit}", f"-n systemctl start {unit}", f"-n systemctl stop {unit}"]
 
@@ -610,7 +614,7 @@ def test_restart_resets_failures_restarts_and_requires_health(fake_sudo):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/healthz"
     try:
-        assert tool("restart", "app", url, "r1", 1) == {"restarted": True, "healthy": True}
+        assert tool("restart", "app", url, "r1", 1) == {"started": True, "healthy": True}
         assert tool("restart", "app", url, "r2", 0.3)["healthy"] is False
     finally:
         server.shutdown()
