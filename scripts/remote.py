@@ -122,9 +122,9 @@ class _Masters:
         self._locks: dict[Path, threading.Lock] = {}
         self._started: set[Path] = set()
 
-    def socket_for(self, target: Target) -> Path | None:
-        """The control socket of the target's master, started if needed; None if it could not
-        start (the session then connects by itself, and says in ssh's words what failed)."""
+    def socket_for(self, target: Target) -> Path:
+        """The control socket of the target's master, started if needed; a ToolkitError in
+        ssh's own words (see explain_ssh_failure) if it cannot connect."""
         key = "\0".join(map(str, (ssh_options(target), target.host, target.port, target.user,
                                   target.key_file)))
         socket = private_dir() / f"m-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -137,16 +137,22 @@ class _Masters:
                 return socket
             socket.unlink(missing_ok=True)  # a master that died (a cut link) left its socket
             self._started.add(socket)
-            try:
-                # It returns once the master listens, in the background (or failed).
-                started = subprocess.run(
-                    [*ssh_argv(target, "-M", "-N", "-S", str(socket), "-o",
-                               f"ControlPersist={MASTER_IDLE_S}")],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, timeout=CONNECT_TIMEOUT_S + 5)
-            except subprocess.TimeoutExpired:
-                return None
-            return socket if started.returncode == 0 and socket.exists() else None
+            # A file, not a pipe: the master keeps its stderr once in the background.
+            errors_file = socket.with_name(socket.name + ".errors")
+            with open(errors_file, "w") as errors:
+                try:
+                    # It returns once the master listens, in the background (or failed).
+                    started = subprocess.run(
+                        [*ssh_argv(target, "-M", "-N", "-S", str(socket), "-o",
+                                   f"ControlPersist={MASTER_IDLE_S}")],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                        timeout=CONNECT_TIMEOUT_S + 5).returncode == 0
+                except subprocess.TimeoutExpired:
+                    started = False
+            if started and socket.exists():
+                return socket
+            said = errors_file.read_text() or "Connection timed out during banner exchange"
+            raise ToolkitError(explain_ssh_failure(target, said))
 
     @staticmethod
     def _control(socket: Path, command: str) -> bool:
@@ -178,8 +184,8 @@ def open_session(target: Target) -> ShellSession:
     if target.key_file is not None:
         check_key_file(Path(target.key_file), target.key_setting)
     socket = MASTERS.socket_for(target)
-    shared = ["-S", str(socket), "-o", "ControlMaster=no"] if socket else []
-    process = subprocess.Popen([*ssh_argv(target, "-T", *shared), "/bin/sh"],
+    process = subprocess.Popen([*ssh_argv(target, "-T", "-S", str(socket), "-o",
+                                          "ControlMaster=no"), "/bin/sh"],
                                stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
