@@ -101,7 +101,8 @@ def task__deploy_build():
 
 def task__deploy_check():
     """check, once the package is built for the servers, which are provisioned."""
-    return {**_every_time(actions.check_action), "task_dep": ["_deploy_build"]}
+    return {**_every_time((actions.check_action, [], {"in_deploy": True})),
+            "task_dep": ["_deploy_build"]}
 
 
 def task__deploy_ship():

@@ -67,7 +67,9 @@ def _print_results(reporter: Reporter, results: list[tuple[bool, str]]) -> bool:
 
 
 @user_errors_fail_task
-def check_action():
+def check_action(in_deploy=False):
+    """`in_deploy`: part of `doit deploy`, where a server that already serves the built
+    release needs no more checks (ship will change nothing there); `doit check` checks all."""
     from scripts.build.package import sha256_file, verify_package
     from scripts.deploy.check import check_server
     from scripts.deploy.fleet import run_parallel
@@ -88,7 +90,8 @@ def check_action():
 
     def check_one(server, reporter):
         with server:
-            verdicts.append(_print_results(reporter, check_server(server, settings, manifest)))
+            results = check_server(server, settings, manifest, stop_if_live=in_deploy)
+            verdicts.append(_print_results(reporter, results))
     # Every server is checked before any changes: an unreachable one fails the whole check.
     errors = run_parallel([lambda pair=pair: check_one(*pair) for pair in _servers(settings)],
                           settings.deploy_parallel)
