@@ -124,7 +124,7 @@ class _Masters:
 
     def socket_for(self, target: Target) -> Path:
         """The control socket of the target's master, started if needed; a ToolkitError in
-        ssh's own words (see explain_ssh_failure) if it cannot connect."""
+        ssh's own words (see connection_failed) if it cannot connect."""
         key = "\0".join(map(str, (ssh_options(target), target.host, target.port, target.user,
                                   target.key_file)))
         socket = private_dir() / f"m-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -151,8 +151,10 @@ class _Masters:
                     started = False
             if started and socket.exists():
                 return socket
+            # As for any failed connection: ssh's words from one plain attempt (the master's
+            # own stderr is terser through a bastion), else the master's.
             said = errors_file.read_text() or "Connection timed out during banner exchange"
-            raise ToolkitError(explain_ssh_failure(target, said))
+            raise connection_failed(target, RuntimeError(said))
 
     @staticmethod
     def _control(socket: Path, command: str) -> bool:
