@@ -13,7 +13,6 @@ import hashlib
 import os
 import subprocess
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
