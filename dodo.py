@@ -107,7 +107,8 @@ def task__deploy_build():
 
 def task__deploy_check():
     """check, once the package is built for the servers, which are provisioned."""
-    return {**_every_time(actions.check_action), "task_dep": ["_deploy_build"]}
+    return {**_every_time((actions.check_action, [], {"in_deploy": True})),
+            "task_dep": ["_deploy_build"]}
 
 
 def task__deploy_ship():
@@ -117,7 +118,8 @@ def task__deploy_ship():
 
 def task__deploy_verify():
     """verify, once ship finished."""
-    return {**_every_time(actions.verify_action), "task_dep": ["_deploy_ship"]}
+    return {**_every_time(actions.verify_action), "task_dep": ["_deploy_ship"],
+            "getargs": {"shipped": ("_deploy_ship", "shipped")}}
 
 
 def task_rollback():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -203,19 +204,192 @@ def bench_server(work: Path) -> list[Row]:
     ]
 
 
-def bench_fleet(work: Path) -> list[Row]:
-    """Deploy times for 1, 2, 4 and 8 servers booted from the provisioned layer."""
+STEP_LINE = re.compile(r"^(?:\S+: )?(?:changed|ok|would change)\s+(\S+)\s+([\d.]+) s\b")
+# Where each stage of `doit deploy` starts: its first line (doit names no hidden task).
+STAGES = (("target", re.compile(r"^(?:ok|changed)\s+target ")),
+          ("build", re.compile(r"^build: ")),
+          ("check", re.compile(r"^(?:ok|FAILED)\s+package ")),
+          ("ship", re.compile(r"^(?:changed\s+lock |ok: release |changed\s+preflight |ok\s+preflight )")),
+          ("verify", re.compile(r"^(?:ok|FAILED)\s+\S+ is \w+$|^verify: ")))
+
+
+@dataclass
+class Run:
+    """One doit command, watched: its wall time, when each doit task started (seconds from
+    the start; "start-up" is Python and doit before the first task), the step lines' own
+    times, and the CPU it cost here and on the server."""
+    seconds: float
+    tasks: dict[str, float]
+    steps: dict[str, float]
+    local_cpu_s: float
+    server_cpu_s: float
+    output: str = ""
+
+
+def _server_cpu_s(init_pid: int) -> float:
+    """CPU seconds the server's processes have used: every live process in its PID namespace,
+    with its reaped children (a process that ends moves into its parent's share, so a
+    difference of two readings counts each process once)."""
+    namespace = os.readlink(f"/proc/{init_pid}/ns/pid")
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/pid") != namespace:
+                continue
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended while we looked
+        ticks += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _watched(argv: list[str], env: dict, init_pid: int) -> Run:
+    """Run a doit command, timing its tasks from the lines it prints as it goes."""
+    local, server = _children_cpu_s(), _server_cpu_s(init_pid)
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, env={**env, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1)
+    tasks: dict[str, float] = {}
+    steps: dict[str, float] = {}
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        now = time.perf_counter() - started
+        if not tasks:
+            tasks["first line (Python, doit)"] = now
+        for stage, marker in STAGES:
+            if stage not in tasks and marker.match(line):
+                tasks[stage] = now
+        step = STEP_LINE.match(line)
+        if step:
+            steps[step.group(1)] = float(step.group(2))
+    process.wait()
+    seconds = time.perf_counter() - started
+    tasks["end"] = seconds
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{''.join(output)}")
+    return Run(seconds, tasks, steps, _children_cpu_s() - local,
+               _server_cpu_s(init_pid) - server, "".join(output))
+
+
+def _waterfall(title: str, runs: list[Run]) -> list[str]:
+    """When each stage started (median seconds from the command's start: its first line),
+    then the median time of each step line, in order."""
+    median = statistics.median
+    lines = [f"{title} (median of {len(runs)}: {median(r.seconds for r in runs):.2f} s)"]
+    names = list(dict.fromkeys(name for run in runs for name in run.tasks))
+    for name in names:
+        starts = [run.tasks[name] for run in runs if name in run.tasks]
+        lines.append(f"  {median(starts):6.2f} s  {name}")
+    steps = list(dict.fromkeys(name for run in runs for name in run.steps))
+    for name in steps:
+        took = [run.steps[name] for run in runs if name in run.steps]
+        lines.append(f"          {median(took):5.2f} s  step {name}")
+    return lines
+
+
+WATERFALLS: list[str] = []  # printed after the table
+OUTPUTS: dict[str, str] = {}  # the last run of each kind, as printed, in the JSON
+
+
+def _provisioned(work: Path, name: str):
+    """Settings, the provisioned layer, a sandbox (not booted yet) that boots from it, and a
+    private copy of the bundled app."""
     from scripts.sandbox import Sandbox
     from scripts.sandbox.layers import ensure_provisioned_layer
 
     settings = load_settings()
     layer = ensure_provisioned_layer(settings.sandbox_cache, settings.sandbox_mirror, work,
                                      settings.sandbox_suite)
-    sandbox = Sandbox(work / "fleet", settings.sandbox_cache, settings.sandbox_mirror,
+    sandbox = Sandbox(work / name, settings.sandbox_cache, settings.sandbox_mirror,
                       log=lambda *_: None, suite=settings.sandbox_suite)
     app_dir = work / "helpdesk"
     shutil.copytree(REPO_ROOT / "examples" / "helpdesk", app_dir,
                     ignore=shutil.ignore_patterns("__pycache__", "instance", "tests"))
+    return settings, layer, sandbox, app_dir
+
+
+def bench_deploy(work: Path, rounds: int = 5) -> list[Row]:
+    """The issue #16 goals on one provisioned server: warm `doit deploy` of a code change,
+    the same package again, `doit rollback` (medians of `rounds`), each with its waterfall and
+    CPU; then the same under steady reads and writes, counting failed requests."""
+    settings, layer, sandbox, app_dir = _provisioned(work, "one")
+    views = app_dir / "helpdesk" / "views.py"
+    median = statistics.median
+    try:
+        (server,) = sandbox.up(1, layer=layer)
+        env = {**_doit_in_sandbox(work, sandbox.state_dir), "APP_DIR": str(app_dir),
+               "DIST_DIR": str(work / "dist"), "WHEEL_CACHE": str(settings.wheel_cache),
+               "DEPLOY_SERVER": f"127.0.0.1:{server.ssh_port}",
+               "SSH_KEY_FILE": str(sandbox.deploy_key_file),
+               "SETUP_USER": "admin", "SETUP_KEY_FILE": str(sandbox.key_file),
+               "PUBLIC_URL": server.url,
+               "SSH_KNOWN_HOSTS_FILE": str(sandbox.known_hosts_file)}
+        doit = lambda *args: [*DOIT, "--dir", str(work), *args]  # noqa: E731
+        _timed(doit("deploy"), env)  # cold: venv, setup stamp, target
+        warm, same, rollback = [], [], []
+        for number in range(rounds):
+            views.write_text(views.read_text() + f"\n# benchmark change {number}\n")
+            warm.append(_watched(doit("deploy"), env, server.init_pid))
+            same.append(_watched(doit("deploy"), env, server.init_pid))
+            rollback.append(_watched(doit("rollback"), env, server.init_pid))
+        # The bundled app keeps its migrations in helpdesk/db.py: unchanged, nothing to run.
+        watched = {**env, "MIGRATIONS_PATHS": "helpdesk/db.py"}
+        skipped = []
+        for number in range(3):
+            views.write_text(views.read_text() + f"\n# benchmark skip {number}\n")
+            skipped.append(_watched(doit("deploy"), watched, server.init_pid))
+        listed = [_timed([*DOIT, "list"], env) for _ in range(rounds)]
+        reads = Load(server.url + "healthz", rate_per_s=20, max_requests=20000,
+                     max_seconds=300)
+        writes = Load(server.url + "api/tickets", rate_per_s=20, max_requests=20000,
+                      max_seconds=300, writes="bench")
+        with reads, writes:
+            for number in range(3):
+                views.write_text(views.read_text() + f"\n# benchmark load {number}\n")
+                _timed(doit("deploy"), env)
+                _timed(doit("rollback"), env)
+    finally:
+        sandbox.down()
+    OUTPUTS.update(warm=warm[-1].output, same=same[-1].output, rollback=rollback[-1].output)
+    WATERFALLS.extend(_waterfall("warm `doit deploy` of a code change", warm))
+    WATERFALLS.extend(_waterfall("`doit deploy` of the same package", same))
+    WATERFALLS.extend(_waterfall("`doit rollback`", rollback))
+    WATERFALLS.extend(_waterfall("warm `doit deploy`, MIGRATIONS_PATHS=helpdesk/db.py unchanged",
+                                 skipped))
+    cpu = lambda runs, key: median(getattr(run, key) for run in runs)  # noqa: E731
+    failed = len(reads.report.failures) + len(writes.report.failures)
+    return [
+        Row("deploy", f"warm `doit deploy` of a code change (median of {rounds})",
+            median(r.seconds for r in warm), "s", "<= 2.0 s"),
+        Row("deploy", f"`doit deploy` of the same package (median of {rounds})",
+            median(r.seconds for r in same), "s", "<= 0.8 s"),
+        Row("deploy", f"`doit rollback` (median of {rounds})",
+            median(r.seconds for r in rollback), "s", "<= 0.8 s"),
+        Row("deploy", "warm `doit deploy`, MIGRATIONS_PATHS=helpdesk/db.py unchanged "
+            "(median of 3)", median(r.seconds for r in skipped), "s"),
+        Row("deploy", "CPU of a warm deploy: server", cpu(warm, "server_cpu_s"), "s"),
+        Row("deploy", "CPU of a warm deploy: deploying machine", cpu(warm, "local_cpu_s"), "s"),
+        Row("deploy", "CPU of a warm deploy: both",
+            median(r.server_cpu_s + r.local_cpu_s for r in warm), "s", "<= 1.5 s"),
+        Row("deploy", "CPU of a rollback: both",
+            median(r.server_cpu_s + r.local_cpu_s for r in rollback), "s"),
+        Row("deploy", "`doit list` (Python and doit start-up)", median(listed), "s"),
+        Row("load", "reads and writes sent during 3 deploys and 3 rollbacks (20+20/s)",
+            reads.report.sent + writes.report.sent, "req"),
+        Row("load", "failed requests, reads and writes (errors or non-2xx)", failed, "req",
+            "0"),
+        Row("load", "worst latency during them",
+            max(reads.report.worst_latency_s, writes.report.worst_latency_s), "s"),
+    ]
+
+
+def bench_fleet(work: Path) -> list[Row]:
+    """Deploy times for 1, 2, 4 and 8 servers booted from the provisioned layer."""
+    settings, layer, sandbox, app_dir = _provisioned(work, "fleet")
     views = app_dir / "helpdesk" / "views.py"
     rows = []
     try:
@@ -256,7 +430,7 @@ def bench_fleet(work: Path) -> list[Row]:
 
 
 SECTIONS = {"build": bench_build, "sandbox": bench_sandbox, "server": bench_server,
-            "fleet": bench_fleet}
+            "deploy": bench_deploy, "fleet": bench_fleet}
 
 
 def print_table(rows: list[Row]) -> None:
@@ -275,13 +449,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", default=str(REPO_ROOT / "bench-results.json"))
     args = parser.parse_args(argv)
     rows: list[Row] = []
+    load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     for section in args.only.split(","):
         with tempfile.TemporaryDirectory(prefix=f"bench-{section}-") as work:
             rows += SECTIONS[section](Path(work))
     print_table(rows)
+    print(f"load average (1, 5, 15 min): before {load_before}, after {os.getloadavg()}")
+    for line in WATERFALLS:
+        print(line)
     meta = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
-            "python": sys.version.split()[0]}
-    Path(args.json).write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]},
+            "python": sys.version.split()[0],
+            "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    Path(args.json).write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows],
+                                           "waterfalls": WATERFALLS, "outputs": OUTPUTS},
                                           indent=2) + "\n")
     print(f"written: {args.json}")
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from scripts.errors import ToolkitError
 from scripts.remote import Target, connect
-from scripts.settings import REPO_ROOT, Settings
+from scripts.settings import Settings
 
 # What server_setup.sh prints while SSH hardening waits for a proven deploy key.
 HARDENING_WAITS = "note: SSH hardening waits"

@@ -7,9 +7,12 @@ only inside actions."""
 
 from __future__ import annotations
 
+import atexit
 import functools
+import hashlib
 import os
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +21,11 @@ from plumbum.commands.processes import ProcessExecutionError
 from plumbum.machines.session import ShellSession, ShellSessionError
 
 from scripts.errors import ToolkitError
-from scripts.ssh_config import CONNECT_TIMEOUT_S, SshView, config_file, describe_config
+from scripts.ssh_config import (CONNECT_TIMEOUT_S, SshView, config_file, describe_config,
+                                private_dir)
+
+# A master left by a run that was killed ends by itself after this long without a session.
+MASTER_IDLE_S = 10
 
 
 @dataclass(frozen=True)
@@ -99,12 +106,88 @@ def connect(target: Target) -> SshMachine:
         raise connection_failed(target, error) from None
 
 
+class _Masters:
+    """One SSH connection per server for a whole run: the first session to a server starts an
+    OpenSSH master (`ssh -M -N` with ControlPersist: once the server let it in, it listens on a
+    control socket in the run's private 0700 folder and goes to the background), and every
+    later session of the run (check, ship, verify, a rollback, a reconnect) is multiplexed
+    over it: no second handshake. The master verified the host key strictly when it
+    connected; only this user can reach its socket. At exit each master is closed with
+    `ssh -O exit`; one whose run was killed ends by itself after MASTER_IDLE_S without a
+    session."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks: dict[Path, threading.Lock] = {}
+        self._started: set[Path] = set()
+
+    def socket_for(self, target: Target) -> Path:
+        """The control socket of the target's master, started if needed; a ToolkitError in
+        ssh's own words (see connection_failed) if it cannot connect."""
+        key = "\0".join(map(str, (ssh_options(target), target.host, target.port, target.user,
+                                  target.key_file)))
+        socket = private_dir() / f"m-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        with self._guard:
+            if not self._started:
+                atexit.register(self.close_all)
+            lock = self._locks.setdefault(socket, threading.Lock())
+        with lock:  # servers connect in parallel; each server's master starts once
+            if socket in self._started and self._alive(socket):
+                return socket
+            socket.unlink(missing_ok=True)  # a master that died (a cut link) left its socket
+            self._started.add(socket)
+            # A file, not a pipe: the master keeps its stderr once in the background.
+            errors_file = socket.with_name(socket.name + ".errors")
+            with open(errors_file, "w") as errors:
+                try:
+                    # It returns once the master listens, in the background (or failed).
+                    started = subprocess.run(
+                        [*ssh_argv(target, "-M", "-N", "-S", str(socket), "-o",
+                                   f"ControlPersist={MASTER_IDLE_S}")],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                        timeout=CONNECT_TIMEOUT_S + 5).returncode == 0
+                except subprocess.TimeoutExpired:
+                    started = False
+            if started and socket.exists():
+                return socket
+            # As for any failed connection: ssh's words from one plain attempt (the master's
+            # own stderr is terser through a bastion), else the master's.
+            said = errors_file.read_text() or "Connection timed out during banner exchange"
+            raise connection_failed(target, RuntimeError(said))
+
+    @staticmethod
+    def _control(socket: Path, command: str) -> bool:
+        try:
+            return subprocess.run(["ssh", "-S", str(socket), "-O", command, "flask-deploy"],
+                                  stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=10).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _alive(self, socket: Path) -> bool:
+        return socket.exists() and self._control(socket, "check")
+
+    def close_all(self) -> None:
+        """End every master of this run (at exit; tests may call it to check nothing stays)."""
+        with self._guard:
+            started, self._started = set(self._started), set()
+        for socket in started:
+            if socket.exists():
+                self._control(socket, "exit")
+
+
+MASTERS = _Masters()
+
+
 def open_session(target: Target) -> ShellSession:
-    """A shell over one SSH connection, for the deploy steps. (SshMachine opens a connection of
-    its own for bookkeeping, and a session on top would be a second handshake per server.)"""
+    """A shell for the deploy steps, over the run's one connection to the server (see
+    _Masters)."""
     if target.key_file is not None:
         check_key_file(Path(target.key_file), target.key_setting)
-    process = subprocess.Popen([*ssh_argv(target, "-T"), "/bin/sh"], stdin=subprocess.PIPE,
+    socket = MASTERS.socket_for(target)
+    process = subprocess.Popen([*ssh_argv(target, "-T", "-S", str(socket), "-o",
+                                          "ControlMaster=no"), "/bin/sh"],
+                               stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         return ShellSession(process, "utf8", False, CONNECT_TIMEOUT_S, host=target.host)

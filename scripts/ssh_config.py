@@ -55,7 +55,8 @@ _WRITING = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
-def _private_dir() -> Path:
+def private_dir() -> Path:
+    """This run's own folder (mode 0700): config files and SSH control sockets."""
     folder = Path(tempfile.mkdtemp(prefix="flask-deploy-ssh-"))  # 0700, ours alone
     atexit.register(shutil.rmtree, folder, True)
     return folder
@@ -70,7 +71,7 @@ def config_file(user_config: Path | None, known_hosts_file: Path | None,
                            f"OpenSSH config file, or leave it unset for ~/.ssh/config")
     text = config_text(user_config, known_hosts_file, fallback_user)
     with _WRITING:
-        path = _private_dir() / f"config-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        path = private_dir() / f"config-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
         if not path.exists():
             partial = path.with_name(path.name + ".partial")
             partial.write_text(text)

@@ -6,25 +6,24 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scripts.actions import user_errors_fail_task
-from scripts.build.package import BuildRecord, record_path, sha256_file, verify_package
-from scripts.deploy import commands, https, maintenance
-from scripts.deploy.check import check_server
-from scripts.deploy.fleet import connected, deploy_fleet, run_parallel
-from scripts.deploy.report import Reporter
-from scripts.deploy.rollback import rollback_server
-from scripts.deploy.server import Server
-from scripts.deploy.verify import verify_server
-from scripts.deploy.lock import describe, who
 from scripts.errors import ToolkitError
-from scripts.notify import Event, Notifier
-from scripts.remote import Target
 from scripts.settings import Settings, load_settings
-from scripts.targets import deploy_targets
+
+if TYPE_CHECKING:  # annotations only
+    from scripts.build.package import BuildRecord
+    from scripts.deploy.report import Reporter
+    from scripts.notify import Event, Notifier
+    from scripts.remote import Target
+
+# dodo.py imports this module for every doit command, `doit list` included: the modules that
+# reach servers (plumbum, requests, the deploy steps) are imported by the actions that use them.
 
 
 def built_package(settings: Settings) -> tuple[BuildRecord, Path]:
+    from scripts.build.package import BuildRecord, record_path
     record_file = record_path(settings)
     if not record_file.exists():
         raise ToolkitError(f"no package built: {record_file} is missing; run `doit build` (in CI: "
@@ -38,6 +37,7 @@ def built_package(settings: Settings) -> tuple[BuildRecord, Path]:
 
 def public_urls(settings: Settings, targets: list[Target]) -> dict[str, str]:
     """Where a person opens the app: PUBLIC_URL, the sandbox's forwarded port, or http://host/."""
+    from scripts.deploy import commands, https
     if settings.public_url:
         return {t.display: settings.public_url for t in targets}
     if settings.https and not settings.uses_sandbox:  # the name the certificate is for
@@ -49,6 +49,9 @@ def public_urls(settings: Settings, targets: list[Target]) -> dict[str, str]:
 
 
 def _servers(settings: Settings):
+    from scripts.deploy.report import Reporter
+    from scripts.deploy.server import Server
+    from scripts.targets import deploy_targets
     targets = deploy_targets(settings)
     for target in targets:
         reporter = Reporter(server=target.display, show_server=len(targets) > 1,
@@ -74,7 +77,12 @@ def _print_results(reporter: Reporter, results: list[tuple[bool, str]]) -> bool:
 
 
 @user_errors_fail_task
-def check_action():
+def check_action(in_deploy=False):
+    """`in_deploy`: part of `doit deploy`, where a server that already serves the built
+    release needs no more checks (ship will change nothing there); `doit check` checks all."""
+    from scripts.build.package import sha256_file, verify_package
+    from scripts.deploy.check import check_server
+    from scripts.deploy.fleet import run_parallel
     settings = load_settings()
     record, package = built_package(settings)
     if sha256_file(package) != record.sha256:
@@ -92,7 +100,8 @@ def check_action():
 
     def check_one(server, reporter):
         with server:
-            verdicts.append(_print_results(reporter, check_server(server, settings, manifest)))
+            results = check_server(server, settings, manifest, stop_if_live=in_deploy)
+            verdicts.append(_print_results(reporter, results))
             _print_setup_state(server, settings, reporter)
     # Every server is checked before any changes: an unreachable one fails the whole check.
     errors = run_parallel([lambda pair=pair: check_one(*pair) for pair in _servers(settings)],
@@ -123,6 +132,7 @@ def _print_setup_state(server, settings, reporter) -> None:
 @user_errors_fail_task
 def target_action():
     """Ask every server for its Python, architecture and glibc; the build ships wheels for them."""
+    from scripts.deploy.fleet import run_parallel
     from scripts.build.target import ServerFacts, record_fleet_target
 
     settings = load_settings()
@@ -154,12 +164,17 @@ def target_action():
 
 
 def _event(settings: Settings, action: str, result: str, release: str, **details) -> Event:
+    from scripts.deploy.lock import who
+    from scripts.notify import Event
+    from scripts.targets import deploy_targets
     hosts = [target.display for target in deploy_targets(settings)]
     return Event(action, result, hosts, release, who(), **details)
 
 
 @user_errors_fail_task
 def ship_action():
+    from scripts.deploy.fleet import connected, deploy_fleet
+    from scripts.notify import Notifier
     settings = load_settings()
     record, package = built_package(settings)
     notifier = Notifier(settings)
@@ -204,16 +219,27 @@ def ship_action():
     if settings.dry_run:
         print(f"DRY_RUN=1: nothing was changed; without it, {count} server(s) would go to "
               f"release {record.release_id}")
-        return
+        return {"shipped": True}
     print(f"deploy: {count} server(s) on release {record.release_id} in "
           f"{time.monotonic() - started:.1f} s")
+    # `doit deploy` verifies only what it shipped (doit hands this to _deploy_verify).
+    return {"shipped": any(outcome.changed for outcome in outcomes)}
 
 
 @user_errors_fail_task
-def verify_action():
+def verify_action(shipped=None):
+    """`shipped`: in `doit deploy`, whether its ship changed any server (None: `doit verify`)."""
+    from scripts.build.package import BuildRecord, record_path
+    from scripts.deploy.verify import verify_server
+    from scripts.notify import Notifier
+    from scripts.targets import deploy_targets
     settings = load_settings()
     record_file = record_path(settings)
     expected = BuildRecord.read(record_file).release_id if record_file.exists() else ""
+    if shipped is False and not settings.dry_run:
+        print(f"verify: release {expected} was already live and good; nothing was shipped, so "
+              f"there is nothing new to verify (`doit verify` checks it again)")
+        return
     failed, elsewhere, served = [], [], []
     targets = deploy_targets(settings)
     urls = public_urls(settings, targets)
@@ -278,6 +304,8 @@ def _record_failed_verification(settings: Settings, release: str, failed: list[s
 
 def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = False) -> None:
     """Roll every server back, in parallel, and tell the team how it went."""
+    from scripts.deploy.fleet import run_parallel
+    from scripts.deploy.rollback import rollback_server
     started = time.monotonic()
     targets: list[str] = []
 
@@ -310,12 +338,14 @@ def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = 
 
 @user_errors_fail_task
 def rollback_action():
+    from scripts.notify import Notifier
     settings = load_settings()
     _roll_back(settings, Notifier(settings))
 
 
 @user_errors_fail_task
 def restore_action():
+    from scripts.deploy.rollback import rollback_server
     settings = load_settings()
     if not settings.restore_backup:
         raise ToolkitError("setting RESTORE_BACKUP is empty: name the backup to restore (`doit "
@@ -329,6 +359,8 @@ def restore_action():
 
 @user_errors_fail_task
 def status_action():
+    from scripts.deploy import commands, https, maintenance
+    from scripts.deploy.lock import describe
     settings = load_settings()
     for server, reporter in _set_up_servers(settings):
         state = server.tool_call("probe", str(server.deploy_path))
@@ -375,6 +407,7 @@ def _outcome(entry: dict) -> str:
 
 @user_errors_fail_task
 def logs_action():
+    from scripts.deploy import commands
     settings = load_settings()
     site = settings.deploy_path.name
     files = ["/var/log/flask_helpdesk/app.log", "/var/log/flask_helpdesk/error.log",
@@ -422,6 +455,7 @@ def history_action():
 
 @user_errors_fail_task
 def unlock_action():
+    from scripts.deploy.lock import describe
     settings = load_settings()
     for server, reporter in _set_up_servers(settings):
         answer = server.tool_call("unlock", str(server.deploy_path))

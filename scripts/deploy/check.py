@@ -7,6 +7,7 @@ import math
 import re
 
 from scripts.deploy import commands, https
+from scripts.deploy.deploy import already_live, live_state
 from scripts.deploy.lock import describe, holder_is_dead
 from scripts.deploy.server import Server
 from scripts.settings import Settings
@@ -65,13 +66,21 @@ def needed_mb(manifest: dict, settings: Settings) -> int:
     return math.ceil(unpacked * 3 / 1e6) + settings.min_free_mb  # package + release + venv
 
 
-def check_server(server: Server, settings: Settings, manifest: dict) -> list[tuple[bool, str]]:
+def check_server(server: Server, settings: Settings, manifest: dict,
+                 stop_if_live: bool = False) -> list[tuple[bool, str]]:
+    """Every pre-deploy check; with stop_if_live (`doit deploy`), a server that already serves
+    the release and went live with it before needs none: ship will change nothing there."""
     results: list[tuple[bool, str]] = [(True, f"SSH as {server.target.reached()}, host key "
                                                  f"verified")]
     path = str(server.deploy_path)
     if not server.ensure_tool():
         return results + [(False, f"{path} is not set up for deploys; run `doit setup`")]
-    state = server.tool_call("probe", path)
+    state = live_state(server, settings, manifest["release_id"])
+    if stop_if_live and already_live(state, manifest["release_id"]):
+        # Nothing will be shipped here, so nothing needs checking: a same-package deploy
+        # costs one probe.
+        return results + [(True, f"release {manifest['release_id']} is already live and good "
+                                 f"here; ship will change nothing")]
     results += python_results(state, manifest["target"])
     listing = server.sudo(["-l"], check=False, reads=True).stdout
     missing = [command for command in required_sudo(settings) if command not in listing]

@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import json
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,61 +75,66 @@ def journal_tail(server: Server, unit: str) -> str:
     return explain_failure(lines)
 
 
+def _started_healthy(server: Server, settings: Settings, subcommand: str, unit: str,
+                     port: int, release: str, dry_run_actions: tuple[str, ...]) -> dict:
+    """One call of the server tool: (re)start UNIT and wait until it answers healthy on PORT
+    with the release. A dry run prints the systemctl commands the tool would run there."""
+    if server.dry_run:
+        for action in dry_run_actions:
+            server.sudo(commands.systemctl(action, unit))
+        return {"started": True, "healthy": True}
+    return server.tool_call(subcommand, unit, commands.health_url(port, settings.health_path),
+                            release, settings.health_timeout_s, reads=False)
+
+
 def start_preflight(server: Server, settings: Settings, release: str) -> None:
     """Run `next` on the spare port and require its health check, then stop it again."""
     unit = commands.units(settings)["preflight"]
-    server.sudo(commands.systemctl("stop", unit), check=False)  # a leftover of a killed deploy
-    try:
-        started = server.sudo(commands.systemctl("start", unit), check=False)
-        if started.status != 0:
-            raise ToolkitError(f"{server.name}: release {release} does not start: "
-                               f"{journal_tail(server, unit)}")
-        try:
-            server.tool_call("health", commands.health_url(commands.preflight_port(settings),
-                                                           settings.health_path),
-                             release, settings.health_timeout_s,
-                             what="health check of the new release")
-        except ToolkitError as error:
-            raise ToolkitError(f"{error} (HEALTH_TIMEOUT_S={settings.health_timeout_s}); the old "
-                               f"release keeps serving") from None
-    finally:
-        server.sudo(commands.systemctl("stop", unit), check=False)
+    answer = _started_healthy(server, settings, "preflight", unit,
+                              commands.preflight_port(settings), release,
+                              ("stop", "start", "stop"))
+    if answer.get("healthy"):
+        return
+    if not answer.get("started"):
+        raise ToolkitError(f"{server.name}: release {release} does not start: "
+                           f"{journal_tail(server, unit)}")
+    raise ToolkitError(f"{server.name}: health check of the new release failed: "
+                       f"{answer.get('error')} (HEALTH_TIMEOUT_S={settings.health_timeout_s}); "
+                       f"the old release keeps serving")
 
 
 def restart_and_check(server: Server, settings: Settings, release: str) -> None:
-    """Restart onto `current`: systemd holds the socket, so requests wait instead of failing."""
-    unit = commands.units(settings)["app"]
-    # Failed starts before (a reboot with a broken release) must not rate-limit this one.
-    server.sudo(commands.systemctl("reset-failed", unit), check=False)
-    server.sudo(commands.systemctl("restart", unit), what="restarting the service")
-    server.tool_call("health", commands.health_url(settings.app_port, settings.health_path),
-                     release, settings.health_timeout_s, what="health check after the restart")
+    """Restart onto `current` and require its health: systemd holds the socket, so requests
+    wait instead of failing."""
+    answer = _started_healthy(server, settings, "restart", commands.units(settings)["app"],
+                              settings.app_port, release, ("reset-failed", "restart"))
+    if answer.get("healthy"):
+        return
+    if not answer.get("started"):
+        raise ToolkitError(f"{server.name}: restarting the service failed: "
+                           f"{answer.get('error')}")
+    raise ToolkitError(f"{server.name}: health check after the restart failed: "
+                       f"{answer.get('error')}")
 
 
-def _serves(server: Server, settings: Settings, release: str) -> bool:
-    """The running service answers with this release (not just: `current` points at it; a
-    deploy killed between switch and restart leaves those two different)."""
-    try:
-        server.tool_call("health", commands.health_url(settings.app_port, settings.health_path),
-                         release, 1, reads=True)
-    except ToolkitError:
-        return False
-    return True
-
-
-def upload_package(server: Server, record: BuildRecord, package: Path) -> bool:
+def upload_package(server: Server, record: BuildRecord, package: Path,
+                   present: bool | None = None) -> bool:
+    """Send the package to NAME.partial unless the server has it (`present`: what the lock's
+    call said; None: ask). The prepare call accepts it only if its sha256 matches."""
     path = str(server.deploy_path)
-    if server.tool_call("has-package", path, record.package, record.sha256).get("present"):
+    if present is None:
+        present = server.tool_call("has-package", path, record.package,
+                                   record.sha256).get("present")
+    if present:
         return False
     remote = commands.package_path(server.deploy_path, record.package)
     server.run(["mkdir", "-p", str(remote.parent)])
     server.put(package.read_bytes(), remote.with_name(remote.name + ".partial"))
-    server.tool_call("accept-package", path, record.package, record.sha256)
     return True
 
 
 def backup_and_migrate(server: Server, settings: Settings, release: str, reporter: Reporter,
-                       planned_databases: list[str]) -> None:
+                       planned_databases: list[str], prepared: dict) -> None:
     """The backup and migrate steps. When the migrations run, both happen in one call on the
     server with every request to the app held (the write gate, see server_tool.py): the backup
     is exact, so restoring it after a failed migration loses no acknowledged write. When there
@@ -137,8 +143,7 @@ def backup_and_migrate(server: Server, settings: Settings, release: str, reporte
     planned = (f"{settings.backup_path}/<now>-{release} ({', '.join(planned_databases)})"
                if server.dry_run and planned_databases else None)
     path = str(server.deploy_path)
-    answer = server.tool_call("set-next", path, release, ",".join(settings.migrations_paths),
-                              settings.migrate_command, settings.health_path)
+    answer = prepared.get("next", {})
     skipped = ""
     if not settings.migrate_command:
         skipped = "no MIGRATE_COMMAND"
@@ -147,10 +152,10 @@ def backup_and_migrate(server: Server, settings: Settings, release: str, reporte
                    f"{answer.get('current')} (MIGRATIONS_PATHS)")
     keep = (settings.backups_keep, settings.backups_keep_days)
     if skipped:
-        with reporter.step("backup") as outcome:
-            backup = server.tool_call("backup", path, str(settings.backup_path), release,
-                                      *keep).get("backup") or planned
+        with reporter.step("backup") as outcome:  # taken by the prepare call
+            backup = prepared.get("backup", {}).get("backup") or planned
             outcome.changed = bool(backup)
+            outcome.seconds = prepared.get("backup", {}).get("seconds")
             outcome.detail = backup or "no database yet"
         with reporter.step("migrate") as outcome:
             outcome.detail = skipped
@@ -197,16 +202,30 @@ def needs_deploy(server: Server, settings: Settings, release: str) -> tuple[bool
     path = str(server.deploy_path)
     if not server.ensure_tool():
         raise ToolkitError(f"{server.name}: {path} is not set up for deploys; run `doit setup`")
-    state = server.tool_call("probe", path)
+    state = live_state(server, settings, release)
     current = state.get("current")
     if release in state.get("failed", []) and not settings.force_release:
         raise ToolkitError(f"{server.name}: release {release} failed verification before; fix "
                            f"the app and build again (a new release), or ship it anyway with "
                            f"FORCE_RELEASE=1")
-    if current == release and release in state.get("good", []) \
-            and _serves(server, settings, release):
+    if already_live(state, release):
         return False, current
     return True, current
+
+
+def live_state(server: Server, settings: Settings, release: str) -> dict:
+    """The server's probe, with whether `release` serves there now (one round trip)."""
+    return server.tool_call("probe", str(server.deploy_path),
+                            commands.health_url(settings.app_port, settings.health_path),
+                            release)
+
+
+def already_live(state: dict, release: str) -> bool:
+    """The release is current, went live before, and the running service answers with it
+    (not just: `current` points at it; a deploy killed between switch and restart leaves
+    those two different)."""
+    return state.get("current") == release and release in state.get("good", []) \
+        and bool(state.get("serving"))
 
 
 def dry_run_facts(server: Server, settings: Settings, record: BuildRecord,
@@ -228,35 +247,57 @@ def dry_run_facts(server: Server, settings: Settings, record: BuildRecord,
 
 
 def prepare(server: Server, settings: Settings, record: BuildRecord, package: Path,
-            reporter: Reporter) -> None:
-    """Everything before the switch: the old release keeps serving, untouched."""
+            reporter: Reporter, package_present: bool | None = None) -> None:
+    """Everything before the switch: the old release keeps serving, untouched. After the
+    upload, the steps up to the backup are one call of the server tool (`prepare`), which
+    answers each step's outcome and time."""
     path = str(server.deploy_path)
     release = record.release_id
     facts = dry_run_facts(server, settings, record, package) if server.dry_run else {}
     hooks.shipped(package, release)
     with reporter.step("upload") as outcome:
-        outcome.changed = upload_package(server, record, package)
+        outcome.changed = upload_package(server, record, package, package_present)
         outcome.detail = (f"{record.package} ({record.size / 1e6:.2f} MB)" if outcome.changed
                           else "package already on the server")
+    uploaded_env = ""
+    if settings.app_env_file:  # secrets: sent as a private file, never on a command line
+        uploaded_env = f".env.upload-{secrets.token_hex(6)}"  # one per deploy
+        server.put(settings.app_env_file.read_bytes(),
+                   server.deploy_path / "shared" / uploaded_env)
+    env_file = commands.env_file(settings)
+    answer = server.tool_call(
+        "prepare", path, release, record.package, record.sha256,
+        "uploaded" if outcome.changed else "", env_file, uploaded_env,
+        ",".join(settings.migrations_paths), settings.migrate_command,
+        str(settings.backup_path), settings.backups_keep, settings.backups_keep_days,
+        settings.health_path, what="preparing the release")
+    steps = answer.get("steps", {})
+
+    def step(name: str):
+        """This step's answer; its failure raised inside its own reporter step."""
+        failed = answer.get("failed")
+        if failed == name or (name == "upload" and failed == "accept"):
+            raise ToolkitError(f"{server.name}: {failed} failed: {answer.get('error')}")
+        return steps.get(name, {})
+    if answer.get("failed") == "accept":
+        with reporter.step("upload"):
+            step("upload")
     with reporter.step("unpack") as outcome:
-        answer = server.tool_call("unpack", path, record.package, release)
-        outcome.changed = not facts["unpacked"] if server.dry_run else answer["changed"]
+        done = step("unpack")
+        outcome.changed = not facts["unpacked"] if server.dry_run else done["changed"]
+        outcome.seconds = done.get("seconds")
         outcome.detail = f"releases/{release}"
     with reporter.step("venv") as outcome:
-        answer = server.tool_call("venv", path, release)
+        done = step("venv")
         outcome.changed = (not facts["venv_ready"] if server.dry_run
-                           else bool(answer.get("changed")))
-        venv = facts.get("venv") or answer.get("venv")
+                           else bool(done.get("changed")))
+        outcome.seconds = done.get("seconds")
+        venv = facts.get("venv") or done.get("venv")
         outcome.detail = (f"built shared/venvs/{venv} from wheels" if outcome.changed else
                           f"reused shared/venvs/{venv} (same requirements)")
     with reporter.step("shared") as outcome:
-        uploaded = ""
-        if settings.app_env_file:  # secrets: sent as a private file, never on a command line
-            server.put(settings.app_env_file.read_bytes(),
-                       server.deploy_path / "shared" / ".env.upload")
-            uploaded = "uploaded"
-        env_file = commands.env_file(settings)
-        answer = server.tool_call("link-shared", path, release, env_file, uploaded)
+        done = step("shared")
+        outcome.seconds = done.get("seconds")
         if server.dry_run:
             from scripts.deploy.server_tool import with_secret_key, without_secret_key
             wanted, have = facts["env_sha256"], facts["env_sha256"]
@@ -269,10 +310,13 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
             outcome.changed = not facts["unpacked"] or facts["env_sha256"] in (None, "") \
                 or wanted != have
         else:
-            outcome.changed = bool(answer.get("changed"))
+            outcome.changed = bool(done.get("changed"))
         outcome.detail = f"instance/, uploads/ -> shared/; {env_file} 0600"
+    if answer.get("failed") in ("next", "backup"):
+        with reporter.step(answer["failed"]):
+            step(answer["failed"])
     hooks.on_server(server, settings, "pre-migrate", release, reporter)
-    backup_and_migrate(server, settings, release, reporter, facts.get("databases", []))
+    backup_and_migrate(server, settings, release, reporter, facts.get("databases", []), steps)
     hooks.on_server(server, settings, "post-migrate", release, reporter)
     with reporter.step("preflight") as outcome:
         start_preflight(server, settings, release)

@@ -30,6 +30,7 @@ class Member:
     reporter: Reporter
     previous: str | None
     lock: object = None  # the deploy_lock context, once taken
+    package_present: bool | None = None  # what the lock's call said
 
 
 def batches(items: list, batch: str) -> list[list]:
@@ -74,12 +75,15 @@ def connected(servers: list[Server], limit: int):
         yield
 
 
-def _take_locks(members: list[Member], release: str, limit: int, stack: ExitStack) -> None:
-    """Each member's deploy lock, taken at once; the stack releases those that were taken."""
+def _take_locks(members: list[Member], record: BuildRecord, limit: int,
+                stack: ExitStack) -> None:
+    """Each member's deploy lock, taken at once (each call also says whether the server has
+    the package); the stack releases those that were taken."""
     def take(member: Member):
         lock_started = time.monotonic()
-        lock = deploy_lock(member.server, release, "deploy", log=member.reporter.line)
-        lock.__enter__()
+        lock = deploy_lock(member.server, record.release_id, "deploy",
+                           log=member.reporter.line, package=(record.package, record.sha256))
+        member.package_present = lock.__enter__()["package_present"]
         member.lock = lock
         member.reporter.line(f"{member.reporter.verdict(True):8} {'lock':10} {time.monotonic() - lock_started:5.2f} s"
                              f"  {member.server.deploy_path}/.deploy-lock taken")
@@ -125,7 +129,7 @@ def deploy_fleet(pairs: list[tuple[Server, Reporter]], settings: Settings, recor
     if members:
         # SIGTERM is taken in the main thread, while workers hold locks: every lock is released.
         with sigterm_raises(), ExitStack() as locks:
-            _take_locks(members, release, settings.deploy_parallel, locks)
+            _take_locks(members, record, settings.deploy_parallel, locks)
             on_start()
             try:
                 _roll_out(members, settings, record, package)
@@ -150,7 +154,8 @@ def deploy_fleet(pairs: list[tuple[Server, Reporter]], settings: Settings, recor
 def _roll_out(members: list[Member], settings: Settings, record: BuildRecord,
               package: Path) -> None:
     release = record.release_id
-    errors = run_parallel([lambda m=m: prepare(m.server, settings, record, package, m.reporter)
+    errors = run_parallel([lambda m=m: prepare(m.server, settings, record, package, m.reporter,
+                                               m.package_present)
                            for m in members], settings.deploy_parallel)
     _first_error(members, errors)
     switched: list[Member] = []

@@ -98,10 +98,15 @@ def sigterm_raises():
 
 
 @contextmanager
-def deploy_lock(server, release: str, action: str = "deploy", log=print):
+def deploy_lock(server, release: str, action: str = "deploy", log=print,
+                package: tuple[str, str] = ()):
+    """Yields the lock's info; with `package` (name, sha256), its "package_present" says
+    whether the server has that package already (asked in the same round trip)."""
     info = lock_info(release, action)
     path = str(server.deploy_path)
-    answer = server.tool_call("lock", path, json.dumps(info), what="taking the deploy lock")
+    answer = server.tool_call("lock", path, json.dumps(info), *package,
+                              what="taking the deploy lock")
+    present = answer.get("present") if package else None
     if not server.dry_run and not answer.get("taken"):
         holder = answer.get("holder") or {}
         if holder and "who" in holder and not holder.get("machine_id"):
@@ -117,9 +122,10 @@ def deploy_lock(server, release: str, action: str = "deploy", log=print):
         server.tool_call("unlock", path, holder.get("token", ""))
         if not server.tool_call("lock", path, json.dumps(info)).get("taken"):
             raise ToolkitError(f"{server.name}: another deploy took the lock just now; try again")
+        present = None
     try:
         with sigterm_raises():
-            yield info
+            yield {**info, "package_present": present}
     finally:
         release_lock(server, info["token"], log)
 

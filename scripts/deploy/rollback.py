@@ -79,10 +79,11 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
             log_quietly(server, log_entry(action, target, current, started, "failed",
                                            step=reporter.failed_step, error=str(error)))
             raise
+        entry = json.dumps(log_entry(action, target, current, started, "ok"))
         if current and current != target:
-            server.tool_call("rolled-back", path, target, current)
-        server.tool_call("log", path, json.dumps(log_entry(action, target, current, started,
-                                                           "ok")))
+            server.tool_call("rolled-back", path, target, current, entry)
+        else:
+            server.tool_call("log", path, entry)
     return DeployOutcome(server.name, target, current, True, time.monotonic() - started)
 
 

@@ -22,7 +22,7 @@ PUT_CHUNK = 3 << 18  # 768 KiB of data, 1 MiB of base64 per shell line
 # Server tool subcommands that change nothing: a dry run runs them.
 # (health reads too, but a dry run starts no new release to check: callers say reads=True.)
 READ_ONLY_TOOL = frozenset({"probe", "has-package", "history", "previous-good", "backups",
-                            "disk", "plan"})
+                            "disk", "plan", "verify"})
 
 
 @dataclass

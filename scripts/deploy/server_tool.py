@@ -57,6 +57,25 @@ def out(**values):
     print(json.dumps(values, sort_keys=True))
 
 
+class _captured:
+    """What the commands called inside print, as a dict: one call runs several steps."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        self.answer = {}
+        self._buffer = io.StringIO()
+        self._redirect = contextlib.redirect_stdout(self._buffer)
+        self._redirect.__enter__()
+        return self.answer
+
+    def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
+        text = self._buffer.getvalue().strip()
+        if text:
+            self.answer.update(json.loads(text.splitlines()[-1]))
+
+
 def rmtree(folder, ignore_errors=False):
     import shutil
     shutil.rmtree(folder, ignore_errors=ignore_errors)
@@ -121,8 +140,10 @@ def sha256_of(file_name):
 
 
 # -- state ------------------------------------------------------------------------------------
-def cmd_probe(root):
-    """Everything a deploy, check or status needs to know, in one round trip."""
+def cmd_probe(root, health_url="", release=""):
+    """Everything a deploy, check or status needs to know, in one round trip. With a health
+    url and a release: whether that release is current and answers healthy there (`serving`),
+    which is all a deploy of the same package needs to know."""
     lock = None
     try:
         with open(path(root, ".deploy-lock", "info.json")) as stream:
@@ -137,7 +158,14 @@ def cmd_probe(root):
         path(root, "releases")) else []
     libc = os.confstr("CS_GNU_LIBC_VERSION") or ""  # "glibc 2.41"
     import importlib.util
-    out(current=release_id_of(path(root, "current")), good=read_good(root), lock=lock,
+    current = release_id_of(path(root, "current"))
+    serving = False
+    if health_url and release and current == release:
+        try:
+            serving = wait_healthy(health_url, release, 1) in (None, release)
+        except Refusal:
+            pass
+    out(current=current, good=read_good(root), lock=lock, serving=serving,
         failed=read_ids(root, "failed-releases"),
         releases=releases, python="%d.%d" % sys.version_info[:2], machine=os.uname().machine,
         glibc=libc.split()[-1] if libc.startswith("glibc ") else "",
@@ -161,8 +189,16 @@ def cmd_plan(root, release, venv_key, env_file):
         env_sha256_without_secret=env_sha256_without_secret)
 
 
-def cmd_lock(root, info_json):
-    """mkdir is atomic: exactly one deploy gets the lock."""
+def cmd_lock(root, info_json, package="", sha256=""):
+    """mkdir is atomic: exactly one deploy gets the lock. With a package name and its sha256,
+    also whether that package is on the server already (one round trip for both)."""
+    if package:
+        file_name = path(root, "packages", package)
+        present = os.path.isfile(file_name) and sha256_of(file_name) == sha256
+        with _captured() as answer:
+            cmd_lock(root, info_json)
+        out(present=present, **answer)
+        return
     lock_dir = path(root, ".deploy-lock")
     try:
         os.mkdir(lock_dir)
@@ -248,6 +284,43 @@ def cmd_unpack(root, name, release):
     out(changed=True)
 
 
+def cmd_prepare(root, release, package, sha256, uploaded_package, env_file, uploaded_env,
+                migrations_paths, migrate_command, backup_root, keep, keep_days, health_path=None):
+    """Everything from the upload to the backup in one call: accept the uploaded package
+    (when UPLOADED_PACKAGE), unpack, venv, shared links and the app's environment, `next`;
+    then, when no migration will run (no MIGRATE_COMMAND, or MIGRATIONS_PATHS unchanged), the
+    backup (the migrate step takes its own, under the write gate). Answers each step's answer
+    and seconds, in order; a step that fails is named (`failed`, `error`), later ones do not
+    run. HEALTH_PATH is kept with the release (see set-next)."""
+    import time
+    steps = [("unpack", lambda: cmd_unpack(root, package, release)),
+             ("venv", lambda: cmd_venv(root, release)),
+             ("shared", lambda: cmd_link_shared(root, release, env_file, uploaded_env)),
+             ("next", lambda: cmd_set_next(root, release, migrations_paths, migrate_command,
+                                           health_path))]
+    if uploaded_package:
+        steps.insert(0, ("accept", lambda: cmd_accept_package(root, package, sha256)))
+    answers = {}
+    backup = ("backup", lambda: cmd_backup(root, backup_root, release, keep, keep_days))
+    while steps:
+        name, step = steps.pop(0)
+        started = time.monotonic()
+        try:
+            with _captured() as answer:
+                step()
+        except Refusal as refusal:
+            out(steps=answers, failed=name, error=str(refusal))
+            return
+        except Exception as error:  # noqa: BLE001 - named as main() names it
+            out(steps=answers, failed=name, error="%s: %s: %s" % (name, type(error).__name__,
+                                                                   error))
+            return
+        answers[name] = dict(answer, seconds=round(time.monotonic() - started, 3))
+        if name == "next" and (not migrate_command or answer.get("migrations_unchanged")):
+            steps.append(backup)
+    out(steps=answers)
+
+
 def requirements_key(manifest, python):
     """The shared venv a release uses: its requirements, wheels and the server's Python. A dry
     run computes it from the local package's manifest."""
@@ -317,8 +390,9 @@ def without_secret_key(text):
 def cmd_link_shared(root, release, env_file, uploaded=""):
     """instance/ and uploads/ of the release point into shared/. env_file (systemd reads it as
     root) is the deploy user's file in a folder only root writes: it is written in place, never
-    replaced, and a first deploy puts a random SECRET_KEY in it. With `uploaded`,
-    shared/.env.upload (written privately by the deploy) is its new content."""
+    replaced, and a first deploy puts a random SECRET_KEY in it. With `uploaded`, the file
+    shared/<uploaded> (written privately by the deploy: `.env.upload-<token>`, or
+    `.env.upload` as older toolkits name it) is its new content."""
     release = release_name(release)
     import secrets
     release_dir = path(root, "releases", release)
@@ -339,7 +413,10 @@ def cmd_link_shared(root, release, env_file, uploaded=""):
     with open(descriptor, "r+") as stream:
         current = stream.read()
         if uploaded:
-            upload = path(root, "shared", ".env.upload")
+            import re
+            name = uploaded if re.fullmatch(r"\.env\.upload(-[0-9a-f]+)?", uploaded) \
+                else ".env.upload"
+            upload = path(root, "shared", name)
             with open(upload) as staged:
                 wanted_text = with_secret_key(staged.read(), current)
             os.unlink(upload)
@@ -758,6 +835,11 @@ def cmd_switch(root, release):
 
 def cmd_health(url, expect_release, timeout):
     """Poll url until it answers 2xx with the expected release (when it reports one)."""
+    out(ok=True, release=wait_healthy(url, expect_release, timeout))
+
+
+def wait_healthy(url, expect_release, timeout):
+    """The release url reports once it answers healthy (None: it reports none), or Refusal."""
     import time
     import urllib.error
     import urllib.request
@@ -773,8 +855,7 @@ def cmd_health(url, expect_release, timeout):
                 answer = None
             release = answer.get("release") if isinstance(answer, dict) else None
             if not expect_release or release in (None, expect_release):
-                out(ok=True, release=release)
-                return
+                return release
             last = "it runs release %s, not %s" % (release, expect_release)
             import re
             id_form = "[0-9a-f]{12}"
@@ -799,6 +880,97 @@ def cmd_health(url, expect_release, timeout):
         time.sleep(0.1)
 
 
+def cmd_verify(spec_json):
+    """Every check of `doit verify` in one call, run side by side: the service's state, health
+    checks (url, expected release) and the guide's commands as the deploy user types them.
+    SPEC: {"active": unit, "expected": id, "timeout": s, "health": [[label, url]],
+    "commands": [[label, argv, file]]}; a command with a file is skipped when that file is
+    empty (the app logs to the journal). Answers [ok, label, detail] per check, in order."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+    spec = json.loads(spec_json)
+
+    def run(argv):
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True)
+        return result.returncode, result.stdout, result.stderr
+
+    def active():
+        _, stdout, _ = run(["systemctl", "is-active", spec["active"]])
+        return ["active", stdout.strip()]
+
+    def health(url):
+        try:
+            return ["healthy", wait_healthy(url, spec["expected"], spec["timeout"])]
+        except Refusal as refusal:
+            return ["unhealthy", str(refusal)]
+
+    def command(argv, file_name):
+        if file_name and not (os.path.isfile(file_name) and os.path.getsize(file_name)):
+            return ["empty", file_name]
+        status, _, stderr = run(argv)
+        return ["ran", status, stderr]
+    jobs = [active] + [lambda url=url: health(url) for _, url in spec["health"]] + \
+        [lambda argv=argv, name=name: command(argv, name) for _, argv, name in spec["commands"]]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda job: job(), jobs))
+    out(answers=answers)
+
+
+def _systemctl(action, unit):
+    """sudo systemctl ACTION UNIT (sudoers allows exactly the forms deploys use): its status."""
+    import subprocess
+    return subprocess.run(["sudo", "-n", "systemctl", action, unit], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
+
+
+def _started_healthy(action, unit, url, release, timeout):
+    """sudo systemctl ACTION UNIT, then its health at URL required: started, healthy, and
+    what went wrong (systemctl's last line, or the health check's)."""
+    import subprocess
+    result = subprocess.run(["sudo", "-n", "systemctl", action, unit],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        return {"started": False, "healthy": False,
+                "error": (lines or ["exit status %d" % result.returncode])[-1]}
+    try:
+        wait_healthy(url, release, timeout)
+    except Refusal as refusal:
+        return {"started": True, "healthy": False, "error": str(refusal)}
+    return {"started": True, "healthy": True}
+
+
+def cmd_preflight(unit, url, release, timeout):
+    """The release in `next` on the spare port (UNIT): started, its health at URL required,
+    stopped again, in one call. The caller reads the unit's journal when it did not start.
+    A healthy preflight is stopped in the background: the deploy goes on to the switch and
+    restart (another unit, another port) while it shuts down, and the next preflight's own
+    first `stop` waits for a stop still under way."""
+    import subprocess
+    _systemctl("stop", unit)  # a leftover of a killed deploy
+    answer = {"healthy": False}
+    try:
+        answer = _started_healthy("start", unit, url, release, timeout)
+        out(**answer)
+    finally:
+        if answer["healthy"]:
+            subprocess.Popen(["sudo", "-n", "systemctl", "stop", unit], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        else:
+            _systemctl("stop", unit)
+
+
+def cmd_restart(unit, url, release, timeout):
+    """Restart the app's service onto `current` (its socket holds new connections meanwhile)
+    and require its health at URL, in one call. Failed starts before (a reboot with a broken
+    release) must not rate-limit this one: reset-failed first."""
+    _systemctl("reset-failed", unit)
+    out(**_started_healthy("restart", unit, url, release, timeout))
+
+
 def _mark_good(root, release):
     """Newest last: a release deployed again moves to the end."""
     write_ids(root, "good-releases",
@@ -818,14 +990,18 @@ def cmd_mark_failed(root, release):
     out(changed=True)
 
 
-def cmd_rolled_back(root, target, rolled_back_from):
+def cmd_rolled_back(root, target, rolled_back_from, entry_json=""):
     """After a rollback from one release to another, history matches what people did: the
     target is the newest good release (what a later deploy's rollback returns to, and what
     pruning keeps as the release before), and the release rolled back from is no rollback
-    target any more (it stays on disk until pruned; RELEASE=<id> while it is there)."""
+    target any more (it stays on disk until pruned; RELEASE=<id> while it is there). With
+    ENTRY_JSON, the deploy log's line for the rollback too (one round trip)."""
     target, rolled_back_from = release_name(target), release_name(rolled_back_from)
     good = [name for name in read_good(root) if name not in (target, rolled_back_from)]
     write_atomically(path(root, "good-releases"), "".join(name + "\n" for name in good + [target]))
+    if entry_json:
+        with _captured():
+            cmd_log(root, entry_json)
     out(changed=True, good=good + [target])
 
 
@@ -920,6 +1096,8 @@ COMMANDS = {
     "previous-good": cmd_previous_good,
     "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
+    "verify": cmd_verify, "preflight": cmd_preflight, "restart": cmd_restart,
+    "prepare": cmd_prepare,
 }
 
 

@@ -8,45 +8,44 @@ import json
 import requests
 
 from scripts.deploy import commands, https, maintenance
-from scripts.deploy.server import Server
-from scripts.errors import ToolkitError
+from scripts.deploy.server import Result, Server
 from scripts.settings import Settings
 
 
 def verify_server(server: Server, settings: Settings, expected: str,
                   public_url: str) -> list[tuple[bool, str]]:
-    results: list[tuple[bool, str]] = []
-    state = server.run(commands.systemctl("is-active", settings.service_name), check=False,
-                       reads=True)
-    active = state.stdout.strip() == "active"
-    results.append((active, f"{settings.service_name} is {state.stdout.strip() or 'unknown'}"))
-    for label, port in (("app on 127.0.0.1:%d" % settings.app_port, settings.app_port),
-                        ("nginx on port 80", 80)):
-        try:
-            answer = server.tool_call("health", commands.health_url(port, settings.health_path),
-                                      expected, 10, reads=True)
-            results.append((True, f"{label} answers {_release_said(answer.get('release'))}"))
-        except ToolkitError as error:
-            results.append((False, f"{label}: {error}"))
+    """Every check on the server in one call of its tool (side by side, one round trip), then
+    the app from here."""
+    health = [(f"app on 127.0.0.1:{settings.app_port}",
+               commands.health_url(settings.app_port, settings.health_path)),
+              ("nginx on port 80", commands.health_url(80, settings.health_path))]
+    optional_logs = commands.app_log_files()
+    checks = [(label, argv, optional_logs.get(label, ""))
+              for label, argv in commands.guide_checks(settings)]
+    spec = {"active": settings.service_name, "expected": expected, "timeout": 10,
+            "health": health, "commands": checks}
+    answers = server.tool_call("verify", json.dumps(spec))["answers"]
+    _, state = answers[0]
+    results = [(state == "active", f"{settings.service_name} is {state or 'unknown'}")]
+    for (label, _), (verdict, said) in zip(health, answers[1:]):
+        results.append((True, f"{label} answers {_release_said(said)}") if verdict == "healthy"
+                       else (False, f"{label}: {server.name}: health failed: {said}"))
     results += _https_results(server, settings, expected)
     if maintenance.state(server) is None:
         results.append(_from_outside(public_url, settings.health_path, expected))
     else:  # the public gets the 503 page on purpose: no reason to roll back
         results.append((True, f"{public_url} from here: not checked, maintenance mode is on "
                               f"(`doit maintenance off` ends it)"))
-    optional_logs = commands.app_log_files()
-    for label, argv in commands.guide_checks(settings):
-        log_file = optional_logs.get(label)
-        # setup creates the files (root's folder, the app's files); empty means the app logs
-        # elsewhere, which is fine: the journal has it.
-        if log_file and server.run(["test", "-s", log_file], check=False,
-                                   reads=True).status != 0:
+    for (label, _, log_file), answer in zip(checks, answers[1 + len(health):]):
+        if answer[0] == "empty":
+            # setup creates the files (root's folder, the app's files); empty means the app
+            # logs elsewhere, which is fine: the journal has it.
             results.append((True, f"guide: {label}: {log_file} is empty; the app logs to the "
                                   f"journal (`journalctl -u {settings.service_name}`)"))
             continue
-        outcome = server.run(argv, check=False, reads=True)
-        results.append((outcome.status == 0, f"guide: {label}" if outcome.status == 0 else
-                        f"guide: {label} fails: {outcome.error_line}"))
+        _, status, stderr = answer
+        results.append((status == 0, f"guide: {label}" if status == 0 else
+                        f"guide: {label} fails: {Result(status, '', stderr).error_line}"))
     return results
 
 

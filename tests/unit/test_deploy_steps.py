@@ -42,6 +42,8 @@ class FakeServer:
                                          "migrated": True, "held_s": 0.7, "backup_s": 0.1},
                         "switch": {"changed": True, "previous": "old"},
                         "previous-good": {"current": "new", "previous": "old"},
+                        "preflight": {"started": True, "healthy": True},
+                        "restart": {"started": True, "healthy": True},
                         **(answers or {})}
         self.failing = failing
 
@@ -49,11 +51,28 @@ class FakeServer:
         return True
 
     def tool_call(self, subcommand, *args, what="", reads=None):
+        if subcommand == "prepare":
+            return self.prepare(migrate_command=args[8])
         self.calls.append(f"tool {subcommand}")
         self.tool_args.append((subcommand, *args))
         if subcommand in self.failing:
             raise ToolkitError(f"{subcommand} failed")
         return self.answers.get(subcommand, {})
+
+    def prepare(self, migrate_command):
+        """The server's one call from unpack to the backup, as the steps it runs."""
+        self.calls.append("tool prepare")
+        steps = {}
+        for name, subcommand in (("unpack", "unpack"), ("venv", "venv"),
+                                 ("shared", "link-shared"), ("next", "set-next")):
+            self.calls.append(f"tool {subcommand}")
+            if subcommand in self.failing:
+                return {"steps": steps, "failed": name, "error": f"{subcommand} failed"}
+            steps[name] = self.answers.get(subcommand, {})
+        if not migrate_command or steps["next"].get("migrations_unchanged"):
+            self.calls.append("tool backup")
+            steps["backup"] = self.answers["backup"]
+        return {"steps": steps}
 
     def run(self, argv, check=True, what="", reads=False):
         self.calls.append(" ".join(map(str, argv)))
@@ -88,21 +107,21 @@ def test_a_deploy_runs_its_steps_in_order_and_releases_the_lock(package):
     deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
     positions = order_of(server.calls, "tool lock", "put ", "tool unpack", "tool venv",
                          "tool set-next", "tool migrate-held",
-                         "start flask-helpdesk-preflight", "tool switch",
-                         "restart flask-helpdesk", "tool finish", "tool log", "tool unlock")
+                         "tool preflight", "tool switch",
+                         "tool restart", "tool finish", "tool log", "tool unlock")
     assert positions == sorted(positions)
 
 
 def test_the_same_release_current_but_not_serving_is_deployed_again(package):
-    server = FakeServer({"probe": {"current": "new", "good": ["new"], "layout": True}},
-                        failing=("health",))
-    with pytest.raises(ToolkitError):  # the fake's health keeps failing: preflight stops it
-        deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
-    assert "tool lock" in server.calls
+    server = FakeServer({"probe": {"current": "new", "good": ["new"], "layout": True,
+                                   "serving": False}})
+    deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
+    assert "tool lock" in server.calls and "tool restart" in server.calls
 
 
 def test_the_same_release_already_serving_does_nothing(package):
-    server = FakeServer({"probe": {"current": "new", "good": ["new"], "layout": True}})
+    server = FakeServer({"probe": {"current": "new", "good": ["new"], "layout": True,
+                                   "serving": True}})
     outcome = deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
     assert not outcome.changed
     assert "tool lock" not in server.calls
@@ -147,20 +166,19 @@ def test_unchanged_migrations_are_skipped_and_said_so(package):
 
 
 def test_a_failed_restart_switches_back_to_the_previous_release(package):
-    server = FakeServer(failing=("restart flask-helpdesk",))
-    with pytest.raises(ToolkitError):
+    server = FakeServer({"restart": {"started": False, "error": "Job failed"}})
+    with pytest.raises(ToolkitError, match="restarting the service failed: Job failed; "
+                                           "switched back: release old serves again"):
         deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
     assert server.calls.count("tool switch") == 2
     assert "tool finish" not in server.calls
     assert "tool unlock" in server.calls
 
 
-def test_preflight_is_always_stopped_even_when_it_fails(package):
-    server = FakeServer(failing=("health",))
-    with pytest.raises(ToolkitError):
+def test_an_unhealthy_preflight_never_switches(package):
+    server = FakeServer({"preflight": {"started": True, "healthy": False, "error": "HTTP 503"}})
+    with pytest.raises(ToolkitError, match="HTTP 503 .*the old release keeps serving"):
         deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
-    after_health = server.calls[server.calls.index("tool health"):]
-    assert "sudo systemctl stop flask-helpdesk-preflight" in after_health
     assert "tool switch" not in server.calls
 
 
@@ -175,11 +193,9 @@ def test_rollback_to_an_unproven_release_runs_its_preflight_first():
     server = FakeServer()
     server.answers["previous-good"] = {"current": "new", "previous": "never-live"}
     rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
-    positions = order_of(server.calls, "tool lock", "start flask-helpdesk-preflight",
-                         "tool switch", "restart flask-helpdesk", "tool unlock")
-    assert positions == sorted(positions)
-    last_health = len(server.calls) - 1 - server.calls[::-1].index("tool health")
-    assert last_health > positions[3], "health is checked again after the restart"
+    positions = order_of(server.calls, "tool lock", "tool preflight",
+                         "tool switch", "tool restart", "tool unlock")
+    assert positions == sorted(positions)  # the restart checks health again
     assert "tool restore" not in server.calls and "tool backup" not in server.calls
 
 
@@ -187,8 +203,8 @@ def test_rollback_to_a_good_release_is_gated_by_its_health_after_the_restart():
     server = FakeServer()
     rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
     assert not any("preflight" in call for call in server.calls)
-    positions = order_of(server.calls, "tool switch", "restart flask-helpdesk", "tool health")
-    assert positions == sorted(positions)
+    positions = order_of(server.calls, "tool switch", "tool restart")
+    assert positions == sorted(positions)  # the restart's call requires its health
 
 
 def test_a_rollback_checks_the_health_path_the_old_release_was_deployed_with():
@@ -228,7 +244,7 @@ def test_a_restore_is_recorded_as_restore_and_a_rollback_warns_on_stderr(capsys)
 
 
 def test_a_rollback_target_failing_its_health_check_is_switched_back():
-    server = FakeServer(failing=("health",))
+    server = FakeServer({"restart": {"started": True, "healthy": False, "error": "HTTP 500"}})
     with pytest.raises(ToolkitError):
         rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
     assert server.calls.count("tool switch") == 2
@@ -331,7 +347,11 @@ class SwitchingServer(FakeServer):
     def reconnect(self):
         self.calls.append("reconnect")
 
-    def tool_call(self, subcommand, *args, what=""):
+    def tool_call(self, subcommand, *args, what="", reads=None):
+        if f"tool {subcommand}" == self.interrupt_at:
+            self.interrupt_at = ""
+            self.calls.append(f"tool {subcommand}")
+            raise KeyboardInterrupt
         answer = super().tool_call(subcommand, *args, what=what)
         if subcommand == "switch":
             answer = {"changed": True, "previous": self.current}
@@ -349,7 +369,7 @@ class SwitchingServer(FakeServer):
 
 
 def test_an_interrupt_between_switch_and_restart_switches_back(package):
-    server = SwitchingServer(interrupt_at="restart flask-helpdesk")
+    server = SwitchingServer(interrupt_at="tool restart")
     with pytest.raises(KeyboardInterrupt):
         deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
     assert server.current == "old"
@@ -359,7 +379,7 @@ def test_an_interrupt_between_switch_and_restart_switches_back(package):
 
 
 def test_an_interrupt_before_the_switch_switches_nothing(package):
-    server = SwitchingServer(interrupt_at="start flask-helpdesk-preflight")
+    server = SwitchingServer(interrupt_at="tool preflight")
     with pytest.raises(KeyboardInterrupt):
         deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
     assert "tool switch" not in server.calls

@@ -233,7 +233,8 @@ def test_a_release_rolled_back_from_is_never_the_target_of_a_later_rollback(root
         tool("switch", root, name)
         tool("finish", root, name, 5)
     tool("switch", root, "A")
-    tool("rolled-back", root, "A", "B")
+    tool("rolled-back", root, "A", "B", '{"action": "rollback", "release": "A"}')
+    assert tool("history", root, 5)["entries"] == [{"action": "rollback", "release": "A"}]
     release(root, "C")
     tool("switch", root, "C")
     tool("finish", root, "C", 1)
@@ -549,3 +550,125 @@ def test_set_next_keeps_the_health_path_with_the_release_and_answers_it(root):
     assert tool("set-next", root, "r2")["health_path"] is None  # deployed before it was kept
     (root / "releases" / "r2" / ".health-path").write_text("/x; rm -rf /\n")
     assert tool("set-next", root, "r2")["health_path"] is None  # not a URL path
+
+
+def test_verify_runs_every_check_in_one_call_and_answers_in_order(tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/healthz"
+    (tmp_path / "full.log").write_text("a line\n")
+    (tmp_path / "empty.log").write_text("")
+    spec = {"active": "no-such-unit-here", "expected": "r1", "timeout": 0.5,
+            "health": [["app", url], ["wrong", url.replace("healthz", "x")]],
+            "commands": [["true", ["true"], ""], ["fails", ["sh", "-c", "echo no >&2; exit 3"], ""],
+                         ["full log", ["true"], str(tmp_path / "full.log")],
+                         ["empty log", ["false"], str(tmp_path / "empty.log")]]}
+    try:
+        answers = tool("verify", json.dumps(spec))["answers"]
+    finally:
+        server.shutdown()
+    assert answers[0][0] == "active" and answers[0][1] != "active"
+    assert answers[1] == ["healthy", "r1"]
+    assert answers[2][0] == "healthy"  # the fake answers every path
+    assert answers[3:] == [["ran", 0, ""], ["ran", 3, "no\n"], ["ran", 0, ""],
+                           ["empty", str(tmp_path / "empty.log")]]
+
+
+def test_probe_says_whether_the_release_serves_now(root):
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/healthz"
+    (root / "releases" / "r1").mkdir()
+    os.symlink("releases/r1", root / "current")
+    try:
+        assert tool("probe", root, url, "r1")["serving"] is True
+        assert tool("probe", root, url, "r2")["serving"] is False  # not current
+        assert tool("probe", root)["serving"] is False  # not asked
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture()
+def fake_sudo(tmp_path, monkeypatch):
+    """A `sudo` that records its arguments and fails `systemctl start` when told to."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    record = tmp_path / "sudo.log"
+    (folder / "sudo").write_text(f'#!/bin/sh\necho "$*" >> {record}\n'
+                                 f'case "$*" in *"start bad"*) exit 1;; esac\n')
+    (folder / "sudo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+    return record
+
+
+@pytest.mark.parametrize("unit, health, started, healthy", [
+    ("good", "/healthz", True, True), ("good", "wrong release", True, False),
+    ("bad", "/healthz", False, False)])
+def test_preflight_is_stopped_whatever_happened(fake_sudo, unit, health, started, healthy):
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/healthz"
+    try:
+        answer = tool("preflight", unit, url, "r1" if health == "/healthz" else "r2", 0.3)
+    finally:
+        server.shutdown()
+    assert (answer["started"], answer["healthy"]) == (started, healthy)
+    import time
+    deadline = time.monotonic() + 5  # a healthy one is stopped in the background
+    while len(fake_sudo.read_text().splitlines()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake_sudo.read_text().splitlines() == [
+        f"-n systemctl stop {unit}", f"-n systemctl start {unit}", f"-n systemctl stop {unit}"]
+
+
+def test_restart_resets_failures_restarts_and_requires_health(fake_sudo):
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/healthz"
+    try:
+        assert tool("restart", "app", url, "r1", 1) == {"started": True, "healthy": True}
+        assert tool("restart", "app", url, "r2", 0.3)["healthy"] is False
+    finally:
+        server.shutdown()
+    assert fake_sudo.read_text().splitlines()[:2] == ["-n systemctl reset-failed app",
+                                                     "-n systemctl restart app"]
+
+
+def test_lock_also_says_whether_the_package_is_there(root):
+    name = make_package(root, "r1")
+    digest = __import__("hashlib").sha256((root / "packages" / name).read_bytes()).hexdigest()
+    assert tool("lock", root, '{"who": "a"}', name, digest) == {"taken": True, "present": True}
+    answer = tool("lock", root, '{"who": "b"}', "other.tar.gz", digest)
+    assert answer["taken"] is False and answer["present"] is False
+    assert answer["holder"] == {"who": "a"}
+
+
+def test_prepare_runs_every_step_to_the_backup_in_one_call_and_names_a_failure(root, tmp_path):
+    name = make_package(root, "r1")
+    digest = __import__("hashlib").sha256((root / "packages" / name).read_bytes()).hexdigest()
+    os.replace(root / "packages" / name, root / "packages" / (name + ".partial"))
+    env_file = tmp_path / "app.env"
+    env_file.touch(mode=0o600)
+    (root / "shared" / ".env.upload-ab12").write_text("GREETING=hi\n")
+    backups = tmp_path / "backups"
+    from scripts.deploy.server_tool import requirements_key
+    venv = root / "shared" / "venvs" / requirements_key(
+        {"requirements_sha256": "r", "wheels": []}, "%d.%d" % sys.version_info[:2])
+    venv.mkdir(parents=True)
+    (venv / ".complete").touch()  # built before: a code-only release reuses it
+    answer = tool("prepare", root, "r1", name, digest, "uploaded", env_file, ".env.upload-ab12",
+                  "", "", backups, 5, 0)
+    assert "failed" not in answer, answer
+    assert set(answer["steps"]) == {"accept", "unpack", "venv", "shared", "next", "backup"}
+    assert all(step["seconds"] >= 0 for step in answer["steps"].values())
+    assert answer["steps"]["unpack"]["changed"] is True
+    assert os.readlink(root / "next") == "releases/r1"
+    assert env_file.read_text().startswith("GREETING=hi\n")
+    assert not (root / "shared" / ".env.upload-ab12").exists()
+    # With a migration to run, the backup is left to it (under the write gate).
+    again = tool("prepare", root, "r1", name, digest, "", env_file, "", "", "migrate", backups,
+                 5, 0)
+    assert "backup" not in again["steps"] and again["steps"]["unpack"]["changed"] is False
+    broken = tool("prepare", root, "r2", name, digest, "", env_file, "", "", "", backups, 5, 0)
+    assert broken["failed"] == "unpack" and broken["steps"] == {}
+    assert "does not hold release r2" in broken["error"]

@@ -29,11 +29,11 @@ def test_the_per_server_line_names_a_previous_release_only_when_there_is_one(
     record = SimpleNamespace(release_id="bbbb", git_commit="")
     monkeypatch.setattr(actions, "load_settings", lambda: settings)
     monkeypatch.setattr(actions, "built_package", lambda s: (record, tmp_path / "p.tar.gz"))
-    monkeypatch.setattr(actions, "Notifier", lambda s: SimpleNamespace(send=lambda e: None))
+    monkeypatch.setattr("scripts.notify.Notifier", lambda s: SimpleNamespace(send=lambda e: None))
     monkeypatch.setattr(actions, "_servers",
                         lambda s: [(None, Reporter(server="web", log=lines.append))])
-    monkeypatch.setattr(actions, "connected", lambda servers, n: contextlib.nullcontext())
-    monkeypatch.setattr(actions, "deploy_fleet", lambda *a, **k: [outcome])
+    monkeypatch.setattr("scripts.deploy.fleet.connected", lambda servers, n: contextlib.nullcontext())
+    monkeypatch.setattr("scripts.deploy.fleet.deploy_fleet", lambda *a, **k: [outcome])
     actions.ship_action()
     assert lines == [said]
 
@@ -58,12 +58,12 @@ class _Serving:
 def test_a_dry_run_verify_names_the_release_that_serves(monkeypatch, tmp_path, capsys):
     settings = load_settings(tmp_path / "none.env", environ={"DRY_RUN": "1"})
     monkeypatch.setattr(actions, "load_settings", lambda: settings)
-    monkeypatch.setattr(actions, "record_path", lambda s: tmp_path / "dist" / "app.json")
-    monkeypatch.setattr(actions, "deploy_targets", lambda s: ["web"])
+    monkeypatch.setattr("scripts.build.package.record_path", lambda s: tmp_path / "dist" / "app.json")
+    monkeypatch.setattr("scripts.targets.deploy_targets", lambda s: ["web"])
     monkeypatch.setattr(actions, "public_urls", lambda s, t: {"web": "http://127.0.0.1:8080/"})
     monkeypatch.setattr(actions, "_servers",
                         lambda s: [(_Serving(), Reporter(server="web", log=print))])
-    monkeypatch.setattr(actions, "verify_server", lambda *a: [])
+    monkeypatch.setattr("scripts.deploy.verify.verify_server", lambda *a: [])
     monkeypatch.setattr(actions, "_print_results", lambda reporter, results: True)
     assert actions.verify_action() is True
     captured = capsys.readouterr()

@@ -1,0 +1,87 @@
+"""What makes deploys fast, on a provisioned sandbox server: one SSH connection per doit run
+that no ssh process outlives, a same-package deploy that changes nothing, and a rollback under
+reads and writes that loses no request. Timings live in scripts/benchmark.py, not here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts.loadgen import Load
+
+pytestmark = pytest.mark.integration
+
+
+def accepted_logins(site) -> int:
+    """How many SSH connections the deploy user opened on the server so far."""
+    with site.admin() as admin:
+        journal = admin["sudo"]("-n", "journalctl", "--no-pager", "-o", "cat", "-u", "ssh")
+    return sum(1 for line in journal.splitlines() if "Accepted publickey for deploy" in line)
+
+
+def masters_of(port: int) -> list[int]:
+    """ssh master processes (ssh -M) that lead to this port."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"ssh") and b"-M" in argv and str(port).encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def server_state(site) -> dict:
+    with site.deploy_user() as deploy:
+        root = "/var/www/flask_helpdesk"
+        return {"current": deploy["readlink"](f"{root}/current").strip(),
+                "good": deploy["cat"](f"{root}/good-releases"),
+                "releases": deploy["ls"](f"{root}/releases"),
+                "log": deploy["cat"](f"{root}/deploy-log.jsonl")}
+
+
+def test_a_deploy_uses_one_ssh_connection_and_leaves_no_master(site):
+    first = site.doit("deploy")  # provisions too (setup logs in to check the deploy key)
+    assert first.returncode == 0, first.stdout + first.stderr
+    site.change_code("one connection")
+    before = accepted_logins(site)
+    result = site.doit("deploy")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # check, ship and verify (and target) share the run's one connection.
+    assert accepted_logins(site) - before == 1
+    assert masters_of(site.server.ssh_port) == []
+
+
+def test_the_same_package_again_changes_nothing_on_the_server(site):
+    assert site.doit("deploy").returncode == 0
+    before = server_state(site)
+    result = site.doit("deploy")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "already live and good" in result.stdout
+    assert "lock" not in result.stdout and "changed" not in result.stdout
+    assert server_state(site) == before
+
+
+def test_rollback_and_deploy_under_reads_and_writes_lose_nothing(site):
+    site.change_code("under load")
+    assert site.doit("deploy").returncode == 0
+    reads = Load(site.url + "healthz", rate_per_s=20, max_requests=2000, max_seconds=120)
+    writes = Load(site.url + "api/tickets", rate_per_s=20, max_requests=2000, max_seconds=120,
+                  writes="speed")
+    with reads, writes:
+        for _ in range(2):
+            rollback = site.doit("rollback")
+            assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+            again = site.doit("deploy")
+            assert again.returncode == 0, again.stdout + again.stderr
+    assert reads.report.failures == [] and writes.report.failures == []
+    assert reads.report.sent > 50 and len(writes.report.acknowledged) > 50
+    titles = set(site.ticket_titles())
+    assert [t for t in writes.report.acknowledged if t not in titles] == []
+    history = [json.loads(line) for line in server_state(site)["log"].splitlines()]
+    assert [entry["action"] for entry in history[-4:]] == ["rollback", "deploy"] * 2
