@@ -52,6 +52,7 @@ class FakeServer:
 
     def tool_call(self, subcommand, *args, what="", reads=None):
         if subcommand == "prepare":
+            self.tool_args.append((subcommand, *args))
             return self.prepare(migrate_command=args[8])
         self.calls.append(f"tool {subcommand}")
         self.tool_args.append((subcommand, *args))
@@ -210,18 +211,18 @@ def test_rollback_to_a_good_release_is_gated_by_its_health_after_the_restart():
 def test_a_rollback_checks_the_health_path_the_old_release_was_deployed_with():
     server = FakeServer({"set-next": {"health_path": "/ping"}})
     rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
-    urls = [args[1] for args in server.tool_args if args[0] == "health"]
+    urls = [args[2] for args in server.tool_args if args[0] == "restart"]
     assert urls and all(url.endswith(":5000/ping") for url in urls), urls
     before = FakeServer({"set-next": {"health_path": None}})  # deployed before it was kept
     rollback_server(before, SETTINGS, Reporter(log=lambda *_: None))
-    assert [args[1] for args in before.tool_args if args[0] == "health"][-1].endswith("/healthz")
+    assert [args[2] for args in before.tool_args if args[0] == "restart"][-1].endswith("/healthz")
 
 
 def test_a_deploy_keeps_its_health_path_with_the_release(package):
     server = FakeServer()
     deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
-    (set_next,) = [args for args in server.tool_args if args[0] == "set-next"]
-    assert set_next[-1] == "/healthz"
+    (prepare,) = [args for args in server.tool_args if args[0] == "prepare"]
+    assert prepare[-1] == "/healthz"  # the server tool's set-next keeps it with the release
 
 
 def test_a_restore_is_recorded_as_restore_and_a_rollback_warns_on_stderr(capsys):
@@ -236,8 +237,8 @@ def test_a_restore_is_recorded_as_restore_and_a_rollback_warns_on_stderr(capsys)
     rollback = FakeServer()
     rollback_server(rollback, replace(SETTINGS, restore_backup="20260101T000000000000Z-old"),
                     Reporter(log=lines.append))
-    assert [json.loads(args[2])["action"] for args in rollback.tool_args
-            if args[0] == "log"] == ["rollback"]
+    assert [json.loads(args[2] if args[0] == "log" else args[4])["action"]
+            for args in rollback.tool_args if args[0] in ("log", "rolled-back")] == ["rollback"]
     assert not any("RESTORE_BACKUP" in line for line in lines)
     assert "warning: RESTORE_BACKUP=20260101T000000000000Z-old is set, but a rollback never " \
         "restores" in capsys.readouterr().err
