@@ -1750,11 +1750,12 @@ ensure_stamp() {
 
 main() {
   set -euo pipefail
-  # The script reads no input. A password meant for `sudo -S` that sudo did not need (NOPASSWD)
-  # would wait unread on stdin, which every child inherits, those run as deploy too (as_user):
-  # the deploy user could attach to one (same uid) and read it. No child gets stdin (R22).
-  exec </dev/null
   parse_args "$@"
+  # Past its flags (--deploy-key-file /dev/stdin) the script reads no input. A password meant for
+  # `sudo -S` that sudo did not need (NOPASSWD) would wait unread on stdin, which every child
+  # inherits, those run as deploy too (as_user): the deploy user could attach to one (same uid)
+  # and read it. No step gets stdin (R22).
+  exec </dev/null
   validate_settings
   ensure_privileges
   find_ssh_ports
