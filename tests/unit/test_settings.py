@@ -213,3 +213,26 @@ def test_health_timeout_is_a_bounded_whole_number_of_seconds(tmp_path):
     for bad in ("0", "601", "2.5", "soon"):
         with pytest.raises(SettingsError, match="HEALTH_TIMEOUT_S"):
             load_settings(tmp_path / "none", environ={"HEALTH_TIMEOUT_S": bad})
+
+
+@pytest.mark.parametrize("line, name", [("DEPLOY_SERVER 10.0.0.5", "DEPLOY_SERVER"),
+                                        ('APP_DIR="/srv/app', "APP_DIR"),
+                                        ("TELEGRAM_BOT_TOKEN='12345:secret", "TELEGRAM_BOT_TOKEN")])
+def test_a_line_of_env_file_that_dotenv_cannot_parse_is_an_error_naming_line_and_setting(
+        tmp_path, capsys, line, name):
+    # python-dotenv skips such a line with a log message: a lost DEPLOY_SERVER would deploy to
+    # the sandbox. The value is never shown (it may be a secret).
+    env_file = write_env(tmp_path, f"KEEP_RELEASES=3\n{line}\nHEALTH_PATH=/ok\n")
+    with pytest.raises(SettingsError) as error:
+        load_settings(env_file, environ={})
+    assert str(error.value) == (f"{env_file} line 2 ({name}) is not NAME=value, so it would be "
+                                f"ignored; write it as NAME=value (quotes closed) or remove it")
+    err = capsys.readouterr().err
+    assert "secret" not in err + str(error.value) and "python-dotenv" not in err
+
+
+@pytest.mark.parametrize("name, meant", [("deploy_server", "DEPLOY_SERVER"),
+                                         ("Keep_Releases", "KEEP_RELEASES")])
+def test_a_setting_written_in_lower_case_is_an_error_naming_the_setting(tmp_path, name, meant):
+    with pytest.raises(SettingsError, match=f"setting {name} .*did you mean {meant}\\?"):
+        load_settings(write_env(tmp_path, f"{name}=3\n"), environ={})
