@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import pwd
 import shlex
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -93,3 +95,13 @@ def test_a_package_ships_the_executable_server_hooks_only(tmp_path):
             info.size, info.mode = 3, mode
             tar.addfile(info, io.BytesIO(b"#!\n"))
     assert hooks.shipped(package, "r1") == {"pre-switch"}
+
+
+def test_doit_run_without_the_dashes_says_the_command_goes_after_them(tmp_path):
+    # `doit run flask --app wsgi routes`: doit alone would answer "Must be a task, or a target".
+    result = subprocess.run([str(Path(sys.executable).parent / "doit"), "run", "flask", "--app",
+                             "wsgi", "routes"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "ENV_FILE": os.devnull}, timeout=60)
+    assert result.returncode == 3
+    assert result.stderr == ("error: flask is not a task; a command for the server goes after "
+                             "`--`: doit run -- flask --app wsgi routes\n")
