@@ -203,7 +203,10 @@ def setup_if_needed_action():
                 setup_reason = str(error)
         step = next_step(verdict, laid_out, setup_reason)
         if step == "setup":
-            print(f"setup: {name}: {why}; provisioning as {setup_target.user}")
+            # A new server is the usual case here: its reason, without the advice for a server
+            # that should have let deploy in (the setup about to run installs deploy's key).
+            reason = why if verdict else f"deploy cannot log in yet: {why.split('; ')[0]}"
+            print(f"setup: {name}: {reason}; provisioning as {setup_target.user}")
             _provision_one(settings, setup_target, deploy_target)
         elif step == "warn":
             print(f"warning: {name}: {why}; not provisioning ({setup_reason}); the deploy goes "
