@@ -266,6 +266,13 @@ def _optional_local_path(raw: str) -> Path | None:
     return _local_path(raw) if raw.strip() else None
 
 
+def _optional_existing_file(raw: str) -> Path | None:
+    path = _optional_local_path(raw)
+    if path is not None and not path.is_file():
+        raise _Invalid("is not a file here; point it at one, or leave it unset")
+    return path
+
+
 def _python_version(raw: str) -> str:
     if raw and not _PYTHON_VERSION.match(raw):
         raise _Invalid("must be a Python version such as 3.11")
@@ -355,7 +362,7 @@ SETTINGS: tuple[Setting, ...] = (
             "health URL path; a JSON answer with `release` is checked against the release id"),
     Setting("HEALTH_TIMEOUT_S", _wait_seconds, "30",
             "longest wait for a new release to answer healthy (an error answer fails at once)"),
-    Setting("APP_ENV_FILE", _optional_local_path, "",
+    Setting("APP_ENV_FILE", _optional_existing_file, "",
             "local file uploaded as the app's environment, /etc/<SERVICE_NAME>/app.env (0600); "
             "unset: keep the server's"),
     Setting("DEPLOY_PARALLEL", _positive_int, "4", "servers prepared (upload, venv) at once"),

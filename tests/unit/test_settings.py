@@ -236,3 +236,16 @@ def test_a_line_of_env_file_that_dotenv_cannot_parse_is_an_error_naming_line_and
 def test_a_setting_written_in_lower_case_is_an_error_naming_the_setting(tmp_path, name, meant):
     with pytest.raises(SettingsError, match=f"setting {name} .*did you mean {meant}\\?"):
         load_settings(write_env(tmp_path, f"{name}=3\n"), environ={})
+
+
+def test_an_app_env_file_that_does_not_exist_is_an_error_before_anything_runs(tmp_path):
+    # It was read only when a new release shipped: a deploy with nothing to ship went on without
+    # a word, the file the user named never uploaded.
+    with pytest.raises(SettingsError) as error:
+        load_settings(tmp_path / "none", environ={"APP_ENV_FILE": str(tmp_path / "app.env")})
+    assert str(error.value) == (f"setting APP_ENV_FILE='{tmp_path / 'app.env'}' is not a file "
+                                f"here; point it at one, or leave it unset; fix it in .env or "
+                                f"the environment")
+    (tmp_path / "app.env").write_text("SECRET_KEY=x\n")
+    assert load_settings(tmp_path / "none", environ={"APP_ENV_FILE": str(tmp_path / "app.env")}
+                         ).app_env_file == tmp_path / "app.env"
