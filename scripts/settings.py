@@ -111,6 +111,10 @@ def _servers(raw: str) -> tuple[str, ...]:
     if hosts == (SANDBOX_TARGET,):
         return ()
     for host in hosts:
+        scheme = re.match(r"([a-z][a-z0-9+.-]*)://([^/]*)", host, re.I)
+        if scheme:  # a pasted URL: say what to write instead, not that its "port" is bad
+            raise _Invalid(f"has {host!r}, a URL; write the SSH address alone, as in "
+                           f"{scheme.group(2) or 'your-server.com'} or deploy@host:2222")
         user, name, port = split_host(host)
         if user is not None and not _USER_NAME.match(user):
             raise _Invalid(f"has {host!r}, whose user is not a Linux user name")

@@ -249,3 +249,14 @@ def test_an_app_env_file_that_does_not_exist_is_an_error_before_anything_runs(tm
     (tmp_path / "app.env").write_text("SECRET_KEY=x\n")
     assert load_settings(tmp_path / "none", environ={"APP_ENV_FILE": str(tmp_path / "app.env")}
                          ).app_env_file == tmp_path / "app.env"
+
+
+@pytest.mark.parametrize("url, address", [("http://127.0.0.1", "127.0.0.1"),
+                                          ("ssh://deploy@web-1:2222", "deploy@web-1:2222"),
+                                          ("https://helpdesk.example.com/", "helpdesk.example.com")])
+def test_a_url_as_deploy_server_says_to_write_the_ssh_address_alone(tmp_path, url, address):
+    with pytest.raises(SettingsError) as error:
+        load_settings(tmp_path / "none", environ={"DEPLOY_SERVER": url})
+    assert str(error.value) == (f"setting DEPLOY_SERVER={url!r} has {url!r}, a URL; write the SSH "
+                                f"address alone, as in {address} or deploy@host:2222; fix it in "
+                                f".env or the environment")
