@@ -105,3 +105,15 @@ def test_doit_run_without_the_dashes_says_the_command_goes_after_them(tmp_path):
     assert result.returncode == 3
     assert result.stderr == ("error: flask is not a task; a command for the server goes after "
                              "`--`: doit run -- flask --app wsgi routes\n")
+
+
+@pytest.mark.parametrize("command, said", [([], "on or off is missing"),
+                                           (["of"], "unknown command 'of'")])
+def test_maintenance_without_on_or_off_is_one_error_line(command, said, capsys):
+    from scripts.actions.day_two import maintenance_action
+
+    from scripts.actions.reporter import ReportedFailure
+
+    assert isinstance(maintenance_action(command), ReportedFailure)
+    assert capsys.readouterr().err == (f"error: maintenance: {said}; use `doit maintenance on` "
+                                       f"or `doit maintenance off`\n")
