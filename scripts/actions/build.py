@@ -107,6 +107,8 @@ def build_action():
 
     settings = build_target(load_settings())
     reporter = Reporter(dry_run=settings.dry_run)
+    for problem in hooks.never_run(settings.app_dir):
+        reporter.warning(problem)
     hooks.run_local(settings, "pre-build", reporter)
     record = build_package(settings)
     hooks.run_local(settings, "post-build", reporter, DEPLOY_RELEASE=record.release_id,

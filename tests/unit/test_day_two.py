@@ -97,6 +97,23 @@ def test_a_package_ships_the_executable_server_hooks_only(tmp_path):
     assert hooks.shipped(package, "r1") == {"pre-switch"}
 
 
+def test_hooks_that_would_never_run_are_named_with_what_to_do(tmp_path):
+    # The two ways a newcomer's hook silently never runs: no executable bit, or a name that is
+    # no hook's (post-deploy). A helper script beside the hooks, not executable, is fine.
+    folder = tmp_path / "deploy-hooks"
+    folder.mkdir()
+    for name, mode in (("post-migrate", 0o644), ("post-deploy", 0o755), ("pre-switch", 0o755),
+                       ("common.sh", 0o644)):
+        (folder / name).write_text("#!/bin/sh\n")
+        (folder / name).chmod(mode)
+    assert hooks.never_run(tmp_path) == [
+        "deploy-hooks/post-deploy is no hook's name, so it never runs; hooks are pre-build, "
+        "post-build, pre-migrate, post-migrate, pre-switch, post-switch",
+        "deploy-hooks/post-migrate is not executable, so it never runs; `chmod +x` it (and "
+        "commit that)"]
+    assert hooks.never_run(tmp_path / "no-app") == []
+
+
 def test_doit_run_without_the_dashes_says_the_command_goes_after_them(tmp_path):
     # `doit run flask --app wsgi routes`: doit alone would answer "Must be a task, or a target".
     result = subprocess.run([str(Path(sys.executable).parent / "doit"), "run", "flask", "--app",
