@@ -210,7 +210,8 @@ def test_a_deploy_keeps_its_health_path_with_the_release(package):
 
 def test_a_restore_is_recorded_as_restore_and_a_rollback_warns_on_stderr(capsys):
     from dataclasses import replace
-    restore = FakeServer({"restore": {"restored": ["helpdesk.sqlite3"]}})
+    restore = FakeServer({"restore": {"restored": ["helpdesk.sqlite3"]}, "backups": {
+        "backups": ["/var/backups/flask_helpdesk/20260101T000000000000Z-old"]}})
     lines = []
     rollback_server(restore, replace(SETTINGS, restore_backup="20260101T000000000000Z-old"),
                     Reporter(log=lines.append), stay_on_current=True)
@@ -225,6 +226,16 @@ def test_a_restore_is_recorded_as_restore_and_a_rollback_warns_on_stderr(capsys)
     assert not any("RESTORE_BACKUP" in line for line in lines)
     assert "warning: RESTORE_BACKUP=20260101T000000000000Z-old is set, but a rollback never " \
         "restores" in capsys.readouterr().err
+
+
+def test_a_restore_of_a_backup_not_on_the_server_locks_and_logs_nothing():
+    from dataclasses import replace
+    server = FakeServer({"backups": {"backups": ["/var/backups/flask_helpdesk/b1"]}})
+    with pytest.raises(ToolkitError, match=r"^fake: RESTORE_BACKUP=b2 is not a backup on this "
+                                           r"server; `doit backups` lists them \(the newest: b1\)$"):
+        rollback_server(server, replace(SETTINGS, restore_backup="b2"),
+                        Reporter(log=lambda *_: None), stay_on_current=True)
+    assert not {"lock", "log", "set-next", "restore"} & {args[0] for args in server.tool_args}
 
 
 def test_a_rollback_target_failing_its_health_check_is_switched_back():
