@@ -89,8 +89,11 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
                              release, settings.health_timeout_s,
                              what="health check of the new release")
         except ToolkitError as error:
-            raise ToolkitError(f"{error} (HEALTH_TIMEOUT_S={settings.health_timeout_s}); the old "
-                               f"release keeps serving") from None
+            # A 404 is no matter of time: the app has no such route (a newcomer's own app).
+            setting = (f"HEALTH_PATH={settings.health_path}: is it a route of the app?"
+                       if "answered HTTP 404" in str(error) else
+                       f"HEALTH_TIMEOUT_S={settings.health_timeout_s}")
+            raise ToolkitError(f"{error} ({setting}); the old release keeps serving") from None
     finally:
         server.sudo(commands.systemctl("stop", unit), check=False)
 
