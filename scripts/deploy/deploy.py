@@ -53,6 +53,10 @@ def explain_failure(journal_lines: list[str]) -> str:
     """The cause in a failed unit's journal: the last exception with the file and line it was
     raised at (its path inside the release), else the journal's last lines."""
     messages = [line.split(": ", 1)[-1].rstrip() for line in journal_lines]
+    # Only the last run's lines: systemd's "Starting <unit>" opens each run, and an exception
+    # of an earlier failed deploy must not explain this one.
+    starts = [index for index, text in enumerate(messages) if text.startswith("Starting ")]
+    messages = messages[starts[-1] + 1:] if starts else messages
     for index in range(len(messages) - 1, -1, -1):
         if not _EXCEPTION_LINE.match(messages[index].strip()):
             continue

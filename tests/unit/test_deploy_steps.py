@@ -316,6 +316,23 @@ def test_a_failed_units_journal_is_explained_by_its_exception_file_and_line():
     assert explain_failure(["Nov 29 x[1]: plain failure"]) == "plain failure"
 
 
+def test_a_failed_units_journal_is_explained_by_its_last_run_only():
+    # The unit's journal holds the earlier runs too: a deploy that failed on a missing module,
+    # then one whose app has no `migrate` command. The second is not explained by the first.
+    from scripts.deploy.deploy import explain_failure
+    journal = [
+        "Nov 29 11:46:55 web systemd[1]: Starting app-migrate.service - app: migrations...",
+        "Nov 29 11:46:55 web sh[7]: ModuleNotFoundError: No module named 'yaml'",
+        "Nov 29 11:46:55 web systemd[1]: Failed to start app-migrate.service - app: migrations.",
+        "Nov 29 11:57:34 web systemd[1]: Starting app-migrate.service - app: migrations...",
+        "Nov 29 11:57:34 web sh[9]: Usage: flask [OPTIONS] COMMAND [ARGS]...",
+        "Nov 29 11:57:34 web sh[9]: Error: No such command 'migrate'.",
+        "Nov 29 11:57:34 web systemd[1]: app-migrate.service: Failed with result 'exit-code'.",
+    ]
+    assert "yaml" not in explain_failure(journal)
+    assert "Error: No such command 'migrate'." in explain_failure(journal)
+
+
 def test_release_is_taken_as_a_unique_prefix_and_a_wrong_one_lists_the_releases():
     from scripts.deploy.rollback import resolve_release
     state = {"releases": ["f492aa000001", "f4b100000002", "0c0c00000003"],
