@@ -69,6 +69,9 @@ def explain_failure(journal_lines: list[str]) -> str:
         if cause.startswith("ModuleNotFoundError"):
             cause += "; is the package in the app's requirements.txt?"
         return cause
+    clicks = [text.strip() for text in messages if text.strip().startswith("Error: ")]
+    if clicks:  # a flask/click command's own one-line reason (`No such command 'migrate'.`)
+        return clicks[-1]
     return " | ".join(message for message in messages[-4:] if message.strip()) or "no journal"
 
 
@@ -181,6 +184,8 @@ def backup_and_migrate(server: Server, settings: Settings, release: str, reporte
         # The setting, by name: the command is the user's, and so is the fix.
         reason = f"setting MIGRATE_COMMAND={settings.migrate_command!r}: " \
                  f"{journal_tail(server, unit)}"
+        if "No such command" in reason:  # the default names a command the app does not have
+            reason += "; set it to the app's own (`flask --app notes init-db`), or empty for none"
         if held.get("restored"):
             raise ToolkitError(
                 f"{server.name}: migrations of {release} failed ({reason}); requests were held "
