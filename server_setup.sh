@@ -578,16 +578,33 @@ ensure_packages() {
     return 0
   fi
   report_change "install ${missing[*]}" || return 0
-  apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    "${missing[@]}" >/dev/null
+  apt_get update -q && apt_get install -y -q --no-install-recommends "${missing[@]}"
 }
 
 ensure_upgraded() {
   [[ "${UPGRADE}" -eq 1 ]] || return 0
   report_change "apt-get upgrade" || return 0
-  apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -q >/dev/null
+  apt_get update -q && apt_get upgrade -y -q
+}
+
+# apt_get ARGS...: apt-get (output only on failure), waiting while another apt holds its locks:
+# unattended-upgrades on a fresh cloud server, or a sandbox sharing the .deb cache with others.
+# apt fails at once on a held lock ("Could not get lock"; DPkg::Lock::Timeout covers dpkg's only).
+APT_LOCK_TRIES=60
+APT_LOCK_PAUSE_S=5
+apt_get() {
+  local try errors
+  for ((try = 1; try <= APT_LOCK_TRIES; try++)); do
+    if errors="$(DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=60 "$@" 2>&1 \
+      >/dev/null)"; then
+      return 0
+    fi
+    [[ "${errors}" == *"Could not get lock"* || "${errors}" == *"Unable to lock"* ]] || break
+    [[ "${try}" -eq 1 ]] && echo "note: another apt holds its lock; waiting for it" >&2
+    sleep "${APT_LOCK_PAUSE_S}"
+  done
+  printf '%s\n' "${errors}" >&2
+  return 1
 }
 
 ensure_service_active() {

@@ -3,6 +3,7 @@ one typed, frozen object. Every problem becomes one line naming the setting and 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -110,6 +111,10 @@ def _servers(raw: str) -> tuple[str, ...]:
     if hosts == (SANDBOX_TARGET,):
         return ()
     for host in hosts:
+        scheme = re.match(r"([a-z][a-z0-9+.-]*)://([^/]*)", host, re.I)
+        if scheme:  # a pasted URL: say what to write instead, not that its "port" is bad
+            raise _Invalid(f"has {host!r}, a URL; write the SSH address alone, as in "
+                           f"{scheme.group(2) or 'your-server.com'} or deploy@host:2222")
         user, name, port = split_host(host)
         if user is not None and not _USER_NAME.match(user):
             raise _Invalid(f"has {host!r}, whose user is not a Linux user name")
@@ -265,6 +270,13 @@ def _optional_local_path(raw: str) -> Path | None:
     return _local_path(raw) if raw.strip() else None
 
 
+def _optional_existing_file(raw: str) -> Path | None:
+    path = _optional_local_path(raw)
+    if path is not None and not path.is_file():
+        raise _Invalid("is not a file here; point it at one, or leave it unset")
+    return path
+
+
 def _python_version(raw: str) -> str:
     if raw and not _PYTHON_VERSION.match(raw):
         raise _Invalid("must be a Python version such as 3.11")
@@ -354,7 +366,7 @@ SETTINGS: tuple[Setting, ...] = (
             "health URL path; a JSON answer with `release` is checked against the release id"),
     Setting("HEALTH_TIMEOUT_S", _wait_seconds, "30",
             "longest wait for a new release to answer healthy (an error answer fails at once)"),
-    Setting("APP_ENV_FILE", _optional_local_path, "",
+    Setting("APP_ENV_FILE", _optional_existing_file, "",
             "local file uploaded as the app's environment, /etc/<SERVICE_NAME>/app.env (0600); "
             "unset: keep the server's"),
     Setting("DEPLOY_PARALLEL", _positive_int, "4", "servers prepared (upload, venv) at once"),
@@ -492,6 +504,8 @@ def read_raw(env_file: Path | None = None, environ: Mapping[str, str] | None = N
     raw: dict[str, str] = {}
     env_file = _env_file(env_file, environ)
     if env_file.is_file():
+        # A line it cannot parse is a problem of load_settings (_unreadable_lines), not a log line.
+        logging.getLogger("dotenv.main").setLevel(logging.ERROR)
         raw.update({key: value or "" for key, value in dotenv_values(env_file).items()})
     raw.update({s.name: environ[s.name] for s in SETTINGS if s.name in environ})
     return raw
@@ -500,6 +514,26 @@ def read_raw(env_file: Path | None = None, environ: Mapping[str, str] | None = N
 def _env_file(env_file: Path | None, environ: Mapping[str, str]) -> Path:
     # ENV_FILE points elsewhere (tests use it to ignore a user's .env)
     return env_file or Path(environ.get("ENV_FILE") or REPO_ROOT / ".env")
+
+
+def _unreadable_lines(env_file: Path) -> list[str]:
+    """One problem per `.env` statement python-dotenv cannot parse (`DEPLOY_SERVER 10.0.0.5`, an
+    unclosed quote): it would skip it and the task would run without that setting, a lost
+    DEPLOY_SERVER line meaning the local sandbox. Only the line's number and name are shown: the
+    value may be a secret."""
+    from dotenv.parser import parse_stream
+
+    if not env_file.is_file():
+        return []
+    with env_file.open(encoding="utf-8") as stream:
+        bad = [binding.original for binding in parse_stream(stream) if binding.error]
+    problems = []
+    for original in bad:
+        name = re.match(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)", original.string)
+        which = f" ({name.group(1)})" if name else ""
+        problems.append(f"{env_file} line {original.line}{which} is not NAME=value, so it would "
+                        f"be ignored; write it as NAME=value (quotes closed) or remove it")
+    return problems
 
 
 # Names the toolkit reads besides SETTINGS: the GitLab job's SSH variables (scripts/ci-ssh.sh)
@@ -514,6 +548,8 @@ def meant_setting(name: str) -> str | None:
 
     if name in OTHER_NAMES or any(s.name == name for s in SETTINGS):
         return None
+    if any(s.name == name.upper() for s in SETTINGS):  # deploy_server: names are upper case
+        return name.upper()
     same_word = [s.name for s in SETTINGS if s.name.split("_")[0] == name.split("_")[0]]
     close = difflib.get_close_matches(name, same_word, n=1, cutoff=0.8)
     return close[0] if close else None
@@ -553,7 +589,8 @@ def load_settings(env_file: Path | None = None,
     environ = os.environ if environ is None else environ
     raw = read_raw(env_file, environ)
     values: dict[str, object] = {}
-    problems = _unknown_names(raw, environ, _env_file(env_file, environ))
+    problems = (_unreadable_lines(_env_file(env_file, environ))
+                + _unknown_names(raw, environ, _env_file(env_file, environ)))
     for setting in SETTINGS:
         if setting.name in raw:
             text = raw[setting.name]

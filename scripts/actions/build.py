@@ -107,6 +107,8 @@ def build_action():
 
     settings = build_target(load_settings())
     reporter = Reporter(dry_run=settings.dry_run)
+    for problem in hooks.never_run(settings.app_dir):
+        reporter.warning(problem)
     hooks.run_local(settings, "pre-build", reporter)
     record = build_package(settings)
     hooks.run_local(settings, "post-build", reporter, DEPLOY_RELEASE=record.release_id,
@@ -203,7 +205,10 @@ def setup_if_needed_action():
                 setup_reason = str(error)
         step = next_step(verdict, laid_out, setup_reason)
         if step == "setup":
-            print(f"setup: {name}: {why}; provisioning as {setup_target.user}")
+            # A new server is the usual case here: its reason, without the advice for a server
+            # that should have let deploy in (the setup about to run installs deploy's key).
+            reason = why if verdict else f"deploy cannot log in yet: {why.split('; ')[0]}"
+            print(f"setup: {name}: {reason}; provisioning as {setup_target.user}")
             _provision_one(settings, setup_target, deploy_target)
         elif step == "warn":
             print(f"warning: {name}: {why}; not provisioning ({setup_reason}); the deploy goes "

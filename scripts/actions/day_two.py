@@ -17,8 +17,9 @@ def maintenance_action(command):
     from scripts.settings import load_settings
 
     if command not in (["on"], ["off"]):
-        raise ToolkitError(f"maintenance: unknown command {' '.join(command) or '(none)'!r}; "
-                           f"use `doit maintenance on` or `doit maintenance off`")
+        given = f"unknown command {' '.join(command)!r}" if command else "on or off is missing"
+        raise ToolkitError(f"maintenance: {given}; use `doit maintenance on` or `doit "
+                           f"maintenance off`")
     settings = load_settings()
     for server, reporter in _set_up_servers(settings):
         started = time.monotonic()

@@ -353,7 +353,8 @@ def restore_action():
     for server, reporter in _servers(settings):
         with server:
             outcome = rollback_server(server, settings, reporter, stay_on_current=True)
-        reporter.line(f"restore: {server.name} serves release {outcome.release} with the "
+        verb = "would serve" if settings.dry_run else "serves"
+        reporter.line(f"restore: {server.name} {verb} release {outcome.release} with the "
                       f"database of {settings.restore_backup}")
 
 

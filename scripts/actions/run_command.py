@@ -8,10 +8,12 @@ so no task could be called that)."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 
 from doit.cmd_run import Run as DoitRun
+from doit.exceptions import InvalidCommand
 
 from scripts.errors import ToolkitError
 
@@ -23,7 +25,16 @@ class Run(DoitRun):
 
     def parse_execute(self, in_args):
         if "--" not in in_args:
-            return super().parse_execute(in_args)
+            try:
+                return super().parse_execute(in_args)
+            except InvalidCommand as error:
+                # `doit run flask …`: doit's own answer ("Must be a task, or a target") does not
+                # say that a command for the server goes after `--`.
+                if error.not_found is None or sys.argv[1:2] != ["run"]:
+                    raise
+                print(f"error: {error.not_found} is not a task; a command for the server goes "
+                      f"after `--`: doit run -- {shlex.join(sys.argv[2:])}", file=sys.stderr)
+                return 3
         # doit took every NAME=value word for a variable of its own and dropped it (`sh -c
         # 'x=1; …'`): the command is read from the command line as it was typed.
         typed = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []

@@ -54,6 +54,10 @@ def explain_failure(journal_lines: list[str]) -> str:
     """The cause in a failed unit's journal: the last exception with the file and line it was
     raised at (its path inside the release), else the journal's last lines."""
     messages = [line.split(": ", 1)[-1].rstrip() for line in journal_lines]
+    # Only the last run's lines: systemd's "Starting <unit>" opens each run, and an exception
+    # of an earlier failed deploy must not explain this one.
+    starts = [index for index, text in enumerate(messages) if text.startswith("Starting ")]
+    messages = messages[starts[-1] + 1:] if starts else messages
     for index in range(len(messages) - 1, -1, -1):
         if not _EXCEPTION_LINE.match(messages[index].strip()):
             continue
@@ -66,6 +70,9 @@ def explain_failure(journal_lines: list[str]) -> str:
         if cause.startswith("ModuleNotFoundError"):
             cause += "; is the package in the app's requirements.txt?"
         return cause
+    clicks = [text.strip() for text in messages if text.strip().startswith("Error: ")]
+    if clicks:  # a flask/click command's own one-line reason (`No such command 'migrate'.`)
+        return clicks[-1]
     return " | ".join(message for message in messages[-4:] if message.strip()) or "no journal"
 
 
@@ -98,9 +105,13 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
     if not answer.get("started"):
         raise ToolkitError(f"{server.name}: release {release} does not start: "
                            f"{journal_tail(server, unit)}")
-    raise ToolkitError(f"{server.name}: health check of the new release failed: "
-                       f"{answer.get('error')} (HEALTH_TIMEOUT_S={settings.health_timeout_s}); "
-                       f"the old release keeps serving")
+    error = answer.get("error") or ""
+    # A 404 is no matter of time: the app has no such route (a newcomer's own app).
+    setting = (f"HEALTH_PATH={settings.health_path}: is it a route of the app?"
+               if "answered HTTP 404" in error else
+               f"HEALTH_TIMEOUT_S={settings.health_timeout_s}")
+    raise ToolkitError(f"{server.name}: health check of the new release failed: {error} "
+                       f"({setting}); the old release keeps serving")
 
 
 def restart_and_check(server: Server, settings: Settings, release: str) -> None:
@@ -179,6 +190,8 @@ def backup_and_migrate(server: Server, settings: Settings, release: str, reporte
         # The setting, by name: the command is the user's, and so is the fix.
         reason = f"setting MIGRATE_COMMAND={settings.migrate_command!r}: " \
                  f"{journal_tail(server, unit)}"
+        if "No such command" in reason:  # the default names a command the app does not have
+            reason += "; set it to the app's own (`flask --app notes init-db`), or empty for none"
         if held.get("restored"):
             raise ToolkitError(
                 f"{server.name}: migrations of {release} failed ({reason}); requests were held "

@@ -52,6 +52,24 @@ def shipped(package: Path, release: str) -> frozenset[str]:
     return names
 
 
+def never_run(app_dir: Path) -> list[str]:
+    """Files of deploy-hooks/ that look meant as hooks but would never run: a hook's name
+    without the executable bit, or an executable file under a name that is no hook's."""
+    folder = app_dir / FOLDER
+    if not folder.is_dir():
+        return []
+    problems = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        executable = os.access(path, os.X_OK)
+        if path.name in LOCAL + ON_SERVER and not executable:
+            problems.append(f"{FOLDER}/{path.name} is not executable, so it never runs; "
+                            f"`chmod +x` it (and commit that)")
+        elif executable and path.name not in LOCAL + ON_SERVER:
+            problems.append(f"{FOLDER}/{path.name} is no hook's name, so it never runs; hooks "
+                            f"are {', '.join(LOCAL + ON_SERVER)}")
+    return problems
+
+
 def _show(reporter: Reporter, output: str) -> None:
     lines = output.rstrip().splitlines()
     for line in lines[-SHOWN_LINES:]:

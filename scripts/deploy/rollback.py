@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import PurePosixPath
 
 from scripts.deploy.deploy import (DeployOutcome, go_live, log_entry, log_quietly,
                                    start_preflight)
@@ -40,6 +41,13 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
         raise ToolkitError(f"{server.name}: nothing to roll back to: release {current} is the "
                            f"only good release on the server")
     restore = settings.restore_backup if stay_on_current else ""
+    if restore:  # a name that is not there: one line, before anything is locked or logged
+        names = [PurePosixPath(backup).name for backup in
+                 server.tool_call("backups", str(settings.backup_path))["backups"]]
+        if restore not in names:
+            raise ToolkitError(f"{server.name}: RESTORE_BACKUP={restore} is not a backup on "
+                               f"this server; `doit backups` lists them (the newest: "
+                               f"{names[-1] if names else 'none yet'})")
     action = "restore" if stay_on_current else "rollback"  # as the history shows it
     if settings.restore_backup and not stay_on_current:
         reporter.warning(f"RESTORE_BACKUP={settings.restore_backup} is set, but a rollback "
@@ -69,11 +77,17 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
                     backup = str(settings.backup_path / restore)
                     answer = server.tool_call("restore", path, backup, str(settings.backup_path))
                     outcome.changed = True
-                    saved = answer.get("safety_backup") or "nowhere (there was no database)"
-                    outcome.detail = (f"{', '.join(answer.get('restored', []))} from "
-                                      f"{answer.get('backup', backup)}; "
-                                      f"the database it overwrote is saved in {saved} "
-                                      f"(requests held {answer.get('held_s', 0):.2f} s)")
+                    saved = answer.get("safety_backup")
+                    if server.dry_run:  # the server tool ran nothing: no answer to report
+                        outcome.detail = (f"from {backup}; the database it would overwrite is "
+                                          f"first backed up (<now>-<release>-before-restore)")
+                    else:
+                        outcome.detail = (
+                            f"{', '.join(answer.get('restored', []))} from "
+                            f"{answer.get('backup', backup)}; "
+                            + (f"the database it overwrote is saved in {saved}" if saved else
+                               "there was no database to save first")
+                            + f" (requests held {answer.get('held_s', 0):.2f} s)")
             go_live(server, settings, target, reporter)
         except BaseException as error:
             log_quietly(server, log_entry(action, target, current, started, "failed",

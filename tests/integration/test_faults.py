@@ -168,6 +168,7 @@ def test_a_failing_migration_restores_the_database_and_keeps_the_old_release(sit
 
 
 def test_a_backup_restores_with_one_command(site):
+    assert site.deploy().returncode == 0  # serving, also when run alone (-k)
     site.create_ticket("in the backup")
     site.change_code("backup me")
     assert site.deploy().returncode == 0  # takes a backup holding the tickets so far
@@ -176,9 +177,32 @@ def test_a_backup_restores_with_one_command(site):
     backup = [line for line in backups if line[:8].isdigit()][-1].strip()
     site.create_ticket("after the backup")
     assert site.ticket_titles() != expected
+    # The plan says what would happen, not what the tool (which ran nothing) did not answer.
+    now = site.ticket_titles()
+    plan = site.doit("restore", RESTORE_BACKUP=backup, DRY_RUN="1")
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert f"from /var/backups/flask_helpdesk/{backup}; the database it would overwrite is " \
+           f"first backed up" in plan.stdout, plan.stdout
+    assert "would serve release" in plan.stdout and "no database" not in plan.stdout
+    assert site.ticket_titles() == now
     result = site.doit("restore", RESTORE_BACKUP=backup)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "the database it overwrote is saved in /var/backups/flask_helpdesk/" in result.stdout
     assert site.ticket_titles() == expected
+
+
+def test_a_restore_of_a_backup_that_is_not_there_is_one_line_and_touches_nothing(site):
+    assert site.deploy().returncode == 0
+    serving, history = site.served_release(), site.doit("history").stdout
+    result = site.doit("restore", RESTORE_BACKUP="20260101T000000000000Z-nothere")
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1, output
+    assert "RESTORE_BACKUP=20260101T000000000000Z-nothere is not a backup on this server; " \
+           "`doit backups` lists them (the newest: " in errors[0], output
+    assert "Traceback" not in output and "FAILED" not in output, output
+    # Nothing locked, logged or switched: the history is as it was.
+    assert site.doit("history").stdout == history and site.served_release() == serving
 
 
 # -- bad input: one line naming the setting or host, non-zero, the server unchanged ------------

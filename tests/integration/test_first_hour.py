@@ -163,20 +163,23 @@ def test_an_app_that_cannot_import_is_explained_by_its_exception_file_and_line(
     assert logs.returncode == 0 and words[0] in logs.stdout, logs.stdout + logs.stderr
 
 
-@pytest.mark.parametrize("edit, settings, answer", [
+@pytest.mark.parametrize("edit, settings, answer, setting", [
     (lambda text: text.replace('    release = current_app.config["RELEASE_ID"]\n',
-                               '    raise RuntimeError("broken health")\n', 1), {}, "HTTP 500"),
-    (lambda text: text, {"HEALTH_PATH": "/no-such-page"}, "HTTP 404"),
+                               '    raise RuntimeError("broken health")\n', 1), {}, "HTTP 500",
+     "(HEALTH_TIMEOUT_S=600)"),
+    # A 404 names HEALTH_PATH: an app of one's own answers health elsewhere (/health, /ping).
+    (lambda text: text, {"HEALTH_PATH": "/no-such-page"}, "HTTP 404",
+     "(HEALTH_PATH=/no-such-page: is it a route of the app?)"),
 ])
 def test_a_health_check_answering_an_error_fails_at_once_and_the_old_release_serves(
-        site, edit, settings, answer):
+        site, edit, settings, answer, setting):
     assert site.deploy().returncode == 0
     serving = site.served_release()
     site.change_code(f"health answers {answer}")
     with site.edited("helpdesk/views.py", edit):
         result = site.ship(HEALTH_TIMEOUT_S="600", **settings)
-    line = assert_one_error_line(result, answer, "waiting would not change it",
-                                 "HEALTH_TIMEOUT_S=600", "old release keeps serving")
+    line = assert_one_error_line(result, answer, "waiting would not change it", setting,
+                                 "old release keeps serving")
     assert "preflight" in line or "new release" in line
     assert site.served_release() == serving
 

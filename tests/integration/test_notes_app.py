@@ -91,3 +91,24 @@ def test_an_empty_migrate_command_deploys_without_migrating(notes):
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"ok +migrate .*no MIGRATE_COMMAND", result.stdout), result.stdout
     assert "written on v1" in page(site)
+
+
+def test_the_default_migrate_command_the_app_lacks_is_named_with_what_to_do(notes):
+    # A newcomer's first deploy of their own app without setting MIGRATE_COMMAND: the default
+    # `flask --app wsgi migrate` is no command of theirs. The journal of the migrate unit also
+    # holds an earlier run's exception, which must not explain this failure.
+    site, _ = notes
+    before = page(site)
+    broken = lambda text: text.replace("import logging", "import logging\nimport yaml", 1)  # noqa: E731
+    with site.edited("notes/__init__.py", broken):
+        first = site.doit("deploy", **NOTES)
+    assert first.returncode != 0 and "No module named 'yaml'" in first.stderr, first.stderr
+    with site.edited("notes/templates/index.html", lambda text: text + "<!-- v4 -->\n"):
+        result = site.doit("deploy", HEALTH_PATH="/ping")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1, result.stdout + result.stderr
+    assert "setting MIGRATE_COMMAND='flask --app wsgi migrate': Error: No such command " \
+           "'migrate'.; set it to the app's own (`flask --app notes init-db`), or empty for " \
+           "none" in errors[0], errors[0]
+    assert "yaml" not in errors[0]
+    assert page(site) == before

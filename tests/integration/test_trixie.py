@@ -4,6 +4,7 @@ itself, gets a package whose wheels the build chose from what the server reporte
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 
 import pytest
@@ -37,6 +38,10 @@ def test_deploy_provisions_a_bare_debian_13_server_and_serves_the_app(trixie):
         assert "VERSION_CODENAME=trixie" in machine["cat"]("/etc/os-release")
         assert machine["python3"]("--version").startswith("Python 3.13")
     assert "target Python 3.13 on manylinux_2_" in first.stdout
+    # A bare server is the usual case, not a key problem: no advice to check SSH_KEY_FILE.
+    assert re.search(r"setup: \S+: deploy cannot log in yet: SSH to deploy@[^;]+; provisioning "
+                     r"as admin\n", first.stdout), first.stdout
+    assert "check SSH_KEY_FILE" not in first.stdout
     assert site.served_release() == site.built_release()
     ticket = site.create_ticket("printer on fire")
     assert ticket > 0 and "printer on fire" in site.ticket_titles()

@@ -132,8 +132,33 @@ refused() {
   run ensure_packages nginx ufw fail2ban
   [ "${status}" -eq 0 ]
   [[ "${output}" == "changed: install ufw fail2ban" ]]
-  grep -q "^apt-get update" "${CALLS}"
-  grep -q "^apt-get install -y -q --no-install-recommends ufw fail2ban$" "${CALLS}"
+  grep -q "^apt-get .*update" "${CALLS}"
+  grep -q "^apt-get .*install -y -q --no-install-recommends ufw fail2ban$" "${CALLS}"
+}
+
+@test "ensure_packages waits while another apt holds the lock, then installs" {
+  stub dpkg-query 'exit 1'
+  # The first two runs meet another apt's lock (a sandbox sharing the .deb cache, or
+  # unattended-upgrades), as apt says it: at once, with no waiting of its own.
+  # shellcheck disable=SC2016 # $n belongs to the stub
+  stub apt-get 'n=$(grep -c "^apt-get" "'"${CALLS}"'"); if [ "${n}" -le 2 ]; then
+echo "E: Could not get lock /var/cache/apt/archives/lock. It is held by process 0" >&2; exit 100; fi'
+  APT_LOCK_PAUSE_S=0
+  run ensure_packages nginx
+  [ "${status}" -eq 0 ]
+  [ "$(grep -c "^apt-get .*install -y -q --no-install-recommends nginx$" "${CALLS}")" -eq 1 ]
+  [ "$(grep -c "^apt-get .*update -q$" "${CALLS}")" -eq 3 ]
+  [[ "${output}" == *"waiting for it"* ]]
+}
+
+@test "ensure_packages gives apt's own error when it fails for another reason, at once" {
+  stub dpkg-query 'exit 1'
+  stub apt-get 'echo "E: Unable to locate package nginxx" >&2; exit 100'
+  APT_LOCK_PAUSE_S=0
+  run ensure_packages nginxx
+  [ "${status}" -ne 0 ]
+  [[ "${output}" == *"E: Unable to locate package nginxx"* ]]
+  [ "$(grep -c "^apt-get" "${CALLS}")" -eq 1 ]
 }
 
 @test "ensure_packages with everything installed says ok and calls no apt-get" {

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import pwd
 import shlex
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -93,3 +95,42 @@ def test_a_package_ships_the_executable_server_hooks_only(tmp_path):
             info.size, info.mode = 3, mode
             tar.addfile(info, io.BytesIO(b"#!\n"))
     assert hooks.shipped(package, "r1") == {"pre-switch"}
+
+
+def test_hooks_that_would_never_run_are_named_with_what_to_do(tmp_path):
+    # The two ways a newcomer's hook silently never runs: no executable bit, or a name that is
+    # no hook's (post-deploy). A helper script beside the hooks, not executable, is fine.
+    folder = tmp_path / "deploy-hooks"
+    folder.mkdir()
+    for name, mode in (("post-migrate", 0o644), ("post-deploy", 0o755), ("pre-switch", 0o755),
+                       ("common.sh", 0o644)):
+        (folder / name).write_text("#!/bin/sh\n")
+        (folder / name).chmod(mode)
+    assert hooks.never_run(tmp_path) == [
+        "deploy-hooks/post-deploy is no hook's name, so it never runs; hooks are pre-build, "
+        "post-build, pre-migrate, post-migrate, pre-switch, post-switch",
+        "deploy-hooks/post-migrate is not executable, so it never runs; `chmod +x` it (and "
+        "commit that)"]
+    assert hooks.never_run(tmp_path / "no-app") == []
+
+
+def test_doit_run_without_the_dashes_says_the_command_goes_after_them(tmp_path):
+    # `doit run flask --app wsgi routes`: doit alone would answer "Must be a task, or a target".
+    result = subprocess.run([str(Path(sys.executable).parent / "doit"), "run", "flask", "--app",
+                             "wsgi", "routes"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "ENV_FILE": os.devnull}, timeout=60)
+    assert result.returncode == 3
+    assert result.stderr == ("error: flask is not a task; a command for the server goes after "
+                             "`--`: doit run -- flask --app wsgi routes\n")
+
+
+@pytest.mark.parametrize("command, said", [([], "on or off is missing"),
+                                           (["of"], "unknown command 'of'")])
+def test_maintenance_without_on_or_off_is_one_error_line(command, said, capsys):
+    from scripts.actions.day_two import maintenance_action
+
+    from scripts.actions.reporter import ReportedFailure
+
+    assert isinstance(maintenance_action(command), ReportedFailure)
+    assert capsys.readouterr().err == (f"error: maintenance: {said}; use `doit maintenance on` "
+                                       f"or `doit maintenance off`\n")

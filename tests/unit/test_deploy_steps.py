@@ -227,7 +227,8 @@ def test_a_deploy_keeps_its_health_path_with_the_release(package):
 
 def test_a_restore_is_recorded_as_restore_and_a_rollback_warns_on_stderr(capsys):
     from dataclasses import replace
-    restore = FakeServer({"restore": {"restored": ["helpdesk.sqlite3"]}})
+    restore = FakeServer({"restore": {"restored": ["helpdesk.sqlite3"]}, "backups": {
+        "backups": ["/var/backups/flask_helpdesk/20260101T000000000000Z-old"]}})
     lines = []
     rollback_server(restore, replace(SETTINGS, restore_backup="20260101T000000000000Z-old"),
                     Reporter(log=lines.append), stay_on_current=True)
@@ -242,6 +243,16 @@ def test_a_restore_is_recorded_as_restore_and_a_rollback_warns_on_stderr(capsys)
     assert not any("RESTORE_BACKUP" in line for line in lines)
     assert "warning: RESTORE_BACKUP=20260101T000000000000Z-old is set, but a rollback never " \
         "restores" in capsys.readouterr().err
+
+
+def test_a_restore_of_a_backup_not_on_the_server_locks_and_logs_nothing():
+    from dataclasses import replace
+    server = FakeServer({"backups": {"backups": ["/var/backups/flask_helpdesk/b1"]}})
+    with pytest.raises(ToolkitError, match=r"^fake: RESTORE_BACKUP=b2 is not a backup on this "
+                                           r"server; `doit backups` lists them \(the newest: b1\)$"):
+        rollback_server(server, replace(SETTINGS, restore_backup="b2"),
+                        Reporter(log=lambda *_: None), stay_on_current=True)
+    assert not {"lock", "log", "set-next", "restore"} & {args[0] for args in server.tool_args}
 
 
 def test_a_rollback_target_failing_its_health_check_is_switched_back():
@@ -320,6 +331,22 @@ def test_a_failed_units_journal_is_explained_by_its_exception_file_and_line():
                                         "helpdesk/views.py, line 3); is the package in the "
                                         "app's requirements.txt?")
     assert explain_failure(["Nov 29 x[1]: plain failure"]) == "plain failure"
+
+
+def test_a_failed_units_journal_is_explained_by_its_last_run_only():
+    # The unit's journal holds the earlier runs too: a deploy that failed on a missing module,
+    # then one whose app has no `migrate` command. The second is not explained by the first.
+    from scripts.deploy.deploy import explain_failure
+    journal = [
+        "Nov 29 11:46:55 web systemd[1]: Starting app-migrate.service - app: migrations...",
+        "Nov 29 11:46:55 web sh[7]: ModuleNotFoundError: No module named 'yaml'",
+        "Nov 29 11:46:55 web systemd[1]: Failed to start app-migrate.service - app: migrations.",
+        "Nov 29 11:57:34 web systemd[1]: Starting app-migrate.service - app: migrations...",
+        "Nov 29 11:57:34 web sh[9]: Usage: flask [OPTIONS] COMMAND [ARGS]...",
+        "Nov 29 11:57:34 web sh[9]: Error: No such command 'migrate'.",
+        "Nov 29 11:57:34 web systemd[1]: app-migrate.service: Failed with result 'exit-code'.",
+    ]
+    assert explain_failure(journal) == "Error: No such command 'migrate'."
 
 
 def test_release_is_taken_as_a_unique_prefix_and_a_wrong_one_lists_the_releases():

@@ -213,3 +213,50 @@ def test_health_timeout_is_a_bounded_whole_number_of_seconds(tmp_path):
     for bad in ("0", "601", "2.5", "soon"):
         with pytest.raises(SettingsError, match="HEALTH_TIMEOUT_S"):
             load_settings(tmp_path / "none", environ={"HEALTH_TIMEOUT_S": bad})
+
+
+@pytest.mark.parametrize("line, name", [("DEPLOY_SERVER 10.0.0.5", "DEPLOY_SERVER"),
+                                        ('APP_DIR="/srv/app', "APP_DIR"),
+                                        ("TELEGRAM_BOT_TOKEN='12345:secret", "TELEGRAM_BOT_TOKEN")])
+def test_a_line_of_env_file_that_dotenv_cannot_parse_is_an_error_naming_line_and_setting(
+        tmp_path, capsys, line, name):
+    # python-dotenv skips such a line with a log message: a lost DEPLOY_SERVER would deploy to
+    # the sandbox. The value is never shown (it may be a secret).
+    env_file = write_env(tmp_path, f"KEEP_RELEASES=3\n{line}\nHEALTH_PATH=/ok\n")
+    with pytest.raises(SettingsError) as error:
+        load_settings(env_file, environ={})
+    assert str(error.value) == (f"{env_file} line 2 ({name}) is not NAME=value, so it would be "
+                                f"ignored; write it as NAME=value (quotes closed) or remove it")
+    err = capsys.readouterr().err
+    assert "secret" not in err + str(error.value) and "python-dotenv" not in err
+
+
+@pytest.mark.parametrize("name, meant", [("deploy_server", "DEPLOY_SERVER"),
+                                         ("Keep_Releases", "KEEP_RELEASES")])
+def test_a_setting_written_in_lower_case_is_an_error_naming_the_setting(tmp_path, name, meant):
+    with pytest.raises(SettingsError, match=f"setting {name} .*did you mean {meant}\\?"):
+        load_settings(write_env(tmp_path, f"{name}=3\n"), environ={})
+
+
+def test_an_app_env_file_that_does_not_exist_is_an_error_before_anything_runs(tmp_path):
+    # It was read only when a new release shipped: a deploy with nothing to ship went on without
+    # a word, the file the user named never uploaded.
+    with pytest.raises(SettingsError) as error:
+        load_settings(tmp_path / "none", environ={"APP_ENV_FILE": str(tmp_path / "app.env")})
+    assert str(error.value) == (f"setting APP_ENV_FILE='{tmp_path / 'app.env'}' is not a file "
+                                f"here; point it at one, or leave it unset; fix it in .env or "
+                                f"the environment")
+    (tmp_path / "app.env").write_text("SECRET_KEY=x\n")
+    assert load_settings(tmp_path / "none", environ={"APP_ENV_FILE": str(tmp_path / "app.env")}
+                         ).app_env_file == tmp_path / "app.env"
+
+
+@pytest.mark.parametrize("url, address", [("http://127.0.0.1", "127.0.0.1"),
+                                          ("ssh://deploy@web-1:2222", "deploy@web-1:2222"),
+                                          ("https://helpdesk.example.com/", "helpdesk.example.com")])
+def test_a_url_as_deploy_server_says_to_write_the_ssh_address_alone(tmp_path, url, address):
+    with pytest.raises(SettingsError) as error:
+        load_settings(tmp_path / "none", environ={"DEPLOY_SERVER": url})
+    assert str(error.value) == (f"setting DEPLOY_SERVER={url!r} has {url!r}, a URL; write the SSH "
+                                f"address alone, as in {address} or deploy@host:2222; fix it in "
+                                f".env or the environment")
