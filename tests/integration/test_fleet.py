@@ -131,6 +131,7 @@ def test_a_lock_held_on_one_server_stops_the_deploy_and_frees_the_locks_taken_el
     deploy_user = Target(held.host, held.ssh_port, "deploy", fleet.sandbox.deploy_key_file,
                          fleet.sandbox.known_hosts_file)
     holder = {"token": "t", "who": "olga@ci", "host": "another-machine", "pid": 1,
+              "machine_id": "0" * 32, "boot_id": "another-boot",  # a live deploy elsewhere
               "started": "2026-11-28T10:00:00+00:00", "release": "abc", "action": "deploy"}
     with connect(deploy_user) as machine:
         machine["mkdir"]["/var/www/flask_helpdesk/.deploy-lock"]()
