@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.deploy.lock import process_start_time
+from scripts.deploy.lock import machine_identity, process_start_time
 from scripts.remote import connect
 from scripts.sandbox import processes, root_target
 from tests.conftest import new_sandbox
@@ -76,7 +76,7 @@ Host ceoa
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         info = {"token": "t", "who": "olga@laptop", "host": os.uname().nodename,
-                "pid": holder.pid, "pid_start": process_start_time(holder.pid),
+                **machine_identity(), "pid": holder.pid, "pid_start": process_start_time(holder.pid),
                 "started": "2026-11-29T08:00:00+00:00", "release": "abc", "action": "deploy"}
         with site.deploy_user() as machine:
             machine["mkdir"]["/var/www/flask_helpdesk/.deploy-lock"]()
