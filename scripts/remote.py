@@ -197,6 +197,16 @@ def open_session(target: Target) -> ShellSession:
         raise connection_failed(target, error) from None
 
 
+def open_channel(target: Target, command: str) -> subprocess.Popen:
+    """COMMAND on the server with its stdin and stdout as pipes (stderr dropped), over the
+    run's one connection (see _Masters): opening it costs no handshake."""
+    socket = MASTERS.socket_for(target)
+    return subprocess.Popen([*ssh_argv(target, "-T", "-S", str(socket), "-o",
+                                       "ControlMaster=no"), command],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+
+
 def connection_failed(target: Target, error: BaseException) -> ToolkitError:
     """What went wrong, in ssh's own words: plumbum keeps only the start of ssh's complaint, or
     none at all when ssh exits before the first command (a bare broken pipe), so ask ssh again."""

@@ -9,13 +9,14 @@ import base64
 import hashlib
 import json
 import shlex
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from plumbum.machines.session import ShellSessionError
 
 from scripts.errors import ToolkitError
-from scripts.remote import Target, open_session
+from scripts.remote import Target, open_channel, open_session
 
 TOOL_SOURCE = Path(__file__).with_name("server_tool.py")
 PUT_CHUNK = 3 << 18  # 768 KiB of data, 1 MiB of base64 per shell line
@@ -56,6 +57,7 @@ class Server:
         self.session = None
         self.tool = tool_path(deploy_path)
         self.tool_inline = False  # a dry run does not install the tool: it sends it with -c
+        self._served = None  # the tool's `serve` process for this connection, once started
 
     def __enter__(self) -> "Server":
         self.session = open_session(self.target)
@@ -69,6 +71,7 @@ class Server:
         self.__enter__()
 
     def close(self) -> None:
+        self._stop_serving()
         try:
             if self.session is not None:
                 self.session.close()
@@ -100,15 +103,70 @@ class Server:
     def tool_call(self, subcommand: str, *args: str, what: str = "",
                   reads: bool | None = None) -> dict:
         """Run a server_tool subcommand; its JSON answer, or a ToolkitError with its error."""
-        tool = ["-c", TOOL_SOURCE.read_text()] if self.tool_inline else [str(self.tool)]
-        result = self.run(["python3", "-I", "-S", *tool, subcommand, *map(str, args)],
-                          what=what or subcommand,
-                          reads=subcommand in READ_ONLY_TOOL if reads is None else reads)
+        argv = [subcommand, *map(str, args)]
+        served = None if self.dry_run or self.tool_inline else self._serve()
+        if served is not None:
+            result = self._served_call(served, argv, what or subcommand)
+        else:
+            tool = ["-c", TOOL_SOURCE.read_text()] if self.tool_inline else [str(self.tool)]
+            result = self.run(["python3", "-I", "-S", *tool, *argv], what=what or subcommand,
+                              reads=subcommand in READ_ONLY_TOOL if reads is None else reads)
         try:
             return json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout else {}
         except (ValueError, IndexError):
             raise ToolkitError(f"{self.name}: {subcommand}: unexpected answer "
                                f"{result.stdout[:200]!r}") from None
+
+    def _serve(self):
+        """The server tool's `serve` process (one python3 for every call of this connection),
+        started on first use; None while the tool is not installed (calls then run one
+        python3 each, as before ensure_tool)."""
+        if self._served is None:
+            process = open_channel(self.target, shlex.join(
+                ["python3", "-I", "-S", str(self.tool), "serve"]))
+            if process.stdout.readline():  # its first line says it serves
+                self._served = process
+            else:
+                process.kill()
+                process.wait()
+        return self._served
+
+    def _served_call(self, process, argv: list[str], what: str) -> Result:
+        line = b""
+        try:
+            process.stdin.write(json.dumps(argv).encode() + b"\n")
+            process.stdin.flush()
+            line = process.stdout.readline()
+            answer = json.loads(line)
+        except (OSError, ValueError):
+            line = b""
+        except BaseException:  # Ctrl-C or SIGTERM mid-call: its answer would answer the next
+            self._stop_serving(wait=False)
+            raise
+        if not line:
+            self._stop_serving(wait=False)
+            raise ToolkitError(f"{self.name}: the SSH connection was lost during {what}; "
+                               f"nothing after it ran")
+        result = Result(answer["status"], answer["stdout"], answer["stderr"])
+        if result.status != 0:
+            raise ToolkitError(f"{self.name}: {what} failed: {result.error_line}")
+        return result
+
+    def _stop_serving(self, wait: bool = True) -> None:
+        """End the serve process: at the end of its input (it finishes the call under way),
+        or at once when its channel is out of step."""
+        process, self._served = self._served, None
+        if process is None:
+            return
+        try:
+            process.stdin.close()
+            if wait:
+                process.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
     def sudo(self, argv: list[str], check: bool = True, what: str = "",
              reads: bool = False) -> Result:

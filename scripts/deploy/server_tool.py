@@ -1085,6 +1085,41 @@ def cmd_disk(*folders):
     out(free_mb=free)
 
 
+def cmd_serve():
+    """Every call of one deploying connection in this one process: a JSON argv per line in,
+    a JSON {status, stdout, stderr} per line out, until the input ends. A fresh python3 per
+    call costs ~50 ms of start-up and compiling; a deploy makes 15 calls or more. The channel
+    is kept off file descriptors 0-2 so that no child a command starts can read or write it;
+    what children print is captured per call, as it would be in a call of its own."""
+    import contextlib
+    import io
+    import tempfile
+    requests = os.fdopen(os.dup(0), "r")
+    answers = os.fdopen(os.dup(1), "w")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    print(json.dumps({"serving": True}), file=answers, flush=True)
+    for line in requests:
+        argv = [word for word in json.loads(line) if word != "serve"]  # never nested
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with tempfile.TemporaryFile() as children:
+            os.dup2(children.fileno(), 1)
+            os.dup2(children.fileno(), 2)
+            try:
+                with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                    status = main(argv)
+            except SystemExit as leaving:
+                status = leaving.code if isinstance(leaving.code, int) else 1
+            finally:
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+            children.seek(0)
+            printed = children.read().decode(errors="replace")
+        answers.write(json.dumps({"status": status, "stdout": printed + stdout.getvalue(),
+                                  "stderr": printed + stderr.getvalue()}) + "\n")
+        answers.flush()
+
+
 COMMANDS = {
     "probe": cmd_probe, "plan": cmd_plan, "lock": cmd_lock, "unlock": cmd_unlock,
     "has-package": cmd_has_package, "accept-package": cmd_accept_package,
@@ -1097,7 +1132,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
     "verify": cmd_verify, "preflight": cmd_preflight, "restart": cmd_restart,
-    "prepare": cmd_prepare,
+    "prepare": cmd_prepare, "serve": cmd_serve,
 }
 
 

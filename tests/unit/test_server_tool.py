@@ -672,3 +672,43 @@ def test_prepare_runs_every_step_to_the_backup_in_one_call_and_names_a_failure(r
     broken = tool("prepare", root, "r2", name, digest, "", env_file, "", "", "", backups, 5, 0)
     assert broken["failed"] == "unpack" and broken["steps"] == {}
     assert "does not hold release r2" in broken["error"]
+
+
+def serve_calls(*calls):
+    """The answers of one `serve` process to CALLS (argv lists), in order, and its exit
+    status once its input ended."""
+    process = subprocess.Popen([sys.executable, "-I", "-S", str(TOOL), "serve"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert json.loads(process.stdout.readline()) == {"serving": True}
+    answers = []
+    for argv in calls:
+        process.stdin.write(json.dumps([str(word) for word in argv]) + "\n")
+        process.stdin.flush()
+        answers.append(json.loads(process.stdout.readline()))
+    process.stdin.close()
+    assert process.wait(timeout=30) == 0
+    return answers
+
+
+def test_serve_answers_each_call_in_order_as_its_own_call_would(root):
+    name = make_package(root, "r1")
+    unpacked, again, refused, probed = serve_calls(
+        ["unpack", root, name, "r1"], ["unpack", root, name, "r1"],
+        ["switch", root, "../x"], ["probe", root])
+    assert (unpacked["status"], json.loads(unpacked["stdout"])["changed"]) == (0, True)
+    assert json.loads(again["stdout"])["changed"] is False
+    assert refused["status"] == 2 and refused["stderr"].startswith("error: ")
+    assert "is not a release name" in refused["stderr"]
+    assert probed["status"] == 0 and json.loads(probed["stdout"])["releases"] == ["r1"]
+
+
+def test_serve_keeps_what_child_processes_print_off_its_channel(root):
+    """A child inherits the process's stdout and stderr: they must not be the channel (its
+    words would be taken for an answer). Here `python -m venv` fails and says why."""
+    release(root, "r1")
+    (root / "shared" / "venvs").rmdir()
+    (root / "shared" / "venvs").write_text("a file where the venvs folder should be")
+    failed, probed = serve_calls(["venv", root, "r1"], ["probe", root])
+    assert failed["status"] == 2 and "CalledProcessError" in failed["stderr"]
+    assert "Error" in failed["stderr"].split("error: ")[0]  # the child's own words, kept
+    assert probed["status"] == 0 and json.loads(probed["stdout"]).get("releases") == ["r1"]
