@@ -5,6 +5,7 @@ tool's read-only subcommands), so a plan is made from the server's real state.""
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import json
@@ -39,6 +40,46 @@ class Result:
         return (errors or lines or [f"exit status {self.status}"])[-1].removeprefix("error: ")
 
 
+# Connections a finished task left for the next task of this run (see Server.close), by target.
+_IDLE: dict[tuple, list] = {}
+
+
+def _connection_key(target: Target) -> tuple:
+    return (target.host, target.port, target.user, str(target.key_file),
+            str(target.ssh_config), str(target.known_hosts_file))
+
+
+def _end_serving(process: subprocess.Popen | None, wait: bool = True) -> None:
+    """End a serve process: at the end of its input (it finishes the call under way), or at
+    once when its channel is out of step."""
+    if process is None:
+        return
+    try:
+        process.stdin.close()
+        if wait:
+            process.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+def _close_quietly(session, served, wait: bool = True) -> None:
+    _end_serving(served, wait)
+    try:
+        session.close()
+    except Exception:  # noqa: BLE001 - a dead connection has nothing left to close
+        pass
+
+
+def _close_idle() -> None:
+    """At exit: the tool processes end by themselves once their channel closes."""
+    while _IDLE:
+        for session, served in _IDLE.popitem()[1]:
+            _close_quietly(session, served, wait=False)
+
+
 def tool_path(deploy_path: PurePosixPath) -> PurePosixPath:
     digest = hashlib.sha256(TOOL_SOURCE.read_bytes()).hexdigest()[:12]
     return deploy_path / ".deploy-tool" / f"server_tool-{digest}.py"
@@ -60,24 +101,39 @@ class Server:
         self._served = None  # the tool's `serve` process for this connection, once started
 
     def __enter__(self) -> "Server":
-        self.session = open_session(self.target)
+        idle = _IDLE.get(_connection_key(self.target), [])
+        while idle and self.session is None:  # the connection an earlier task of this run left
+            session, served = idle.pop()
+            if session.alive():
+                self.session, self._served = session, served
+            else:
+                _close_quietly(session, served)
+        if self.session is None:
+            self.session = open_session(self.target)
+        self._in_step = True
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def reconnect(self) -> None:
+        self._in_step = False  # whatever was under way left it out of step
         self.close()
         self.__enter__()
 
     def close(self) -> None:
-        self._stop_serving()
-        try:
-            if self.session is not None:
-                self.session.close()
-        except Exception:  # noqa: BLE001 - a dead connection has nothing left to close
-            pass
-        self.session = None
+        """Done with the connection: kept for the next task of this run (`doit deploy` runs
+        setup, target, check, ship and verify; each would open a shell and start the tool
+        again), unless a call was cut off mid-way; every kept one is closed at exit."""
+        session, served, self.session, self._served = self.session, self._served, None, None
+        if session is None:
+            return
+        if self._in_step and session.alive():
+            if not _IDLE:
+                atexit.register(_close_idle)
+            _IDLE.setdefault(_connection_key(self.target), []).append((session, served))
+            return
+        _close_quietly(session, served)
 
     # -- running ----------------------------------------------------------------------------
     def run(self, argv: list[str], check: bool = True, what: str = "",
@@ -96,7 +152,11 @@ class Server:
     def _session_run(self, command: str, what: str) -> tuple[int, str, str]:
         try:
             return self.session.run(command, retcode=None)
-        except (ShellSessionError, EOFError, OSError) as error:  # SSHCommsError is an EOFError
+        except BaseException as error:
+            self._in_step = False  # Ctrl-C or a lost link mid-command: never hand it on
+            if not isinstance(error, (ShellSessionError, EOFError, OSError)):
+                raise
+            # SSHCommsError is an EOFError
             raise ToolkitError(f"{self.name}: the SSH connection was lost during {what} "
                                f"({type(error).__name__}); nothing after it ran") from None
 
@@ -156,17 +216,7 @@ class Server:
         """End the serve process: at the end of its input (it finishes the call under way),
         or at once when its channel is out of step."""
         process, self._served = self._served, None
-        if process is None:
-            return
-        try:
-            process.stdin.close()
-            if wait:
-                process.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        _end_serving(process, wait)
 
     def sudo(self, argv: list[str], check: bool = True, what: str = "",
              reads: bool = False) -> Result:

@@ -72,12 +72,15 @@ def test_sigkill_after_each_step_leaves_a_working_site_and_the_next_deploy_succe
     other = next(v for v in two_versions.values() if release_of(site, v) != current)
     with Load(site.url + "healthz", rate_per_s=20, max_requests=2000, max_seconds=120) as load:
         deploy = site.start_doit("-s", "ship", **other)
+        printed = []
         for line in deploy.stdout:
+            printed.append(line)
             if line.split()[1:2] == [step] and line.split()[0] in ("changed", "ok"):
                 deploy.send_signal(signal.SIGKILL)
                 break
         deploy.wait(timeout=60)
-        assert deploy.returncode == -signal.SIGKILL, f"the deploy never reached {step}"
+        assert deploy.returncode == -signal.SIGKILL, \
+            f"the deploy never reached {step}: {''.join(printed)}"
         time.sleep(1)
         assert site.served_release() in {release_of(site, v) for v in two_versions.values()}
         # The dead deploy's lock is recognised (same machine, process gone) and broken.
