@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-import requests
-
 from scripts.settings import Settings
 
 WORDS = {
@@ -85,6 +83,8 @@ class Notifier:
                        shown=_where(s.telegram_api_url))
 
     def _post(self, channel: str, url: str, payload: dict, shown: str = "") -> None:
+        import requests  # here: ~0.1 s of start-up that every deploy and rollback would pay
+
         shown = shown or _where(url)
         try:
             response = requests.post(url, json=payload, timeout=self.settings.notify_timeout_s)
