@@ -68,6 +68,9 @@ def _end_serving(process: subprocess.Popen | None, wait: bool = True) -> None:
 def _close_quietly(session, served, wait: bool = True) -> None:
     _end_serving(served, wait)
     try:
+        if not wait and session.proc is not None:
+            session.proc.kill()  # at exit: the shell ends with its channel (plumbum's own
+            session.proc.wait()  # close() sleeps 50 ms for its `exit` to be read)
         session.close()
     except Exception:  # noqa: BLE001 - a dead connection has nothing left to close
         pass
