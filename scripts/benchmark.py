@@ -313,7 +313,8 @@ def _provisioned(work: Path, name: str):
 
 
 def bench_deploy(work: Path, rounds: int = 5) -> list[Row]:
-    """The issue #16 goals on one provisioned server: warm `doit deploy` of a code change,
+    """The issue #16 goals on one provisioned server: warm `doit deploy` of a code change (its
+    migrations unchanged, so skipped),
     the same package again, `doit rollback` (medians of `rounds`), each with its waterfall and
     CPU; then the same under steady reads and writes, counting failed requests."""
     settings, layer, sandbox, app_dir = _provisioned(work, "one")
@@ -336,12 +337,13 @@ def bench_deploy(work: Path, rounds: int = 5) -> list[Row]:
             warm.append(_watched(doit("deploy"), env, server.init_pid))
             same.append(_watched(doit("deploy"), env, server.init_pid))
             rollback.append(_watched(doit("rollback"), env, server.init_pid))
-        # The bundled app keeps its migrations in helpdesk/db.py: unchanged, nothing to run.
-        watched = {**env, "MIGRATIONS_PATHS": "helpdesk/db.py"}
-        skipped = []
+        # The bundled app declares its migrations (helpdesk/db.py, in its pyproject.toml), so
+        # the code changes above skip them; a change there runs them.
+        migrations = app_dir / "helpdesk" / "db.py"
+        migrated = []
         for number in range(3):
-            views.write_text(views.read_text() + f"\n# benchmark skip {number}\n")
-            skipped.append(_watched(doit("deploy"), watched, server.init_pid))
+            migrations.write_text(migrations.read_text() + f"\n# benchmark migrate {number}\n")
+            migrated.append(_watched(doit("deploy"), env, server.init_pid))
         listed = [_timed([*DOIT, "list"], env) for _ in range(rounds)]
         reads = Load(server.url + "healthz", rate_per_s=20, max_requests=20000,
                      max_seconds=300)
@@ -358,8 +360,7 @@ def bench_deploy(work: Path, rounds: int = 5) -> list[Row]:
     WATERFALLS.extend(_waterfall("warm `doit deploy` of a code change", warm))
     WATERFALLS.extend(_waterfall("`doit deploy` of the same package", same))
     WATERFALLS.extend(_waterfall("`doit rollback`", rollback))
-    WATERFALLS.extend(_waterfall("warm `doit deploy`, MIGRATIONS_PATHS=helpdesk/db.py unchanged",
-                                 skipped))
+    WATERFALLS.extend(_waterfall("warm `doit deploy` of a change to the migrations", migrated))
     cpu = lambda runs, key: median(getattr(run, key) for run in runs)  # noqa: E731
     failed = len(reads.report.failures) + len(writes.report.failures)
     return [
@@ -369,8 +370,8 @@ def bench_deploy(work: Path, rounds: int = 5) -> list[Row]:
             median(r.seconds for r in same), "s", "<= 0.8 s"),
         Row("deploy", f"`doit rollback` (median of {rounds})",
             median(r.seconds for r in rollback), "s", "<= 0.8 s"),
-        Row("deploy", "warm `doit deploy`, MIGRATIONS_PATHS=helpdesk/db.py unchanged "
-            "(median of 3)", median(r.seconds for r in skipped), "s"),
+        Row("deploy", "warm `doit deploy` of a change to the migrations, which run "
+            "(median of 3)", median(r.seconds for r in migrated), "s"),
         Row("deploy", "CPU of a warm deploy: server", cpu(warm, "server_cpu_s"), "s"),
         Row("deploy", "CPU of a warm deploy: deploying machine", cpu(warm, "local_cpu_s"), "s"),
         Row("deploy", "CPU of a warm deploy: both",
