@@ -55,6 +55,10 @@ def test_a_deploy_uses_one_ssh_connection_and_leaves_no_master(site):
     # check, ship and verify (and target) share the run's one connection.
     assert accepted_logins(site) - before == 1
     assert masters_of(site.server.ssh_port) == []
+    # ... and its one server tool process (`serve`), which ends with the run.
+    with site.admin() as admin:
+        left = admin["ps"]("-u", "deploy", "-o", "args=", retcode=None)
+    assert "server_tool" not in left, left
 
 
 def test_the_same_package_again_changes_nothing_on_the_server(site):
