@@ -5,6 +5,7 @@ settings, and says in one line whether the server is current or behind."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -34,6 +35,7 @@ def expected_settings(flags: list[str]) -> dict[str, str]:
             if name not in NOT_COMPARED and name != "DEPLOY_KEY"}
 
 
+@functools.lru_cache(maxsize=1)  # a `doit deploy` asks twice (setup, check); the files stay
 def local_version() -> dict[str, str]:
     from scripts.embed_templates import SETUP_SCRIPT, script_digest, templates, templates_digest
     return {"script": script_digest(SETUP_SCRIPT.read_text()),
