@@ -360,7 +360,8 @@ SETTINGS: tuple[Setting, ...] = (
             "migrations, run in the release with its venv on PATH (empty: none)"),
     Setting("MIGRATIONS_PATHS", _app_paths, "",
             "app files/folders that hold migrations; when set and unchanged since the live "
-            "release, the migrate step is skipped (empty: always migrate)"),
+            "release (MIGRATE_COMMAND too), the migrate step is skipped (empty: always migrate; "
+            "the app's pyproject.toml may declare them)"),
     Setting("GUNICORN_WORKERS", _positive_int, "2", "gunicorn worker processes"),
     Setting("PUBLIC_URL", _optional_url, "",
             "where people open the app (default http://<server>/); verify checks it from here"),
