@@ -104,7 +104,7 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
         return
     if not answer.get("started"):
         raise ToolkitError(f"{server.name}: release {release} does not start: "
-                           f"{journal_tail(server, unit)}")
+                           f"{journal_tail(server, unit)}; the old release keeps serving")
     error = answer.get("error") or ""
     # A 404 is no matter of time: the app has no such route (a newcomer's own app).
     setting = (f"HEALTH_PATH={settings.health_path}: is it a route of the app?"
