@@ -1,5 +1,6 @@
-"""Settings: `.env` (python-dotenv), overridden by real environment variables, validated into
-one typed, frozen object. Every problem becomes one line naming the setting and what to do."""
+"""Settings: `.env` (python-dotenv), overridden by real environment variables, over what the app
+declares in its pyproject.toml (scripts/app_declared.py), over the defaults; validated into one
+typed, frozen object. Every problem becomes one line naming the setting and what to do."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Callable, Mapping
 
 from dotenv import dotenv_values
 
+from scripts.app_declared import PYPROJECT, TABLE, declared_settings
 from scripts.errors import SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -358,7 +360,8 @@ SETTINGS: tuple[Setting, ...] = (
             "migrations, run in the release with its venv on PATH (empty: none)"),
     Setting("MIGRATIONS_PATHS", _app_paths, "",
             "app files/folders that hold migrations; when set and unchanged since the live "
-            "release, the migrate step is skipped (empty: always migrate)"),
+            "release (MIGRATE_COMMAND too), the migrate step is skipped (empty: always migrate; "
+            "the app's pyproject.toml may declare them)"),
     Setting("GUNICORN_WORKERS", _positive_int, "2", "gunicorn worker processes"),
     Setting("PUBLIC_URL", _optional_url, "",
             "where people open the app (default http://<server>/); verify checks it from here"),
@@ -583,6 +586,32 @@ def _unknown_names(raw: Mapping[str, str], environ: Mapping[str, str],
     return problems
 
 
+def _app_declarations(raw: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """{SETTING: text} APP_DIR's pyproject.toml declares (below .env and the environment, above
+    the defaults), each parsed as the setting is; a bad one is a problem even while .env
+    overrides it (the app's file is fixed there). Nothing while APP_DIR itself is bad (that
+    problem is reported as its own)."""
+    app_dir = next(s for s in SETTINGS if s.name == "APP_DIR")
+    try:
+        folder = _local_path(raw.get("APP_DIR", str(app_dir.default)))
+    except _Invalid:
+        return {}, []
+    found, problems = declared_settings(folder)
+    declared = {}
+    for setting in SETTINGS:
+        if setting.name not in found:
+            continue
+        key, text = found[setting.name]
+        try:
+            setting.parse(text)
+            declared[setting.name] = text
+        except _Invalid as invalid:
+            problems.append(f"{folder / PYPROJECT}: {TABLE} {key} = {text!r} {invalid}; fix it "
+                            f"there, or override it with {setting.name} in .env or the "
+                            f"environment")
+    return declared, problems
+
+
 def load_settings(env_file: Path | None = None,
                   environ: Mapping[str, str] | None = None) -> Settings:
     """Validated settings, or a SettingsError listing one line per bad setting."""
@@ -591,9 +620,13 @@ def load_settings(env_file: Path | None = None,
     values: dict[str, object] = {}
     problems = (_unreadable_lines(_env_file(env_file, environ))
                 + _unknown_names(raw, environ, _env_file(env_file, environ)))
+    declared, declared_problems = _app_declarations(raw)
+    problems += declared_problems
     for setting in SETTINGS:
         if setting.name in raw:
             text = raw[setting.name]
+        elif setting.name in declared:
+            text = declared[setting.name]
         else:
             text = setting.default() if callable(setting.default) else setting.default
         try:

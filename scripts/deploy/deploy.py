@@ -104,7 +104,7 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
         return
     if not answer.get("started"):
         raise ToolkitError(f"{server.name}: release {release} does not start: "
-                           f"{journal_tail(server, unit)}")
+                           f"{journal_tail(server, unit)}; the old release keeps serving")
     error = answer.get("error") or ""
     # A 404 is no matter of time: the app has no such route (a newcomer's own app).
     setting = (f"HEALTH_PATH={settings.health_path}: is it a route of the app?"
@@ -160,7 +160,7 @@ def backup_and_migrate(server: Server, settings: Settings, release: str, reporte
         skipped = "no MIGRATE_COMMAND"
     elif answer.get("migrations_unchanged"):
         skipped = (f"skipped: {', '.join(settings.migrations_paths)} unchanged since "
-                   f"{answer.get('current')} (MIGRATIONS_PATHS)")
+                   f"{answer.get('current')}, and so is MIGRATE_COMMAND (MIGRATIONS_PATHS)")
     keep = (settings.backups_keep, settings.backups_keep_days)
     if skipped:
         with reporter.step("backup") as outcome:  # taken by the prepare call
@@ -184,8 +184,9 @@ def backup_and_migrate(server: Server, settings: Settings, release: str, reporte
         outcome.seconds = held.get("held_s", 0) - (held.get("backup_s") or 0)
         if held.get("migrated") or server.dry_run:
             outcome.changed = True
-            outcome.detail = (f"{settings.migrate_command} (requests held "
-                              f"{held.get('held_s', 0):.2f} s for the backup and migrations)")
+            outcome.detail = (f"{settings.migrate_command} ({why_migrations_run(settings, answer)}"
+                              f"; requests held {held.get('held_s', 0):.2f} s for the backup "
+                              f"and migrations)")
             return
         # The setting, by name: the command is the user's, and so is the fix.
         reason = f"setting MIGRATE_COMMAND={settings.migrate_command!r}: " \
@@ -201,6 +202,19 @@ def backup_and_migrate(server: Server, settings: Settings, release: str, reporte
         raise ToolkitError(f"{server.name}: migrations of {release} failed ({reason}); there "
                            f"was no database before them, so nothing was restored; the old "
                            f"release keeps serving")
+
+
+def why_migrations_run(settings: Settings, answer: dict) -> str:
+    """Why the migrate step runs, from set-next's (or a dry run's plan's) answer."""
+    if not settings.migrations_paths:
+        return "MIGRATIONS_PATHS is empty: always"
+    reasons = [f"{', '.join(answer['migrations_changed'])} changed"] \
+        if answer.get("migrations_changed") else []
+    if answer.get("command_changed"):
+        reasons.append("MIGRATE_COMMAND changed")
+    if not reasons:  # the first deploy, or a live release deployed again
+        return "no other live release to compare with"
+    return f"{' and '.join(reasons)} since {answer.get('current')}"
 
 
 def deploy_to_server(server: Server, settings: Settings, record: BuildRecord, package: Path,
@@ -254,9 +268,24 @@ def dry_run_facts(server: Server, settings: Settings, record: BuildRecord,
     with tarfile.open(package, "r:gz") as tar:
         manifest = json.load(tar.extractfile(MANIFEST_NAME))
     key = requirements_key(manifest, server.tool_call("probe", path)["python"])
-    facts = server.tool_call("plan", path, record.release_id, key, commands.env_file(settings))
+    facts = server.tool_call("plan", path, record.release_id, key, commands.env_file(settings),
+                             json.dumps(migrations_in(manifest, settings.migrations_paths)),
+                             settings.migrate_command)
     facts["venv"] = key
     return facts
+
+
+def migrations_in(manifest: dict, migrations_paths: tuple[str, ...]) -> dict:
+    """{MIGRATIONS_PATHS item: {file under it ("" for the item itself): sha256}}, as the server
+    tool's set-next computes it from an unpacked release."""
+    wanted: dict[str, dict[str, str]] = {item: {} for item in migrations_paths}
+    for entry in manifest.get("files", []):
+        for item in migrations_paths:
+            if entry["path"] == item:
+                wanted[item][""] = entry["sha256"]
+            elif entry["path"].startswith(item + "/"):
+                wanted[item][entry["path"][len(item) + 1:]] = entry["sha256"]
+    return wanted
 
 
 def prepare(server: Server, settings: Settings, record: BuildRecord, package: Path,
@@ -329,6 +358,8 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
         with reporter.step(answer["failed"]):
             step(answer["failed"])
     hooks.on_server(server, settings, "pre-migrate", release, reporter)
+    if server.dry_run:  # what set-next would answer
+        steps = {**steps, "next": facts.get("migrations", {})}
     backup_and_migrate(server, settings, release, reporter, facts.get("databases", []), steps)
     hooks.on_server(server, settings, "post-migrate", release, reporter)
     with reporter.step("preflight") as outcome:

@@ -174,8 +174,9 @@ def cmd_probe(root, health_url="", release=""):
         layout=os.path.isdir(path(root, "releases")) and os.path.isdir(path(root, "shared")))
 
 
-def cmd_plan(root, release, venv_key, env_file):
-    """What a dry run needs beyond probe to say what each deploy step would do."""
+def cmd_plan(root, release, venv_key, env_file, migrations_json="{}", migrate_command=None):
+    """What a dry run needs beyond probe to say what each deploy step would do. MIGRATIONS_JSON:
+    {MIGRATIONS_PATHS item: {file: sha256}} from the package's manifest (see set-next)."""
     env_sha256 = env_sha256_without_secret = None
     if os.path.isfile(env_file):
         with open(env_file, "rb") as stream:
@@ -186,7 +187,9 @@ def cmd_plan(root, release, venv_key, env_file):
     out(unpacked=os.path.isfile(path(root, "releases", release, ".unpacked")),
         venv_ready=os.path.isfile(path(root, "shared", "venvs", venv_key, ".complete")),
         databases=_databases(root), env_sha256=env_sha256,
-        env_sha256_without_secret=env_sha256_without_secret)
+        env_sha256_without_secret=env_sha256_without_secret,
+        migrations=migrations_against_live(root, release, json.loads(migrations_json),
+                                           migrate_command))
 
 
 def cmd_lock(root, info_json, package="", sha256=""):
@@ -776,16 +779,40 @@ def cmd_set_next(root, release, migrations_paths="", migrate_command=None, healt
                          mode=0o640)
     link_atomically(path(root, "next"), path("releases", release))
     paths = [item for item in migrations_paths.split(",") if item]
-    current = release_id_of(path(root, "current"))
     for item in paths:
         if not os.path.exists(path(root, "releases", release, item)):
             raise Refusal("setting MIGRATIONS_PATHS: %s is not in release %s; name the app's "
                           "migrations, or leave it empty to always migrate" % (item, release))
-    unchanged = bool(paths) and current not in (None, release) and all(
-        _same_content(path(root, "releases", current, item),
-                      path(root, "releases", release, item)) for item in paths)
-    out(changed=True, migrations_unchanged=unchanged, current=current,
-        health_path=_health_path_of(root, release))
+    wanted = {item: _digests(path(root, "releases", release, item)) for item in paths}
+    out(changed=True, health_path=_health_path_of(root, release),
+        **migrations_against_live(root, release, wanted, migrate_command))
+
+
+def migrations_against_live(root, release, wanted, migrate_command):
+    """Whether the release's migrations already ran: every MIGRATIONS_PATHS item (WANTED: item
+    -> {file: sha256}) holds the live release's bytes, and the live release kept the same
+    MIGRATE_COMMAND (another command may migrate differently). Also what differs, so the
+    migrate step can say why it runs. A rollback (no command) compares the files only."""
+    current = release_id_of(path(root, "current"))
+    if not wanted or current in (None, release):
+        return {"migrations_unchanged": False, "current": current, "migrations_changed": [],
+                "command_changed": False}
+    changed = [item for item in wanted
+               if _digests(path(root, "releases", current, item)) != wanted[item]]
+    command_changed = migrate_command is not None and \
+        _kept_command(root, current) != migrate_command
+    return {"migrations_unchanged": not changed and not command_changed, "current": current,
+            "migrations_changed": changed, "command_changed": command_changed}
+
+
+def _kept_command(root, release):
+    """The MIGRATE_COMMAND a release was deployed with; None for one deployed before it was
+    kept (its migrations then run once more)."""
+    try:
+        with open(path(root, "releases", release, MIGRATE_COMMAND_FILE)) as stream:
+            return stream.read().removesuffix("\n")
+    except OSError:
+        return None
 
 
 def _health_path_of(root, release):
@@ -799,28 +826,19 @@ def _health_path_of(root, release):
     return kept if re.fullmatch(HEALTH_PATH_FORM, kept) else None
 
 
-def _same_content(old, new):
-    """Two files, or two folders file by file (bytecode caches aside), hold the same bytes."""
-    def files(top):
-        if os.path.isfile(top):
-            return {"": top}
-        found = {}
-        for folder, dirs, names in os.walk(top):
-            dirs[:] = [name for name in dirs if name != "__pycache__"]
-            for name in names:
-                full = path(folder, name)
-                found[os.path.relpath(full, top)] = full
-        return found
-    if not os.path.exists(old):
-        return False
-    before, after = files(old), files(new)
-    if sorted(before) != sorted(after):
-        return False
-    for name, full in after.items():
-        with open(before[name], "rb") as one, open(full, "rb") as other:
-            if one.read() != other.read():
-                return False
-    return True
+def _digests(top):
+    """{file: sha256} of a file ("") or of a folder's files (bytecode caches aside); {} for
+    nothing there. A package's manifest gives the same for its files (see cmd_plan)."""
+    if os.path.isfile(top):
+        return {"": sha256_of(top)}
+    found = {}
+    for folder, dirs, names in os.walk(top):
+        dirs[:] = [name for name in dirs if name != "__pycache__"]
+        for name in names:
+            full = path(folder, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                found[os.path.relpath(full, top)] = sha256_of(full)
+    return found
 
 
 def cmd_switch(root, release):

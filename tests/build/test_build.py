@@ -65,6 +65,7 @@ def test_package_has_manifest_wheels_and_the_app(project):
     package = project.package()
     names = members(package)
     assert "manifest.json" in names and "wsgi.py" in names and "requirements.txt" in names
+    assert "pyproject.toml" in names  # the app's [tool.flask-deploy] ships with it, harmless
     assert any(n.startswith("wheels/gunicorn-") for n in names)
     assert any(n.startswith("wheels/flask-") for n in names)
     manifest = verify_package(package)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,36 @@ def test_migrations_run_only_when_their_files_change_with_migrations_paths(site)
     assert site.served_release() != site.built_release()  # nothing switched
 
 
+def test_the_bundled_app_declares_its_migrations_so_unchanged_ones_are_skipped(site):
+    """No MIGRATIONS_PATHS given: examples/helpdesk/pyproject.toml declares helpdesk/db.py. A
+    code-only change skips the migrate step and serves; a changed db.py runs the migrations;
+    the same files with another MIGRATE_COMMAND run them too."""
+    live = site.served_release()
+    site.change_code("code only, migrations as the app declares them")
+    result = site.ship()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(rf"^ok +migrate .*skipped: helpdesk/db.py unchanged since {live}, and so "
+                     rf"is MIGRATE_COMMAND", result.stdout, re.M), result.stdout
+    assert "requests held" not in result.stdout
+    assert site.served_release() == site.built_release() != live
+    live = site.served_release()
+    db = site.app_dir / "helpdesk" / "db.py"
+    db.write_text(db.read_text() + "\n# the app's migrations changed\n")
+    result = site.ship()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(rf"^changed +migrate .*flask --app wsgi migrate \(helpdesk/db.py changed "
+                     rf"since {live}; requests held", result.stdout, re.M), result.stdout
+    assert site.served_release() == site.built_release()
+    live = site.served_release()
+    site.change_code("the same migrations, run by another command")
+    another = {"MIGRATE_COMMAND": "python -m flask --app wsgi migrate"}
+    result = site.ship(**another)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(rf"^changed +migrate .*python -m flask --app wsgi migrate \(MIGRATE_COMMAND "
+                     rf"changed since {live}; requests held", result.stdout, re.M), result.stdout
+    assert site.served_release() == site.built_release()
+
+
 def test_ship_output_reuses_the_venv_for_a_code_only_change(site):
     site.change_code("third release")
     result = site.ship()
@@ -115,7 +146,8 @@ def test_a_release_that_cannot_import_never_serves(site):
     with site.edited("wsgi.py", lambda good: "raise ImportError('broken on purpose')\n" + good):
         result = site.deploy()
     assert result.returncode != 0
-    # Its migrations import it first: the deploy stops there, before any switch.
+    # Its migrations import it first, or the preflight when they are skipped (db.py as live):
+    # the deploy stops there, before any switch.
     assert "FAILED   migrate" in result.stdout or "FAILED   preflight" in result.stdout
     assert "migrations of" in result.stderr or "does not start" in result.stderr
     assert "the old release keeps serving" in result.stderr

@@ -162,7 +162,30 @@ def test_unchanged_migrations_are_skipped_and_said_so(package):
     assert "tool set-next" in server.calls and "tool backup" in server.calls
     assert "tool migrate-held" not in server.calls
     assert any(line.startswith("ok       migrate") and
-               "skipped: helpdesk/db.py unchanged since old (MIGRATIONS_PATHS)" in line
+               "skipped: helpdesk/db.py unchanged since old, and so is MIGRATE_COMMAND "
+               "(MIGRATIONS_PATHS)" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("answer, why", [
+    ({"current": None, "migrations_changed": []}, "no other live release to compare with"),
+    ({"current": "old", "migrations_changed": ["helpdesk/db.py"]},
+     "helpdesk/db.py changed since old"),
+    ({"current": "old", "migrations_changed": [], "command_changed": True},
+     "MIGRATE_COMMAND changed since old"),
+    ({"current": "old", "migrations_changed": ["helpdesk/db.py"], "command_changed": True},
+     "helpdesk/db.py changed and MIGRATE_COMMAND changed since old"),
+])
+def test_the_migrate_step_says_why_the_migrations_run(package, answer, why):
+    settings = load_settings(Path("/nonexistent"), environ={"MIGRATIONS_PATHS": "helpdesk/db.py"})
+    server = FakeServer({"set-next": {"migrations_unchanged": False, **answer}})
+    lines = []
+    deploy_to_server(server, settings, RECORD, package, Reporter(log=lines.append))
+    assert any(line.startswith("changed  migrate") and
+               f"flask --app wsgi migrate ({why}; requests held" in line for line in lines), lines
+    always = load_settings(Path("/nonexistent"), environ={"MIGRATIONS_PATHS": ""})
+    lines.clear()
+    deploy_to_server(FakeServer(), always, RECORD, package, Reporter(log=lines.append))
+    assert any("(MIGRATIONS_PATHS is empty: always; requests held" in line
                for line in lines), lines
 
 

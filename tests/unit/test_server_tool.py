@@ -3,6 +3,7 @@ lock, shipping, switching, pruning, backups. (Integration tests run it on real s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -199,6 +200,32 @@ def test_set_next_says_whether_the_migrations_are_those_of_the_live_release(root
     assert tool("set-next", root, "r4", "app/db.py")["migrations_unchanged"] is False
     error = tool("set-next", root, "r4", "app/missing.py", expect_ok=False)
     assert "setting MIGRATIONS_PATHS: app/missing.py is not in release r4" in error
+
+
+def test_migrations_with_another_migrate_command_are_not_unchanged_and_a_plan_agrees(root):
+    migrations = {"app/db.py": b"MIGRATIONS = [1]\n"}
+    digests = json.dumps({"app/db.py": {"": hashlib.sha256(b"MIGRATIONS = [1]\n").hexdigest()}})
+    tool("unpack", root, make_package(root, "r1", migrations), "r1")
+    tool("set-next", root, "r1", "app/db.py", "flask --app wsgi migrate")
+    tool("switch", root, "r1")
+    tool("unpack", root, make_package(root, "r2", {**migrations, "views.py": b"v2\n"}), "r2")
+    same = tool("set-next", root, "r2", "app/db.py", "flask --app wsgi migrate")
+    assert same["migrations_unchanged"] is True and same["current"] == "r1"
+    assert tool("plan", root, "r2", "key", root / "app.env", digests,
+                "flask --app wsgi migrate")["migrations"]["migrations_unchanged"] is True
+    other = tool("set-next", root, "r2", "app/db.py", "flask --app wsgi upgrade")
+    assert other["migrations_unchanged"] is False
+    assert other["command_changed"] is True and other["migrations_changed"] == []
+    planned = tool("plan", root, "r2", "key", root / "app.env", digests,
+                   "flask --app wsgi upgrade")["migrations"]
+    assert planned == {key: other[key] for key in planned}
+    edited = json.dumps({"app/db.py": {"": hashlib.sha256(b"MIGRATIONS = [2]\n").hexdigest()}})
+    assert tool("plan", root, "r2", "key", root / "app.env", edited, "flask --app wsgi migrate"
+                )["migrations"]["migrations_changed"] == ["app/db.py"]
+    # A live release deployed before its command was kept: its migrations run once more.
+    (root / "releases" / "r1" / ".migrate-command").unlink()
+    assert tool("set-next", root, "r2", "app/db.py", "flask --app wsgi migrate")[
+        "command_changed"] is True
 
 
 def test_set_next_keeps_the_deploys_migrate_command_in_the_release(root):

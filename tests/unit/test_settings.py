@@ -260,3 +260,89 @@ def test_a_url_as_deploy_server_says_to_write_the_ssh_address_alone(tmp_path, ur
     assert str(error.value) == (f"setting DEPLOY_SERVER={url!r} has {url!r}, a URL; write the SSH "
                                 f"address alone, as in {address} or deploy@host:2222; fix it in "
                                 f".env or the environment")
+
+
+# -- what the app declares in its pyproject.toml ----------------------------------------------
+def app_with(tmp_path: Path, table: str) -> Path:
+    app_dir = tmp_path / "app"
+    app_dir.mkdir(exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(f'[project]\nname = "app"\n\n{table}')
+    return app_dir
+
+
+def test_the_app_declares_its_migrations_below_env_file_and_environment(tmp_path):
+    app_dir = app_with(tmp_path, '[tool.flask-deploy]\nmigrate-command = "flask --app app up"\n'
+                                 'migrations-paths = ["app/db.py", "migrations/"]\n'
+                                 'health-path = "/ping"\n')
+    declared = load_settings(tmp_path / "missing.env", environ={"APP_DIR": str(app_dir)})
+    assert declared.migrate_command == "flask --app app up"
+    assert declared.migrations_paths == ("app/db.py", "migrations")
+    assert declared.health_path == "/ping"
+    assert declared.given == {"APP_DIR"}  # declared by the app, not given by the user
+    env_file = write_env(tmp_path, f"APP_DIR={app_dir}\nMIGRATIONS_PATHS=\nHEALTH_PATH=/up\n")
+    over = load_settings(env_file, environ={"HEALTH_PATH": "/health"})
+    assert over.migrations_paths == ()  # .env's empty value: always migrate
+    assert over.health_path == "/health"  # the environment over .env
+    assert over.migrate_command == "flask --app app up"
+
+
+def test_a_comma_separated_string_and_an_empty_list_declare_paths_too(tmp_path):
+    app_dir = app_with(tmp_path, '[tool.flask-deploy]\nmigrations-paths = "a.py, b/"\n')
+    assert load_settings(tmp_path / "missing.env", environ={"APP_DIR": str(app_dir)}) \
+        .migrations_paths == ("a.py", "b")
+    app_dir = app_with(tmp_path, '[tool.flask-deploy]\nmigrations-paths = []\n')
+    assert load_settings(tmp_path / "missing.env", environ={"APP_DIR": str(app_dir)}) \
+        .migrations_paths == ()
+
+
+@pytest.mark.parametrize("table", ["", "[tool.black]\nline-length = 100\n"])
+def test_no_pyproject_or_no_table_leaves_the_toolkits_defaults(tmp_path, table):
+    app_dir = app_with(tmp_path, table) if table else tmp_path
+    settings = load_settings(tmp_path / "missing.env", environ={"APP_DIR": str(app_dir)})
+    assert settings.migrate_command == "flask --app wsgi migrate"
+    assert settings.migrations_paths == ()
+    assert settings.health_path == "/healthz"
+
+
+def test_the_bundled_helpdesk_declares_its_migrations(tmp_path):
+    settings = load_settings(tmp_path / "missing.env", environ={})
+    assert settings.migrations_paths == ("helpdesk/db.py",)
+    assert settings.migrate_command == "flask --app wsgi migrate"
+
+
+@pytest.mark.parametrize("table, expected", [
+    ('migrations-paths = ["../etc/passwd"]',
+     "[tool.flask-deploy] migrations-paths = '../etc/passwd' '../etc/passwd' must be a path "
+     "inside the app"),
+    ('migrations-paths = [1, 2]',
+     "[tool.flask-deploy] migrations-paths = [1, 2] must be a list of strings or a "
+     "comma-separated string; fix it there"),
+    ('migrations-paths = ["a,b"]', "migrations-paths = ['a,b'] must be a list of strings"),
+    ('migrate-command = "flask migrate; rm -rf /"',
+     "[tool.flask-deploy] migrate-command = 'flask migrate; rm -rf /' may hold only letters"),
+    ('migrate-command = ["flask", "migrate"]', "migrate-command = ['flask', 'migrate'] must be "
+                                               "a string; fix it there"),
+    ('health-path = "healthz"', "[tool.flask-deploy] health-path = 'healthz' must be a URL path"),
+    ('migration-paths = ["db.py"]', "[tool.flask-deploy] key 'migration-paths' is unknown; did "
+                                    "you mean migrations-paths? the toolkit reads "
+                                    "migrate-command, migrations-paths and health-path there"),
+    ('deploy-server = "example.com"', "key 'deploy-server' is unknown; the toolkit reads"),
+])
+def test_a_bad_declaration_is_one_line_naming_the_file_and_the_key(tmp_path, table, expected):
+    app_dir = app_with(tmp_path, f"[tool.flask-deploy]\n{table}\n")
+    with pytest.raises(SettingsError) as error:
+        load_settings(tmp_path / "missing.env", environ={"APP_DIR": str(app_dir)})
+    lines = str(error.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{app_dir / 'pyproject.toml'}: "), lines
+    assert expected in lines[0], lines[0]
+
+
+def test_a_bad_declaration_overridden_in_env_file_is_still_named_and_broken_toml_too(tmp_path):
+    # The file is the app's: a typo there is fixed there, even while .env hides it today.
+    app_dir = app_with(tmp_path, '[tool.flask-deploy]\nhealth-path = "healthz"\n')
+    with pytest.raises(SettingsError, match="health-path"):
+        load_settings(tmp_path / "missing.env", environ={"APP_DIR": str(app_dir),
+                                                         "HEALTH_PATH": "/up"})
+    app_dir = app_with(tmp_path, '[tool.flask-deploy\nhealth-path = "/up"\n')
+    with pytest.raises(SettingsError, match=r"pyproject.toml cannot be read as TOML \("):
+        load_settings(tmp_path / "missing.env", environ={"APP_DIR": str(app_dir)})
