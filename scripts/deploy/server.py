@@ -25,6 +25,12 @@ PUT_CHUNK = 3 << 18  # 768 KiB of data, 1 MiB of base64 per shell line
 # (health reads too, but a dry run starts no new release to check: callers say reads=True.)
 READ_ONLY_TOOL = frozenset({"probe", "has-package", "history", "previous-good", "backups",
                             "disk", "plan", "verify"})
+# The serve process's channel: one answer line is never longer (the tool's answers are small;
+# what children print is cut to its tail there), and its greeting comes within this many bytes
+# (a login script of the deploy user may print lines before the tool starts).
+ANSWER_LIMIT = 16 << 20
+GREETING = b'{"serving": true}\n'
+GREETING_WITHIN = 64 << 10
 
 
 @dataclass
@@ -83,6 +89,40 @@ def _close_idle() -> None:
             _close_quietly(session, served, wait=False)
 
 
+def _greeted(process) -> bool:
+    """Whether the serve process said it serves: its greeting, after whatever a login script
+    printed first (read past, within GREETING_WITHIN bytes); False at the end of its output
+    (no tool of this version there yet). A login script's last words may lack their newline
+    and share the greeting's line."""
+    budget = GREETING_WITHIN
+    while budget > 0:
+        line = process.stdout.readline(budget)
+        if line.endswith(GREETING):
+            return True
+        if not line:
+            return False
+        budget -= len(line)
+    return False
+
+
+def _answer(line: bytes) -> Result | str:
+    """One answer line of the serve process as a Result, or what is wrong with it ("" for
+    none: the channel closed)."""
+    if not line:
+        return ""
+    if len(line) > ANSWER_LIMIT:
+        return f"longer than {ANSWER_LIMIT >> 20} MiB"
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        return f"not JSON: {line[:80]!r}"
+    fields = {"status": int, "stdout": str, "stderr": str}
+    if not isinstance(answer, dict) or \
+            not all(isinstance(answer.get(key), kind) for key, kind in fields.items()):
+        return f"not status, stdout and stderr: {line[:80]!r}"
+    return Result(answer["status"], answer["stdout"], answer["stderr"])
+
+
 def tool_path(deploy_path: PurePosixPath) -> PurePosixPath:
     digest = hashlib.sha256(TOOL_SOURCE.read_bytes()).hexdigest()[:12]
     return deploy_path / ".deploy-tool" / f"server_tool-{digest}.py"
@@ -108,6 +148,9 @@ class Server:
         while idle and self.session is None:  # the connection an earlier task of this run left
             session, served = idle.pop()
             if session.alive():
+                if served is not None and served.poll() is not None:
+                    _end_serving(served)  # its process ended while parked: start another
+                    served = None
                 self.session, self._served = session, served
             else:
                 _close_quietly(session, served)
@@ -187,30 +230,35 @@ class Server:
         if self._served is None:
             process = open_channel(self.target, shlex.join(
                 ["python3", "-I", "-S", str(self.tool), "serve"]))
-            if process.stdout.readline():  # its first line says it serves
+            try:
+                greeted = _greeted(process)
+            except BaseException:  # Ctrl-C while it starts
+                _end_serving(process, wait=False)
+                raise
+            if greeted:
                 self._served = process
             else:
-                process.kill()
-                process.wait()
+                _end_serving(process, wait=False)
         return self._served
 
     def _served_call(self, process, argv: list[str], what: str) -> Result:
-        line = b""
         try:
             process.stdin.write(json.dumps(argv).encode() + b"\n")
             process.stdin.flush()
-            line = process.stdout.readline()
-            answer = json.loads(line)
-        except (OSError, ValueError):
-            line = b""
+            answer = _answer(process.stdout.readline(ANSWER_LIMIT + 1))
+        except OSError:
+            answer = None
         except BaseException:  # Ctrl-C or SIGTERM mid-call: its answer would answer the next
             self._stop_serving(wait=False)
             raise
-        if not line:
+        if not isinstance(answer, Result):
             self._stop_serving(wait=False)
+            if answer:  # never read on: the next line could be this call's real answer
+                raise ToolkitError(f"{self.name}: {what}: the server tool's answer was not "
+                                   f"one ({answer}); nothing after it ran")
             raise ToolkitError(f"{self.name}: the SSH connection was lost during {what}; "
                                f"nothing after it ran")
-        result = Result(answer["status"], answer["stdout"], answer["stderr"])
+        result = answer
         if result.status != 0:
             raise ToolkitError(f"{self.name}: {what} failed: {result.error_line}")
         return result

@@ -1113,7 +1113,9 @@ def cmd_serve():
             finally:
                 os.dup2(devnull, 1)
                 os.dup2(devnull, 2)
-            children.seek(0)
+            # Its tail only: a child's megabytes would make an answer line the deploying
+            # machine refuses (and the last lines are the ones that say what went wrong).
+            children.seek(max(0, os.fstat(children.fileno()).st_size - (64 << 10)))
             printed = children.read().decode(errors="replace")
         answers.write(json.dumps({"status": status, "stdout": printed + stdout.getvalue(),
                                   "stderr": printed + stderr.getvalue()}) + "\n")
