@@ -85,3 +85,28 @@ def test_rollback_and_deploy_under_reads_and_writes_lose_nothing(site):
     assert [t for t in writes.report.acknowledged if t not in titles] == []
     history = [json.loads(line) for line in server_state(site)["log"].splitlines()]
     assert [entry["action"] for entry in history[-4:]] == ["rollback", "deploy"] * 2
+
+
+def serve_processes(site) -> list[str]:
+    """The deploy user's server tool processes on the server (a run's serve processes)."""
+    with site.admin() as admin:
+        listing = admin["ps"]("-u", "deploy", "-o", "args=", retcode=None)
+    return [line for line in listing.splitlines() if "server_tool" in line]
+
+
+def test_a_deploy_user_whose_bashrc_prints_deploys_and_leaves_no_serve_process(site):
+    """bash reads ~/.bashrc for `ssh host command`, so what it prints comes first on the serve
+    channel: read past, it never shifts a call's answer onto the next call."""
+    bashrc = "/home/deploy/.bashrc"
+    with site.admin() as admin:
+        admin["sudo"]("-n", "sed", "-i", r"1i echo 'Welcome, deploy'; printf 'no newline'",
+                      bashrc)
+    try:
+        site.change_code("a chatty bashrc")
+        result = site.doit("deploy")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert site.served_release() == site.built_release()
+        assert serve_processes(site) == []
+    finally:
+        with site.admin() as admin:
+            admin["sudo"]("-n", "sed", "-i", "1d", bashrc)
