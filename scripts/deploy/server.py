@@ -9,6 +9,7 @@ import atexit
 import base64
 import hashlib
 import json
+import select
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ READ_ONLY_TOOL = frozenset({"probe", "has-package", "history", "previous-good", 
 ANSWER_LIMIT = 16 << 20
 GREETING = b'{"serving": true}\n'
 GREETING_WITHIN = 64 << 10
+# A parked serve process answers a call that reads nothing within this, or its link was cut.
+PARKED_ANSWER_S = 5
 
 
 @dataclass
@@ -105,6 +108,22 @@ def _greeted(process) -> bool:
     return False
 
 
+def _still_answers(process) -> bool:
+    """Whether a parked serve process answers a call that reads nothing, in time. A link cut
+    while it was parked would otherwise hold the next task's first command until ssh gives up
+    (ServerAliveInterval, ~15 s) and then blame that command; a fresh connection says what
+    is wrong in ssh's own words, or works if the link is back."""
+    if process.poll() is not None:
+        return False
+    try:
+        process.stdin.write(b'["disk"]\n')
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], PARKED_ANSWER_S)
+    except OSError:
+        return False
+    return bool(ready) and isinstance(_answer(process.stdout.readline(ANSWER_LIMIT + 1)), Result)
+
+
 def _answer(line: bytes) -> Result | str:
     """One answer line of the serve process as a Result, or what is wrong with it ("" for
     none: the channel closed)."""
@@ -147,10 +166,9 @@ class Server:
         idle = _IDLE.get(_connection_key(self.target), [])
         while idle and self.session is None:  # the connection an earlier task of this run left
             session, served = idle.pop()
-            if session.alive():
-                if served is not None and served.poll() is not None:
-                    _end_serving(served)  # its process ended while parked: start another
-                    served = None
+            if served is not None and not _still_answers(served):
+                _close_quietly(session, served, wait=False)  # cut, or ended, while parked
+            elif session.alive():
                 self.session, self._served = session, served
             else:
                 _close_quietly(session, served)

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -86,6 +87,8 @@ def test_an_answer_that_is_not_the_tools_is_one_line_and_ends_the_channel(
 
 
 class LiveShell:
+    proc = None
+
     def alive(self):
         return True
 
@@ -93,21 +96,49 @@ class LiveShell:
         pass
 
 
+def parked(far_end, monkeypatch) -> subprocess.Popen:
+    """far_end's serve process, parked by close() as a task's end does; the next task's
+    fresh shell is a LiveShell."""
+    process = far_end._served
+    far_end.session, far_end._in_step = LiveShell(), True
+    monkeypatch.setattr(server_module, "_IDLE", {})
+    monkeypatch.setattr(server_module, "open_session", lambda target: LiveShell())
+    far_end.close()
+    return process
+
+
 def test_a_serve_process_that_ended_while_parked_is_replaced_by_the_next_task(
         far_end, tmp_path, monkeypatch):
     """A task parks its connection for the next; the serve process may end meanwhile (killed
-    on the server) while the shell lives on: the next task starts another, and its call
-    succeeds."""
+    on the server): the next task starts another, and its call succeeds."""
     far_end.tool_call("disk", str(tmp_path))
-    parked = far_end._served
-    far_end.session, far_end._in_step = LiveShell(), True
-    monkeypatch.setattr(server_module, "_IDLE", {})
-    far_end.close()
-    parked.kill()
-    parked.wait()
+    process = parked(far_end, monkeypatch)
+    process.kill()
+    process.wait()
     far_end.__enter__()
     assert far_end.tool_call("disk", str(tmp_path))["free_mb"][str(tmp_path)] > 0
     assert len(far_end.started) == 2
+
+
+def test_a_parked_connection_that_no_longer_answers_is_replaced_in_bounded_time(
+        far_end, tmp_path, monkeypatch):
+    """A link cut between two tasks of one run: the parked serve process gets no answer
+    through. The next task does not send its first command into it (that would wait for
+    ssh's keepalives, ~15 s, then blame the command): it opens a fresh connection."""
+    script = tmp_path / "frozen.py"
+    script.write_text("import sys, time\nprint('{\"serving\": true}', flush=True)\n"
+                      "sys.stdin.readline()\nprint(json_answer, flush=True)\n"
+                      "sys.stdin.readline()\ntime.sleep(60)\n".replace(
+                          "json_answer", repr('{"status": 0, "stdout": "{}", "stderr": ""}')))
+    far_end.prefix = f"exec {sys.executable} {script}"
+    far_end.tool_call("disk", str(tmp_path))  # answered; the link is cut after it
+    process = parked(far_end, monkeypatch)
+    monkeypatch.setattr(server_module, "PARKED_ANSWER_S", 0.5)
+    started = time.monotonic()
+    far_end.__enter__()
+    assert time.monotonic() - started < 5
+    assert far_end._served is None and process.poll() is not None
+    assert not any(server_module._IDLE.values())
 
 
 def test_serve_sends_only_the_tail_of_what_a_child_printed(tmp_path):
