@@ -5,6 +5,9 @@ reads and writes that loses no request. Timings live in scripts/benchmark.py, no
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,38 @@ def test_a_deploy_user_whose_bashrc_prints_deploys_and_leaves_no_serve_process(s
     finally:
         with site.admin() as admin:
             admin["sudo"]("-n", "sed", "-i", "1d", bashrc)
+
+
+def test_a_link_cut_between_two_tasks_of_a_deploy_is_one_ssh_line_and_the_next_works(site):
+    """check parks its connection for ship; the link is cut in between (the sandbox's port
+    forwarders frozen) and stays cut. ship must not wait on the dead parked connection and
+    blame a step: one line in ssh's words, in bounded time, no lock left behind."""
+    assert site.doit("deploy").returncode == 0
+    site.change_code("a cut between tasks")
+    forwarders = [helper.pgid for helper in site.server.helpers]
+    deploy = site.start_doit("deploy")
+    output = []
+    try:
+        for line in deploy.stdout:
+            output.append(line)
+            if line.startswith("ok       provisioned by this"):  # check's last line
+                os.kill(deploy.pid, signal.SIGSTOP)  # between check and ship
+                for group in forwarders:
+                    os.killpg(group, signal.SIGSTOP)
+                cut = time.monotonic()
+                os.kill(deploy.pid, signal.SIGCONT)
+                break
+        output += deploy.stdout.readlines()
+        deploy.wait(timeout=120)
+        waited = time.monotonic() - cut
+    finally:
+        for group in forwarders:
+            os.killpg(group, signal.SIGCONT)
+    text = "".join(output)
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert deploy.returncode != 0 and len(errors) == 1, text
+    assert "no answer within" in errors[0] and "bug in the toolkit" not in text, text
+    assert waited < 60, text
+    again = site.doit("deploy")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert site.served_release() == site.built_release()
