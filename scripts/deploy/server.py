@@ -272,8 +272,8 @@ class Server:
         if not isinstance(answer, Result):
             self._stop_serving(wait=False)
             if answer:  # never read on: the next line could be this call's real answer
-                raise ToolkitError(f"{self.name}: {what}: the server tool's answer was not "
-                                   f"one ({answer}); nothing after it ran")
+                raise ToolkitError(f"{self.name}: {what}: the server answered something other "
+                                   f"than the server tool ({answer}); nothing after it ran")
             raise ToolkitError(f"{self.name}: the SSH connection was lost during {what}; "
                                f"nothing after it ran")
         result = answer

@@ -81,7 +81,7 @@ def test_an_answer_that_is_not_the_tools_is_one_line_and_ends_the_channel(
     far_end.prefix = f"exec {sys.executable} {script}"
     with pytest.raises(ToolkitError) as raised:
         far_end.tool_call("probe", "/nowhere", what="reading the server")
-    assert str(raised.value).startswith("here: reading the server: the server tool's answer")
+    assert str(raised.value).startswith("here: reading the server: the server answered something other")
     assert said in str(raised.value) and "nothing after it ran" in str(raised.value)
     assert far_end._served is None and far_end.started[0].poll() is not None
 
