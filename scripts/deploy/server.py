@@ -133,7 +133,7 @@ def _answer(line: bytes) -> Result | str:
         return f"longer than {ANSWER_LIMIT >> 20} MiB"
     try:
         answer = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested beyond Python's stack
         return f"not JSON: {line[:80]!r}"
     fields = {"status": int, "stdout": str, "stderr": str}
     if not isinstance(answer, dict) or \
@@ -237,7 +237,7 @@ class Server:
                               reads=subcommand in READ_ONLY_TOOL if reads is None else reads)
         try:
             return json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout else {}
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, RecursionError):
             raise ToolkitError(f"{self.name}: {subcommand}: unexpected answer "
                                f"{result.stdout[:200]!r}") from None
 

@@ -69,6 +69,7 @@ for line in sys.stdin:
     ('"[]\\n"', "not status, stdout and stderr"),
     ('\'{"status": "0", "stdout": "{}", "stderr": ""}\\n\'', "not status, stdout and stderr"),
     ('"<html>\\n"', "not JSON"),
+    ('"[" * 100000 + "]" * 100000 + "\\n"', "not JSON"),
     ('"x" * (ANSWER_LIMIT + 10)', f"longer than {ANSWER_LIMIT >> 20} MiB"),
 ])
 def test_an_answer_that_is_not_the_tools_is_one_line_and_ends_the_channel(
@@ -81,9 +82,21 @@ def test_an_answer_that_is_not_the_tools_is_one_line_and_ends_the_channel(
     far_end.prefix = f"exec {sys.executable} {script}"
     with pytest.raises(ToolkitError) as raised:
         far_end.tool_call("probe", "/nowhere", what="reading the server")
-    assert str(raised.value).startswith("here: reading the server: the server answered something other")
+    assert str(raised.value).startswith(
+        "here: reading the server: the server answered something other")
     assert said in str(raised.value) and "nothing after it ran" in str(raised.value)
     assert far_end._served is None and far_end.started[0].poll() is not None
+
+
+def test_a_tool_answer_nested_past_pythons_stack_is_one_line(far_end, tmp_path):
+    """The answer's own JSON (stdout's last line) nested 100000 deep: json raises
+    RecursionError, not ValueError."""
+    script = tmp_path / "nested.py"
+    script.write_text(f"import json\nANSWER = json.dumps({{'status': 0, 'stdout': '[' * 100000, "
+                      f"'stderr': ''}}) + '\\n'\n{HOSTILE}")
+    far_end.prefix = f"exec {sys.executable} {script}"
+    with pytest.raises(ToolkitError, match=r"^here: probe: unexpected answer '\[\[\["):
+        far_end.tool_call("probe", "/nowhere")
 
 
 class LiveShell:
