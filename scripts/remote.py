@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import functools
 import hashlib
+import logging
 import os
 import subprocess
 import threading
@@ -26,6 +27,9 @@ from scripts.ssh_config import (CONNECT_TIMEOUT_S, SshView, config_file, describ
 
 # A master left by a run that was killed ends by itself after this long without a session.
 MASTER_IDLE_S = 10
+# plumbum logs a shell that did not start in time as "Connection to <Popen: ...> timed out";
+# open_session says it in one line of its own.
+logging.getLogger("plumbum.shell").setLevel(logging.CRITICAL)
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,9 @@ def open_session(target: Target) -> ShellSession:
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         return ShellSession(process, "utf8", False, CONNECT_TIMEOUT_S, host=target.host)
-    except (ShellSessionError, EOFError, OSError) as error:  # SSHCommsError is an EOFError
+    # SSHCommsError is an EOFError; ValueError: no prompt within CONNECT_TIMEOUT_S (plumbum
+    # closes the pipes the session reads from), as over a master whose link was cut.
+    except (ShellSessionError, EOFError, OSError, ValueError) as error:
         process.kill()
         process.wait()
         raise connection_failed(target, error) from None

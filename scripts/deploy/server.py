@@ -9,6 +9,7 @@ import atexit
 import base64
 import hashlib
 import json
+import select
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -25,6 +26,14 @@ PUT_CHUNK = 3 << 18  # 768 KiB of data, 1 MiB of base64 per shell line
 # (health reads too, but a dry run starts no new release to check: callers say reads=True.)
 READ_ONLY_TOOL = frozenset({"probe", "has-package", "history", "previous-good", "backups",
                             "disk", "plan", "verify"})
+# The serve process's channel: one answer line is never longer (the tool's answers are small;
+# what children print is cut to its tail there), and its greeting comes within this many bytes
+# (a login script of the deploy user may print lines before the tool starts).
+ANSWER_LIMIT = 16 << 20
+GREETING = b'{"serving": true}\n'
+GREETING_WITHIN = 64 << 10
+# A parked serve process answers a call that reads nothing within this, or its link was cut.
+PARKED_ANSWER_S = 5
 
 
 @dataclass
@@ -83,6 +92,56 @@ def _close_idle() -> None:
             _close_quietly(session, served, wait=False)
 
 
+def _greeted(process) -> bool:
+    """Whether the serve process said it serves: its greeting, after whatever a login script
+    printed first (read past, within GREETING_WITHIN bytes); False at the end of its output
+    (no tool of this version there yet). A login script's last words may lack their newline
+    and share the greeting's line."""
+    budget = GREETING_WITHIN
+    while budget > 0:
+        line = process.stdout.readline(budget)
+        if line.endswith(GREETING):
+            return True
+        if not line:
+            return False
+        budget -= len(line)
+    return False
+
+
+def _still_answers(process) -> bool:
+    """Whether a parked serve process answers a call that reads nothing, in time. A link cut
+    while it was parked would otherwise hold the next task's first command until ssh gives up
+    (ServerAliveInterval, ~15 s) and then blame that command; a fresh connection says what
+    is wrong in ssh's own words, or works if the link is back."""
+    if process.poll() is not None:
+        return False
+    try:
+        process.stdin.write(b'["disk"]\n')
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], PARKED_ANSWER_S)
+    except OSError:
+        return False
+    return bool(ready) and isinstance(_answer(process.stdout.readline(ANSWER_LIMIT + 1)), Result)
+
+
+def _answer(line: bytes) -> Result | str:
+    """One answer line of the serve process as a Result, or what is wrong with it ("" for
+    none: the channel closed)."""
+    if not line:
+        return ""
+    if len(line) > ANSWER_LIMIT:
+        return f"longer than {ANSWER_LIMIT >> 20} MiB"
+    try:
+        answer = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: nested beyond Python's stack
+        return f"not JSON: {line[:80]!r}"
+    fields = {"status": int, "stdout": str, "stderr": str}
+    if not isinstance(answer, dict) or \
+            not all(isinstance(answer.get(key), kind) for key, kind in fields.items()):
+        return f"not status, stdout and stderr: {line[:80]!r}"
+    return Result(answer["status"], answer["stdout"], answer["stderr"])
+
+
 def tool_path(deploy_path: PurePosixPath) -> PurePosixPath:
     digest = hashlib.sha256(TOOL_SOURCE.read_bytes()).hexdigest()[:12]
     return deploy_path / ".deploy-tool" / f"server_tool-{digest}.py"
@@ -107,7 +166,9 @@ class Server:
         idle = _IDLE.get(_connection_key(self.target), [])
         while idle and self.session is None:  # the connection an earlier task of this run left
             session, served = idle.pop()
-            if session.alive():
+            if served is not None and not _still_answers(served):
+                _close_quietly(session, served, wait=False)  # cut, or ended, while parked
+            elif session.alive():
                 self.session, self._served = session, served
             else:
                 _close_quietly(session, served)
@@ -176,7 +237,7 @@ class Server:
                               reads=subcommand in READ_ONLY_TOOL if reads is None else reads)
         try:
             return json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout else {}
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, RecursionError):
             raise ToolkitError(f"{self.name}: {subcommand}: unexpected answer "
                                f"{result.stdout[:200]!r}") from None
 
@@ -187,30 +248,35 @@ class Server:
         if self._served is None:
             process = open_channel(self.target, shlex.join(
                 ["python3", "-I", "-S", str(self.tool), "serve"]))
-            if process.stdout.readline():  # its first line says it serves
+            try:
+                greeted = _greeted(process)
+            except BaseException:  # Ctrl-C while it starts
+                _end_serving(process, wait=False)
+                raise
+            if greeted:
                 self._served = process
             else:
-                process.kill()
-                process.wait()
+                _end_serving(process, wait=False)
         return self._served
 
     def _served_call(self, process, argv: list[str], what: str) -> Result:
-        line = b""
         try:
             process.stdin.write(json.dumps(argv).encode() + b"\n")
             process.stdin.flush()
-            line = process.stdout.readline()
-            answer = json.loads(line)
-        except (OSError, ValueError):
-            line = b""
+            answer = _answer(process.stdout.readline(ANSWER_LIMIT + 1))
+        except OSError:
+            answer = None
         except BaseException:  # Ctrl-C or SIGTERM mid-call: its answer would answer the next
             self._stop_serving(wait=False)
             raise
-        if not line:
+        if not isinstance(answer, Result):
             self._stop_serving(wait=False)
+            if answer:  # never read on: the next line could be this call's real answer
+                raise ToolkitError(f"{self.name}: {what}: the server answered something other "
+                                   f"than the server tool ({answer}); nothing after it ran")
             raise ToolkitError(f"{self.name}: the SSH connection was lost during {what}; "
                                f"nothing after it ran")
-        result = Result(answer["status"], answer["stdout"], answer["stderr"])
+        result = answer
         if result.status != 0:
             raise ToolkitError(f"{self.name}: {what} failed: {result.error_line}")
         return result

@@ -1121,6 +1121,7 @@ def cmd_serve():
     is kept off file descriptors 0-2 so that no child a command starts can read or write it;
     what children print is captured per call, as it would be in a call of its own."""
     import contextlib
+    import gc
     import io
     import tempfile
     requests = os.fdopen(os.dup(0), "r")
@@ -1142,7 +1143,14 @@ def cmd_serve():
             finally:
                 os.dup2(devnull, 1)
                 os.dup2(devnull, 2)
-            children.seek(0)
+            if status:
+                # A failed call may leave what it opened (sqlite connections sit in reference
+                # cycles) to the collector; its own process would have ended and closed them.
+                # Kept, they would hold the app's database files for the rest of the run.
+                gc.collect()
+            # Its tail only: a child's megabytes would make an answer line the deploying
+            # machine refuses (and the last lines are the ones that say what went wrong).
+            children.seek(max(0, os.fstat(children.fileno()).st_size - (64 << 10)))
             printed = children.read().decode(errors="replace")
         answers.write(json.dumps({"status": status, "stdout": printed + stdout.getvalue(),
                                   "stderr": printed + stderr.getvalue()}) + "\n")

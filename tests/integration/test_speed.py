@@ -5,6 +5,9 @@ reads and writes that loses no request. Timings live in scripts/benchmark.py, no
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,63 @@ def test_rollback_and_deploy_under_reads_and_writes_lose_nothing(site):
     assert [t for t in writes.report.acknowledged if t not in titles] == []
     history = [json.loads(line) for line in server_state(site)["log"].splitlines()]
     assert [entry["action"] for entry in history[-4:]] == ["rollback", "deploy"] * 2
+
+
+def serve_processes(site) -> list[str]:
+    """The deploy user's server tool processes on the server (a run's serve processes)."""
+    with site.admin() as admin:
+        listing = admin["ps"]("-u", "deploy", "-o", "args=", retcode=None)
+    return [line for line in listing.splitlines() if "server_tool" in line]
+
+
+def test_a_deploy_user_whose_bashrc_prints_deploys_and_leaves_no_serve_process(site):
+    """bash reads ~/.bashrc for `ssh host command`, so what it prints comes first on the serve
+    channel: read past, it never shifts a call's answer onto the next call."""
+    bashrc = "/home/deploy/.bashrc"
+    with site.admin() as admin:
+        admin["sudo"]("-n", "sed", "-i", r"1i echo 'Welcome, deploy'; printf 'no newline'",
+                      bashrc)
+    try:
+        site.change_code("a chatty bashrc")
+        result = site.doit("deploy")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert site.served_release() == site.built_release()
+        assert serve_processes(site) == []
+    finally:
+        with site.admin() as admin:
+            admin["sudo"]("-n", "sed", "-i", "1d", bashrc)
+
+
+def test_a_link_cut_between_two_tasks_of_a_deploy_is_one_ssh_line_and_the_next_works(site):
+    """check parks its connection for ship; the link is cut in between (the sandbox's port
+    forwarders frozen) and stays cut. ship must not wait on the dead parked connection and
+    blame a step: one line in ssh's words, in bounded time, no lock left behind."""
+    assert site.doit("deploy").returncode == 0
+    site.change_code("a cut between tasks")
+    forwarders = [helper.pgid for helper in site.server.helpers]
+    deploy = site.start_doit("deploy")
+    output = []
+    try:
+        for line in deploy.stdout:
+            output.append(line)
+            if line.startswith("ok       provisioned by this"):  # check's last line
+                os.kill(deploy.pid, signal.SIGSTOP)  # between check and ship
+                for group in forwarders:
+                    os.killpg(group, signal.SIGSTOP)
+                cut = time.monotonic()
+                os.kill(deploy.pid, signal.SIGCONT)
+                break
+        output += deploy.stdout.readlines()
+        deploy.wait(timeout=120)
+        waited = time.monotonic() - cut
+    finally:
+        for group in forwarders:
+            os.killpg(group, signal.SIGCONT)
+    text = "".join(output)
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert deploy.returncode != 0 and len(errors) == 1, text
+    assert "no answer within" in errors[0] and "bug in the toolkit" not in text, text
+    assert waited < 60, text
+    again = site.doit("deploy")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert site.served_release() == site.built_release()

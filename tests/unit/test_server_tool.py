@@ -739,3 +739,38 @@ def test_serve_keeps_what_child_processes_print_off_its_channel(root):
     assert failed["status"] == 2 and "CalledProcessError" in failed["stderr"]
     assert "Error" in failed["stderr"].split("error: ")[0]  # the child's own words, kept
     assert probed["status"] == 0 and json.loads(probed["stdout"]).get("releases") == ["r1"]
+
+
+def test_serve_keeps_nothing_open_that_a_refused_call_opened(root, tmp_path):
+    """A restore refused over the app's hot journal had opened the live database and the
+    backup; its own process would have ended and closed them. A serve process lives on for
+    the rest of the run: it must not keep the app's database files open."""
+    database = root / "shared" / "instance" / "helpdesk.sqlite3"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE t (v TEXT)")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    crash = ("import os, sqlite3\nc = sqlite3.connect(%r)\nc.execute('PRAGMA cache_size=1')\n"
+             "c.execute('BEGIN')\nc.execute(\"INSERT INTO t SELECT hex(randomblob(4000)) FROM "
+             "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<300) "
+             "SELECT i FROM n)\")\nos._exit(0)\n" % str(database))
+    process = subprocess.Popen([sys.executable, "-I", "-S", str(TOOL), "serve"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def call(*argv):
+        process.stdin.write(json.dumps([str(word) for word in argv]) + "\n")
+        process.stdin.flush()
+        return json.loads(process.stdout.readline())
+    try:
+        process.stdout.readline()
+        backup = json.loads(call("backup", root, backups, "r1", 2)["stdout"])["backup"]
+        subprocess.run([sys.executable, "-c", crash], check=True)  # the app died mid-write
+        assert (root / "shared" / "instance" / "helpdesk.sqlite3-journal").exists()
+        refused = call("restore", root, backup)
+        assert refused["status"] == 2 and "journal to roll back" in refused["stderr"]
+        fd_dir = Path(f"/proc/{process.pid}/fd")
+        opened = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)]
+        assert [name for name in opened if str(tmp_path) in name] == []
+    finally:
+        process.stdin.close()
+        process.wait(timeout=30)
