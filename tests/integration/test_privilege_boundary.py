@@ -275,7 +275,10 @@ def test_r12_no_sudo_rule_gives_deploy_a_shell_or_another_file(armed):
                                      "systemctl status flask-helpdesk"])
 def test_r13_the_pager_of_sudo_journalctl_and_systemctl_opens_no_shell(armed, command):
     marker = f"/tmp/pager-shell-{command.split()[0]}"
-    typed = f"(sleep 1; printf '!touch {marker}\\r'; sleep 1; printf '\\rq'; sleep 1)"
+    # The second `q`: after "Command not available" the first key only clears that message;
+    # without it the pager waits for `timeout` (20 s, twice per run of this test).
+    typed = f"(sleep 1; printf '!touch {marker}\\r'; sleep 1; printf '\\rq'; sleep 1; printf q; " \
+            f"sleep 1)"
     with armed.deploy_user() as deploy:
         _, control = run(deploy, f"export TERM=xterm; {typed} | timeout 20 script -qc "
                                  f"'stty rows 5 cols 80; less /etc/services' /dev/null; "
