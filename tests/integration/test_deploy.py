@@ -161,9 +161,11 @@ def test_a_release_with_a_failing_health_check_never_serves(site):
         return good.replace('return jsonify(status="ok"',
                             'return jsonify(status="bad"), 503\n    return jsonify(status="ok"')
     with site.edited("helpdesk/views.py", unhealthy):
-        result = site.deploy()
+        # 503 is what a starting app may answer: it is waited out, for HEALTH_TIMEOUT_S.
+        result = site.deploy(HEALTH_TIMEOUT_S="5")
     assert result.returncode != 0
     assert "FAILED   preflight" in result.stdout and "HTTP 503" in result.stderr
+    assert "HEALTH_TIMEOUT_S=5" in result.stderr
     assert site.served_release() == before
     history = site.doit("status").stdout
     assert "failed" in history
