@@ -4,9 +4,22 @@ did; a summary at the end. Every line names the server when there are several.""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+
+_OUTPUT = threading.Lock()
+
+
+def print_line(text: str, stream=None) -> None:
+    """TEXT and its newline in one write: servers report from threads side by side, and
+    print() writes the two separately, so two servers' lines could run into one."""
+    stream = stream or sys.stdout
+    with _OUTPUT:
+        stream.write(text + "\n")
+        stream.flush()
 
 
 @dataclass
@@ -20,7 +33,7 @@ class StepOutcome:
 class Reporter:
     server: str = ""
     show_server: bool = False
-    log: object = print
+    log: object = print_line
     steps: list[tuple[str, StepOutcome, float]] = field(default_factory=list)
     failed_step: str = ""
     dry_run: bool = False
@@ -39,7 +52,7 @@ class Reporter:
     def warning(self, text: str) -> None:
         """`warning: …` on stderr, where CI logs and people look for what went wrong."""
         prefix = f"{self.server}: " if self.show_server else ""
-        print(f"{prefix}warning: {text}", file=sys.stderr, flush=True)
+        print_line(f"{prefix}warning: {text}", sys.stderr)
 
     @contextmanager
     def step(self, name: str):

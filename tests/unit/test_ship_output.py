@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -71,3 +74,33 @@ def test_a_dry_run_verify_names_the_release_that_serves(monkeypatch, tmp_path, c
     assert captured.err == ""
     assert "verify: release cccc serves on 1 server(s); open http://127.0.0.1:8080/" in out
     assert "release current" not in out
+
+
+class SlowStream:
+    """A terminal that takes its time per write: another thread runs in between."""
+
+    def __init__(self):
+        self.written = []
+
+    def write(self, text):
+        time.sleep(0.001)
+        self.written.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_servers_reporting_side_by_side_never_share_a_line(monkeypatch):
+    """A fleet's servers print from threads; print() writes a line and its newline apart."""
+    stream = SlowStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    reporters = [Reporter(server=f"server-{n}", show_server=True) for n in range(4)]
+    threads = [threading.Thread(target=lambda r=r: [r.line(f"ok       step{i}")
+                                                    for i in range(20)]) for r in reporters]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = "".join(stream.written).splitlines()
+    assert len(lines) == 80
+    assert all(line.count("server-") == 1 and line.startswith("server-") for line in lines)
