@@ -314,9 +314,9 @@ def _provisioned(work: Path, name: str):
 
 def bench_deploy(work: Path, rounds: int = 5) -> list[Row]:
     """The issue #16 goals on one provisioned server: warm `doit deploy` of a code change (its
-    migrations unchanged, so skipped),
-    the same package again, `doit rollback` (medians of `rounds`), each with its waterfall and
-    CPU; then the same under steady reads and writes, counting failed requests."""
+    migrations unchanged, so skipped), the same package again, `doit rollback` (medians of
+    `rounds`), each with its waterfall and CPU; then a change to the migrations, and deploys
+    and rollbacks under steady reads and writes, counting failed requests."""
     settings, layer, sandbox, app_dir = _provisioned(work, "one")
     views = app_dir / "helpdesk" / "views.py"
     median = statistics.median

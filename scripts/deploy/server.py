@@ -276,14 +276,12 @@ class Server:
                                    f"than the server tool ({answer}); nothing after it ran")
             raise ToolkitError(f"{self.name}: the SSH connection was lost during {what}; "
                                f"nothing after it ran")
-        result = answer
-        if result.status != 0:
-            raise ToolkitError(f"{self.name}: {what} failed: {result.error_line}")
-        return result
+        if answer.status != 0:
+            raise ToolkitError(f"{self.name}: {what} failed: {answer.error_line}")
+        return answer
 
     def _stop_serving(self, wait: bool = True) -> None:
-        """End the serve process: at the end of its input (it finishes the call under way),
-        or at once when its channel is out of step."""
+        """This connection's serve process ended (see _end_serving)."""
         process, self._served = self._served, None
         _end_serving(process, wait)
 

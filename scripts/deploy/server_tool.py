@@ -1130,14 +1130,15 @@ def cmd_serve():
     os.dup2(devnull, 0)
     print(json.dumps({"serving": True}), file=answers, flush=True)
     for line in requests:
-        argv = [word for word in json.loads(line) if word != "serve"]  # never nested
+        argv = json.loads(line)
         stdout, stderr = io.StringIO(), io.StringIO()
         with tempfile.TemporaryFile() as children:
             os.dup2(children.fileno(), 1)
             os.dup2(children.fileno(), 2)
             try:
                 with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-                    status = main(argv)
+                    # Never nested: a second serve would read this one's /dev/null stdin.
+                    status = main(argv if argv[:1] != ["serve"] else ["serve-nested"])
             except SystemExit as leaving:
                 status = leaving.code if isinstance(leaving.code, int) else 1
             finally:

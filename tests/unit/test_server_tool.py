@@ -729,6 +729,15 @@ def test_serve_answers_each_call_in_order_as_its_own_call_would(root):
     assert probed["status"] == 0 and json.loads(probed["stdout"])["releases"] == ["r1"]
 
 
+def test_serve_passes_every_argument_and_refuses_a_nested_serve(root):
+    """An argument that happens to read `serve` (a release named so) is an argument."""
+    name = make_package(root, "serve")
+    unpacked, nested = serve_calls(["unpack", root, name, "serve"], ["serve"])
+    assert unpacked["status"] == 0, unpacked["stderr"]
+    assert (root / "releases" / "serve" / "wsgi.py").exists()
+    assert nested["status"] == 2 and "unknown command" in nested["stderr"]
+
+
 def test_serve_keeps_what_child_processes_print_off_its_channel(root):
     """A child inherits the process's stdout and stderr: they must not be the channel (its
     words would be taken for an answer). Here `python -m venv` fails and says why."""
