@@ -2,12 +2,12 @@
 # Under systemd the listening socket comes from @SERVICE_NAME@.socket; bind is the fallback.
 bind = "127.0.0.1:@APP_PORT@"
 workers = @WORKERS@
-# The master imports the app once and the workers fork from it: a restart costs one import,
+# The master imports the app once and the workers fork from it: a start costs one import,
 # not one per worker, and the workers share that memory. An app that fails to import makes
-# `systemctl restart` itself fail, so a deploy sees it at once. (Restarts, never HUP reloads,
-# switch releases: a reload would keep the preloaded old code.)
+# `systemctl restart` itself fail, so a deploy sees it at once. (HUP reloads keep the preloaded
+# code: releases are switched by the hand-over below, or by a restart.)
 preload_app = True
-# Releases are switched by systemd, not by gunicornc; no control socket (and no thread for it).
+# Releases are switched by the hand-over or systemd; no control socket (and no thread for it).
 control_socket_disable = True
 timeout = 30
 graceful_timeout = 20
@@ -39,3 +39,190 @@ def post_request(worker, req, environ, resp):
     gate = getattr(req, "write_gate", None)
     if gate is not None:
         os.close(gate)
+
+
+
+# The hand-over: how a deploy switches releases without a gap, and a rollback in a moment.
+# A deploy points @DEPLOY_PATH@/current at the new release, then root sends SIGURG to the
+# service's main process (`systemctl kill --kill-whom=main`, conf/sudoers): nothing else, and
+# nothing the deploy or app user writes steers it. The live master then starts a new master on
+# `current` with the same listening socket, in the same unit and sandbox. Once the new one has
+# imported the app it tells systemd it is the main process and parks the old one: the old
+# workers finish their requests and exit, the old master stays, idle, for KEEP_PREVIOUS_S. A
+# rollback to that release within that time wakes it (its workers fork from the app it already
+# imported) and retires the newer one, instead of booting anything. Old and new workers accept
+# from the one socket meanwhile, so no request is refused or cut off.
+# SIGURG's default action is to be ignored: a process that does not expect it is not harmed.
+KEEP_PREVIOUS_S = 900
+CURRENT = "@DEPLOY_PATH@/current"
+STARTED_BY = "FLASK_DEPLOY_HANDED_OVER_BY"  # the new master's environment: the old one's pid
+
+
+def _release_of(pid):
+    """The release folder a master runs (its working folder), or None once it is gone."""
+    import os
+    try:
+        return os.readlink("/proc/%s/cwd" % pid)
+    except OSError:
+        return None
+
+
+def _parked_master(pid):
+    """PID if it still is the master this one parked: it may have ended (KEEP_PREVIOUS_S), and
+    its number gone to another process since. 0 otherwise."""
+    import os
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            parent = int(stat.read().rpartition(")")[2].split()[1])
+        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+            is_gunicorn = b"gunicorn" in cmdline.read()
+    except (OSError, ValueError, IndexError):
+        return 0
+    release = _release_of(pid) or ""
+    ours = release.startswith(os.path.dirname(CURRENT) + "/releases/") and is_gunicorn
+    return pid if ours and parent != os.getpid() else 0  # a worker of this one never
+
+
+def _signal(pid, number):
+    import os
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:  # it ended meanwhile: nothing left to tell
+        pass
+
+
+def _tell_systemd(server, state):
+    """NotifyAccess=all in the unit: any master of the service may say this."""
+    from gunicorn import systemd
+    systemd.sd_notify(state, server.log)
+
+
+def _serving(server, again=False):
+    """This master is the service's main process now; its status names the release (a deploy
+    waits for that, server_tool.py), with " again" when it woke from parked."""
+    import os
+    release = os.path.basename(_release_of(os.getpid()) or "")
+    _tell_systemd(server, "MAINPID=%d\nSTATUS=serving %s%s" % (os.getpid(), release,
+                                                               " again" if again else ""))
+
+
+def _hand_back_file(pid):
+    return "/tmp/hand-back-to-%d" % pid  # PrivateTmp: the unit's own /tmp
+
+
+def when_ready(server):
+    """Every master: take the hand-over signal (queued, handled in the master's own loop)."""
+    import os
+    import signal
+    old = int(os.environ.pop(STARTED_BY, "0") or 0)
+    try:
+        server.SIG_NAMES.setdefault(signal.SIGURG, "urg")
+        server.handle_urg = lambda: _switch(server)
+        server.handle_winch = lambda: _park(server)
+        server.parked = False
+        server.previous_master = 0
+        signal.signal(signal.SIGURG, server.signal)
+        server.START_CTX["args"], server.LISTENERS, server.cfg.env_orig  # what it needs
+    except (AttributeError, KeyError, TypeError) as error:
+        # Another gunicorn than this was written for: deploys then restart (server_tool.py
+        # hears no answer to the hand-over signal), which is slower but just as safe.
+        server.log.warning("no hand-overs with this gunicorn (%r): deploys restart", error)
+        signal.signal(signal.SIGURG, signal.SIG_DFL)
+        return
+    if not old:  # started by systemd
+        return
+    _serving(server)
+    if _release_of(old) == _release_of(os.getpid()):
+        _signal(old, signal.SIGTERM)  # the same release again (a restore): nothing to keep
+    else:
+        _signal(old, signal.SIGWINCH)
+        server.previous_master = old
+
+
+def post_fork(server, worker):
+    import signal
+    signal.signal(signal.SIGURG, signal.SIG_DFL)  # workers leave hand-overs to their master
+
+
+def _park(server):
+    """SIGWINCH from the master that took over: stop the workers gracefully, stay ready."""
+    import signal
+    if server.parked:
+        return
+    server.parked = True
+    server.num_workers = 0
+    server.kill_workers(signal.SIGTERM)  # each finishes its request first
+    server.log.info("parked for %ss: a rollback to this release wakes it", KEEP_PREVIOUS_S)
+    signal.signal(signal.SIGALRM, lambda *_: server.signal(signal.SIGTERM, None))
+    signal.alarm(KEEP_PREVIOUS_S)
+
+
+def _switch(server):
+    """SIGURG: serve the release `current` points at, the quickest way there is."""
+    import os
+    import signal
+    target = os.path.realpath(CURRENT)
+    mine = _release_of(os.getpid())
+    if server.parked:  # woken by the master it handed over to: a rollback to this release
+        if mine == target:
+            _wake(server)
+        return
+    previous = _parked_master(server.previous_master) if server.previous_master else 0
+    server.previous_master = 0
+    _tell_systemd(server, "STATUS=handing over to %s" % os.path.basename(target))
+    if previous and _release_of(previous) == target != mine:
+        with open(_hand_back_file(previous), "w") as handed:
+            handed.write(str(os.getpid()))
+        _signal(previous, signal.SIGURG)  # parked on `current`: it serves again, retires this
+        return
+    if previous:  # parked on another release: one is kept, never more
+        _signal(previous, signal.SIGTERM)
+    _start_master(server, target)
+
+
+def _wake(server):
+    import os
+    import signal
+    signal.alarm(0)
+    server.parked = False
+    server.num_workers = server.cfg.workers  # forks of the app imported already
+    server.manage_workers()
+    _serving(server, again=True)
+    try:
+        with open(_hand_back_file(os.getpid())) as handed:
+            newer = int(handed.read())
+        os.unlink(_hand_back_file(os.getpid()))
+        _signal(newer, signal.SIGTERM)  # its workers finish their requests first
+    except (OSError, ValueError):
+        server.log.warning("rolled back, but the master that handed back is unknown")
+
+
+def _start_master(server, release):
+    """A new master on RELEASE with this one's sockets (fds 3.., as systemd passes them) and
+    environment. Forked twice, so that it is systemd's own child: systemd then waits for it,
+    and for its requests, when it stops or restarts the service."""
+    import os
+    server.log.info("handing over to %s", release)
+    args = server.START_CTX["args"][2:]  # [python, gunicorn, ARGS...]: the same ARGS
+    python = os.path.join(release, ".venv", "bin", "python")
+    sockets = [listener.fileno() for listener in server.LISTENERS]
+    old = os.getpid()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            if os.fork() == 0:
+                import fcntl
+                spare = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in sockets]
+                for index, fd in enumerate(spare):
+                    os.dup2(fd, 3 + index)  # inheritable: it crosses the exec
+                environ = dict(server.cfg.env_orig, LISTEN_PID=str(os.getpid()),
+                               LISTEN_FDS=str(len(spare)), **{STARTED_BY: str(old)})
+                os.chdir(release)
+                os.execve(python, [python, os.path.join(release, ".venv", "bin", "gunicorn")]
+                          + args, environ)
+        finally:
+            os._exit(0)
+    try:
+        os.waitpid(middle, 0)
+    except ChildProcessError:  # the arbiter's own SIGCHLD reaping was first
+        pass

@@ -114,13 +114,21 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
                        f"({setting}); the old release keeps serving")
 
 
-def restart_and_check(server: Server, settings: Settings, release: str) -> None:
-    """Restart onto `current` and require its health: systemd holds the socket, so requests
-    wait instead of failing."""
+HOW_IT_WENT_LIVE = {
+    "handed over": "booted beside the old release, which stays parked for a quick rollback",
+    "woke": "woke from parked: it was still loaded",
+    "restarted": "restarted",
+}
+
+
+def restart_and_check(server: Server, settings: Settings, release: str) -> str:
+    """Put the service onto `current` and require its health: by a hand-over (the old release
+    serves until the new one has booted) or a restart (systemd holds the socket, so requests
+    wait instead of failing). Says how."""
     answer = _started_healthy(server, settings, "restart", commands.units(settings)["app"],
                               settings.app_port, release, ("reset-failed", "restart"))
     if answer.get("healthy"):
-        return
+        return HOW_IT_WENT_LIVE.get(answer.get("how", "restarted"), "restarted")
     if not answer.get("started"):
         raise ToolkitError(f"{server.name}: restarting the service failed: "
                            f"{answer.get('error')}")
@@ -381,7 +389,7 @@ def go_live(server: Server, settings: Settings, release: str, reporter: Reporter
                           f"{answer.get('previous') or 'none: the first deploy'})")
     with reporter.step("restart") as outcome:
         try:
-            restart_and_check(server, settings, release)
+            how = restart_and_check(server, settings, release)
         except ToolkitError as error:
             previous = answer.get("previous")
             switch_back(server, settings, previous)
@@ -390,7 +398,7 @@ def go_live(server: Server, settings: Settings, release: str, reporter: Reporter
                                    f"again") from None
             raise
         outcome.changed = True
-        outcome.detail = f"{settings.service_name} serves {release}"
+        outcome.detail = f"{settings.service_name} serves {release}: {how}"
     after_switch_hook(server, settings, release, answer.get("previous"), reporter)
 
 
@@ -422,7 +430,10 @@ def switch_back(server: Server, settings: Settings, previous: str | None) -> Non
     if not previous:
         return
     server.tool_call("switch", str(server.deploy_path), previous)
-    server.sudo(commands.systemctl("restart", commands.units(settings)["app"]), check=False)
+    try:  # wakes the parked previous release when there is one, else restarts
+        restart_and_check(server, settings, previous)
+    except ToolkitError:
+        pass  # the error that made this switch back is the one to report
 
 
 def log_quietly(server: Server, entry: dict) -> None:

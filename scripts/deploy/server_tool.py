@@ -895,7 +895,8 @@ def wait_healthy(url, expect_release, timeout):
             last = str(getattr(error, "reason", error))
         if time.monotonic() > deadline:
             raise Refusal("%s did not answer healthy within %ss: %s" % (url, timeout, last))
-        time.sleep(0.1)
+        # Another release answering: the one handing over is still finishing; it is quick.
+        time.sleep(0.02 if last.startswith("it runs release") else 0.1)
 
 
 def cmd_verify(spec_json):
@@ -992,12 +993,90 @@ def cmd_preflight(unit, url, release, timeout):
 
 
 def cmd_restart(unit, url, release, timeout):
-    """Restart the app's service onto `current` (its socket holds new connections meanwhile)
-    and require its health at URL, in one call. Failed starts before (a reboot with a broken
-    release), and the restarts of deploys and rollbacks seconds apart, must not rate-limit
-    this one (systemd's StartLimitBurst counts every start): reset-failed first."""
+    """Put the app's service onto `current` and require its health at URL, in one call: by a
+    hand-over when the running service can take one (conf/gunicorn.conf.py: the old release
+    serves until the new one has booted, then stays parked for a rollback), else by a restart
+    (its socket holds new connections meanwhile). Failed starts before (a reboot with a broken
+    release), and the restarts of deploys and rollbacks seconds apart, must not rate-limit a
+    restart (systemd's StartLimitBurst counts every start): reset-failed first."""
+    how = _handed_over(unit, release, timeout)
+    if how:
+        try:
+            wait_healthy(url, release, timeout)
+        except Refusal as refusal:
+            out(started=True, healthy=False, error=str(refusal), how=how)
+            return
+        out(started=True, healthy=True, how=how)
+        return
     _systemctl("reset-failed", unit)
-    out(**_started_healthy("restart", unit, url, release, timeout))
+    out(how="restarted", **_started_healthy("restart", unit, url, release, timeout))
+
+
+def _unit_show(unit, *names):
+    import subprocess
+    text = subprocess.run(["systemctl", "show", "-p", ",".join(names), unit],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, universal_newlines=True).stdout
+    return dict(line.partition("=")[::2] for line in text.splitlines())
+
+
+def _started_with_what_is_there(unit, show):
+    """Whether what systemd gave the running service at its start (the unit, its drop-ins, the
+    app's environment, gunicorn's config) is unchanged since: a hand-over passes all of that on,
+    so a change needs a real restart."""
+    import time
+    if show.get("NeedDaemonReload") != "no":
+        return False
+    try:
+        started = int(show["ActiveEnterTimestampMonotonic"]) / 1e6
+    except (KeyError, ValueError):
+        return False
+    folder = "/etc/%s" % unit
+    paths = [show.get("FragmentPath", ""), folder + "/app.env", folder + "/gunicorn.conf.py"]
+    paths += show.get("DropInPaths", "").split()
+    offset = time.time() - time.monotonic()  # file times are wall-clock, systemd's monotonic
+    for path in filter(None, paths):
+        try:
+            if os.stat(path).st_mtime - offset >= started:
+                return False
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+    return True
+
+
+def _handed_over(unit, release, timeout):
+    """Ask the running service to serve `current` (SIGURG to its main process; sudoers allows
+    exactly that) and wait until a master of RELEASE is the main process: "handed over" (a new
+    master booted) or "woke" (the parked one of RELEASE serves again). None when the service
+    cannot take a hand-over (not running, started with other settings, or a gunicorn config
+    without it: no answer within a second) or did not finish one in time; then it restarts."""
+    import subprocess
+    import time
+    show = _unit_show(unit, "ActiveState", "MainPID", "StatusText", "NeedDaemonReload",
+                      "ActiveEnterTimestampMonotonic", "FragmentPath", "DropInPaths")
+    before = show.get("MainPID", "0")
+    if show.get("ActiveState") != "active" or before in ("", "0") or \
+            not _started_with_what_is_there(unit, show):
+        return None
+    sent = subprocess.run(["sudo", "-n", "systemctl", "kill", "--kill-whom=main",
+                           "--signal=SIGURG", unit], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    if sent != 0:
+        return None
+    started = time.monotonic()
+    while time.monotonic() - started < float(timeout):
+        time.sleep(0.01)
+        now = _unit_show(unit, "ActiveState", "MainPID", "StatusText")
+        status = now.get("StatusText", "")
+        if now.get("ActiveState") != "active":
+            return None
+        if now.get("MainPID") != before and status.split()[:2] == ["serving", release]:
+            return "woke" if status.endswith(" again") else "handed over"
+        if status == show.get("StatusText") and time.monotonic() - started > 1:
+            return None  # no answer: the running gunicorn config has no hand-over
+    return None
 
 
 def _mark_good(root, release):

@@ -425,7 +425,8 @@ def test_an_interrupt_between_switch_and_restart_switches_back(package):
         deploy_to_server(server, SETTINGS, RECORD, package, Reporter(log=lambda *_: None))
     assert server.current == "old"
     after = server.calls[server.calls.index("reconnect"):]
-    assert "tool switch" in after and "sudo systemctl restart flask-helpdesk" in after
+    # back on the old release: the tool wakes its parked master, or restarts the service
+    assert after.index("tool switch") < after.index("tool restart")
     assert server.calls[-1] == "tool unlock"
 
 

@@ -653,7 +653,9 @@ def test_restart_resets_failures_restarts_and_requires_health(fake_sudo):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/healthz"
     try:
-        assert tool("restart", "app", url, "r1", 1) == {"started": True, "healthy": True}
+        # no such unit running here: nothing to hand over to, so a restart
+        assert tool("restart", "app", url, "r1", 1) == {"started": True, "healthy": True,
+                                                          "how": "restarted"}
         assert tool("restart", "app", url, "r2", 0.3)["healthy"] is False
     finally:
         server.shutdown()

@@ -1,0 +1,121 @@
+"""The hand-over (conf/gunicorn.conf.py): a deploy boots the new release beside the old one in
+the same unit, and parks the old master; a rollback to it wakes that very process. On a real
+sandbox server: which process serves, what systemd knows, and that nothing is lost."""
+
+from __future__ import annotations
+
+import pytest
+
+from scripts.loadgen import Load
+
+pytestmark = pytest.mark.integration
+
+UNIT = "flask-helpdesk"
+RELEASES = "/var/www/flask_helpdesk/releases/"
+
+
+def masters(site) -> dict[int, str]:
+    """The service's gunicorn masters (its processes whose parent is outside it), each with
+    the release it runs."""
+    with site.admin() as admin:
+        listing = admin["ps"]("-e", "-o", "pid=,ppid=,unit=")
+        procs = {int(pid): int(ppid) for pid, ppid, unit in
+                 (line.split() for line in listing.splitlines()) if unit == f"{UNIT}.service"}
+        return {pid: admin["sudo"]("-n", "readlink", f"/proc/{pid}/cwd").strip()
+                .removeprefix(RELEASES) for pid, ppid in procs.items() if ppid not in procs}
+
+
+def main_pid(site) -> int:
+    with site.admin() as admin:
+        return int(admin["systemctl"]("show", "-P", "MainPID", UNIT))
+
+
+def restart_detail(output: str) -> str:
+    return next(line for line in output.splitlines() if " restart " in line)
+
+
+def test_a_deploy_hands_over_and_parks_the_old_release_which_a_rollback_wakes(site):
+    assert site.doit("deploy").returncode == 0
+    old = site.served_release()
+    site.change_code("hand-over")
+    result = site.doit("deploy")
+    assert result.returncode == 0, result.stdout + result.stderr
+    new = site.built_release()
+    assert "booted beside the old release" in restart_detail(result.stdout)
+    running = masters(site)
+    assert running[main_pid(site)] == new
+    parked = [pid for pid, release in running.items() if release == old]
+    assert len(parked) == 1, running
+    # The parked master has no workers: only the new release answers.
+    with site.admin() as admin:
+        assert admin["pgrep"]("-P", parked[0], retcode=None).strip() == ""
+    assert site.served_release() == new
+
+    rollback = site.doit("rollback")
+    assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+    assert "woke from parked" in restart_detail(rollback.stdout)
+    assert main_pid(site) == parked[0]  # the very process: nothing booted
+    assert site.served_release() == old
+    assert set(masters(site).values()) <= {old, new}
+
+
+def test_the_guides_restart_with_a_parked_master_waits_for_requests(site):
+    """systemd must know the new master as its own child: else `systemctl restart` kills it
+    (and its requests) at once instead of letting it finish."""
+    site.change_code("restart with a parked master")
+    result = site.doit("deploy")
+    assert "booted beside the old release" in restart_detail(result.stdout)
+    assert len(masters(site)) == 2
+    main = main_pid(site)
+    with site.admin() as admin:
+        assert admin["ps"]("-o", "ppid=", "-p", main).strip() == "1"
+        since = admin["date"]("+%Y-%m-%d %H:%M:%S").strip()
+    writes = Load(site.url + "api/tickets", rate_per_s=20, max_requests=400, max_seconds=30,
+                  writes="restart")
+    with writes:
+        with site.deploy_user() as deploy:
+            deploy["sudo"]("-n", "systemctl", "restart", UNIT)
+    assert writes.report.failures == []
+    assert len(writes.report.acknowledged) > 0
+    titles = set(site.ticket_titles())
+    assert [t for t in writes.report.acknowledged if t not in titles] == []
+    with site.admin() as admin:
+        journal = admin["sudo"]("-n", "journalctl", "-u", UNIT, "--no-pager", "-o", "cat",
+                                "--since", since)
+    # The main master finished its requests; only the parked one (no workers) may be killed.
+    assert f"[{main}] [INFO] Shutting down: Master" in journal, journal
+    assert f"Killing process {main} " not in journal, journal
+    assert list(masters(site).values()) == [site.served_release()]
+
+
+def test_a_changed_app_environment_restarts_instead_of_handing_over(site):
+    """A hand-over passes the running service's environment on; a new one needs a restart."""
+    env_file = site.work / "hand-over.env"
+    env_file.write_text("HAND_OVER_CHECK=1\n")
+    site.change_code("environment one")
+    first = site.doit("deploy", APP_ENV_FILE=str(env_file))
+    assert first.returncode == 0, first.stdout + first.stderr
+    site.change_code("same environment")
+    same = site.doit("deploy", APP_ENV_FILE=str(env_file))
+    assert "booted beside the old release" in restart_detail(same.stdout)
+    env_file.write_text("HAND_OVER_CHECK=2\n")
+    site.change_code("environment two")
+    changed = site.doit("deploy", APP_ENV_FILE=str(env_file))
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert restart_detail(changed.stdout).endswith(": restarted")
+    assert len(masters(site)) == 1
+
+
+def test_the_deploy_user_may_send_the_service_only_the_hand_over_signal(site):
+    with site.deploy_user() as deploy:
+        for signal in ("SIGKILL", "SIGTERM", "SIGSTOP"):
+            refused = deploy["sudo"].run(("-n", "systemctl", "kill", "--kill-whom=main",
+                                          f"--signal={signal}", UNIT), retcode=None)
+            assert refused[0] != 0, signal
+        for whom in ("all", "control"):
+            refused = deploy["sudo"].run(("-n", "systemctl", "kill", f"--kill-whom={whom}",
+                                          "--signal=SIGURG", UNIT), retcode=None)
+            assert refused[0] != 0, whom
+        other = deploy["sudo"].run(("-n", "systemctl", "kill", "--kill-whom=main",
+                                    "--signal=SIGURG", "ssh"), retcode=None)
+        assert other[0] != 0
