@@ -119,3 +119,26 @@ def test_the_deploy_user_may_send_the_service_only_the_hand_over_signal(site):
         other = deploy["sudo"].run(("-n", "systemctl", "kill", "--kill-whom=main",
                                     "--signal=SIGURG", "ssh"), retcode=None)
         assert other[0] != 0
+
+
+def test_a_release_on_another_gunicorn_and_venv_is_handed_over_to_and_back(site):
+    """The new master runs the new release's own venv (other requirements, another gunicorn),
+    not the old master's; and the hooks fit that gunicorn too."""
+    assert site.doit("deploy").returncode == 0
+    old = site.served_release()
+    with site.edited("requirements.txt",
+                     lambda text: text.replace("gunicorn==27.0.1", "gunicorn==23.0.0")):
+        result = site.doit("deploy")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "built shared/venvs/" in result.stdout  # a venv of its own
+        assert "booted beside the old release" in restart_detail(result.stdout)
+        new = site.built_release()
+        assert site.served_release() == new
+        with site.admin() as admin:
+            main = main_pid(site)
+            exe = admin["sudo"]("-n", "cat", f"/proc/{main}/cmdline").replace("\0", " ")
+        assert f"releases/{new}/.venv/bin/python" in exe, exe
+        rollback = site.doit("rollback")
+        assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+        assert "woke from parked" in restart_detail(rollback.stdout)
+        assert site.served_release() == old
