@@ -21,6 +21,7 @@ SSH_PORTS=""         # every SSH port the firewall keeps open (find_ssh_ports)
 SERVER_NAME="${SERVER_NAME:-_}"
 SITE_NAME="${SITE_NAME:-}"
 WORKERS="${WORKERS:-2}"
+KEEP_PREVIOUS_S="${KEEP_PREVIOUS_S:-900}"
 BACKUP_SCHEDULE="${BACKUP_SCHEDULE:-daily}"
 BACKUPS_KEEP="${BACKUPS_KEEP:-10}"
 BACKUPS_KEEP_DAYS="${BACKUPS_KEEP_DAYS:-7}"
@@ -77,6 +78,8 @@ Usage: server_setup.sh [options]
   --server-name NAME      nginx server_name, your domain (SERVER_NAME, default _ = any)
   --site-name NAME        nginx site and log name (SITE_NAME, default: DEPLOY_PATH's last part)
   --workers N             gunicorn workers (WORKERS, default 2)
+  --keep-previous-s N     seconds a deploy keeps the previous release loaded, for a rollback
+                          without a boot (KEEP_PREVIOUS_S, default 900; 0: not kept)
   --backup-schedule WHEN  scheduled backups, a systemd OnCalendar value (BACKUP_SCHEDULE, daily)
   --backups-keep N        newest backups kept (BACKUPS_KEEP, default 10)
   --backups-keep-days N   backups younger than N days are kept (BACKUPS_KEEP_DAYS, default 7)
@@ -119,6 +122,7 @@ parse_args() {
       --server-name) need_value "$@"; SERVER_NAME="$2"; shift ;;
       --site-name) need_value "$@"; SITE_NAME="$2"; shift ;;
       --workers) need_value "$@"; WORKERS="$2"; shift ;;
+      --keep-previous-s) need_value "$@"; KEEP_PREVIOUS_S="$2"; shift ;;
       --migrate-command)  # older setups baked it into a unit; deploys carry it now
         need_value "$@"
         echo "note: --migrate-command is ignored: MIGRATE_COMMAND travels with each deploy"
@@ -181,6 +185,7 @@ validate_settings() {
   validate_name SITE_NAME "${SITE_NAME}" '^[A-Za-z0-9_.-]{1,100}$'
   validate_name SERVER_NAME "${SERVER_NAME}" '^[A-Za-z0-9_.* -]{1,250}$'
   validate_name WORKERS "${WORKERS}" '^[1-9][0-9]?$'
+  validate_name KEEP_PREVIOUS_S "${KEEP_PREVIOUS_S}" '^(0|[1-9][0-9]{0,4})$'
   validate_name BACKUP_SCHEDULE "${BACKUP_SCHEDULE}" '^[A-Za-z0-9 :*/,.~-]{1,100}$'
   validate_name BACKUPS_KEEP "${BACKUPS_KEEP}" '^[1-9][0-9]{0,3}$'
   validate_name BACKUPS_KEEP_DAYS "${BACKUPS_KEEP_DAYS}" '^[0-9]{1,5}(\.[0-9]+)?$'
@@ -207,7 +212,7 @@ settings_as_flags() {
     --service-name "${SERVICE_NAME}" --app-port "${APP_PORT}"
     --preflight-port "${PREFLIGHT_PORT}" --ssh-port "${SSH_PORT}"
     --server-name "${SERVER_NAME}" --site-name "${SITE_NAME}" --workers "${WORKERS}"
-    --backup-schedule "${BACKUP_SCHEDULE}"
+    --keep-previous-s "${KEEP_PREVIOUS_S}" --backup-schedule "${BACKUP_SCHEDULE}"
     --backups-keep "${BACKUPS_KEEP}" --backups-keep-days "${BACKUPS_KEEP_DAYS}")
   [[ -z "${CONF_DIR}" ]] || flags+=(--conf-dir "${CONF_DIR}")
   [[ -z "${DEPLOY_PUBLIC_KEY}" ]] || flags+=(--deploy-key "${DEPLOY_PUBLIC_KEY}")
@@ -316,6 +321,7 @@ render_values() {
     "BACKUP_PATH=${BACKUP_PATH}" "LOG_PATH=${LOG_PATH}" "SERVICE_NAME=${SERVICE_NAME}"
     "APP_PORT=${APP_PORT}" "PREFLIGHT_PORT=${PREFLIGHT_PORT}" "SSH_PORT=${SSH_PORT}"
     "SERVER_NAME=${SERVER_NAME}" "SITE_NAME=${SITE_NAME}" "WORKERS=${WORKERS}"
+    "KEEP_PREVIOUS_S=${KEEP_PREVIOUS_S}"
     "SUDOERS_NAME=${SUDOERS_NAME}"
     "BACKUP_SCHEDULE=${BACKUP_SCHEDULE}" "BACKUPS_KEEP=${BACKUPS_KEEP}"
     "BACKUPS_KEEP_DAYS=${BACKUPS_KEEP_DAYS}"
@@ -1529,7 +1535,7 @@ def post_request(worker, req, environ, resp):
 # imported) and retires the newer one, instead of booting anything. Old and new workers accept
 # from the one socket meanwhile, so no request is refused or cut off.
 # SIGURG's default action is to be ignored: a process that does not expect it is not harmed.
-KEEP_PREVIOUS_S = 900
+KEEP_PREVIOUS_S = @KEEP_PREVIOUS_S@  # the setting; 0: the old master ends at once
 CURRENT = "@DEPLOY_PATH@/current"
 STARTED_BY = "FLASK_DEPLOY_HANDED_OVER_BY"  # the new master's environment: the old one's pid
 
@@ -1608,8 +1614,8 @@ def when_ready(server):
     if not old:  # started by systemd
         return
     _serving(server)
-    if _release_of(old) == _release_of(os.getpid()):
-        _signal(old, signal.SIGTERM)  # the same release again (a restore): nothing to keep
+    if _release_of(old) == _release_of(os.getpid()) or not KEEP_PREVIOUS_S:
+        _signal(old, signal.SIGTERM)  # nothing to keep (or the same release: a restore)
     else:
         _signal(old, signal.SIGWINCH)
         server.previous_master = old
@@ -1941,8 +1947,8 @@ stamp_text() {
   echo "templates=$(templates_digest)"
   echo "ssh_hardening=${SSH_HARDENING}"
   for name in DEPLOY_USER APP_USER DEPLOY_PATH BACKUP_PATH LOG_PATH SERVICE_NAME APP_PORT \
-    PREFLIGHT_PORT SSH_PORT SERVER_NAME SITE_NAME WORKERS BACKUP_SCHEDULE BACKUPS_KEEP \
-    BACKUPS_KEEP_DAYS; do
+    PREFLIGHT_PORT SSH_PORT SERVER_NAME SITE_NAME WORKERS KEEP_PREVIOUS_S BACKUP_SCHEDULE \
+    BACKUPS_KEEP BACKUPS_KEEP_DAYS; do
     echo "${name}=${!name}"
   done
 }

@@ -53,7 +53,7 @@ def post_request(worker, req, environ, resp):
 # imported) and retires the newer one, instead of booting anything. Old and new workers accept
 # from the one socket meanwhile, so no request is refused or cut off.
 # SIGURG's default action is to be ignored: a process that does not expect it is not harmed.
-KEEP_PREVIOUS_S = 900
+KEEP_PREVIOUS_S = @KEEP_PREVIOUS_S@  # the setting; 0: the old master ends at once
 CURRENT = "@DEPLOY_PATH@/current"
 STARTED_BY = "FLASK_DEPLOY_HANDED_OVER_BY"  # the new master's environment: the old one's pid
 
@@ -132,8 +132,8 @@ def when_ready(server):
     if not old:  # started by systemd
         return
     _serving(server)
-    if _release_of(old) == _release_of(os.getpid()):
-        _signal(old, signal.SIGTERM)  # the same release again (a restore): nothing to keep
+    if _release_of(old) == _release_of(os.getpid()) or not KEEP_PREVIOUS_S:
+        _signal(old, signal.SIGTERM)  # nothing to keep (or the same release: a restore)
     else:
         _signal(old, signal.SIGWINCH)
         server.previous_master = old

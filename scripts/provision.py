@@ -32,6 +32,7 @@ def setup_flags(settings: Settings, public_key: str, inside_ssh_port: int) -> li
             "--ssh-port", str(inside_ssh_port),
             "--server-name", settings.server_name,
             "--workers", str(settings.gunicorn_workers),
+            "--keep-previous-s", str(settings.keep_previous_s),
             "--backup-schedule", settings.backup_schedule,
             "--backups-keep", str(settings.backups_keep),
             "--backups-keep-days", f"{settings.backups_keep_days:g}",

@@ -243,6 +243,12 @@ def _positive_int(raw: str) -> int:
     return int(raw)
 
 
+def _kept_seconds(raw: str) -> int:
+    if not raw.isdigit() or int(raw) > 86400:
+        raise _Invalid("must be a whole number of seconds from 0 to 86400 (0: not kept)")
+    return int(raw)
+
+
 def _days(raw: str) -> float:
     try:
         value = float(raw)
@@ -363,6 +369,9 @@ SETTINGS: tuple[Setting, ...] = (
             "release (MIGRATE_COMMAND too), the migrate step is skipped (empty: always migrate; "
             "the app's pyproject.toml may declare them)"),
     Setting("GUNICORN_WORKERS", _positive_int, "2", "gunicorn worker processes"),
+    Setting("KEEP_PREVIOUS_S", _kept_seconds, "900",
+            "seconds a deploy keeps the previous release loaded (parked, no workers), so a "
+            "rollback to it wakes it instead of booting (0: not kept; applied by setup)"),
     Setting("PUBLIC_URL", _optional_url, "",
             "where people open the app (default http://<server>/); verify checks it from here"),
     Setting("HEALTH_PATH", _url_path, "/healthz",
@@ -455,6 +464,7 @@ class Settings:
     migrate_command: str
     migrations_paths: tuple[str, ...]
     gunicorn_workers: int
+    keep_previous_s: int
     public_url: str
     health_path: str
     health_timeout_s: int

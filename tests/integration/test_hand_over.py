@@ -4,6 +4,8 @@ sandbox server: which process serves, what systemd knows, and that nothing is lo
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from scripts.loadgen import Load
@@ -142,3 +144,31 @@ def test_a_release_on_another_gunicorn_and_venv_is_handed_over_to_and_back(site)
         assert rollback.returncode == 0, rollback.stdout + rollback.stderr
         assert "woke from parked" in restart_detail(rollback.stdout)
         assert site.served_release() == old
+
+
+def test_keep_previous_s_bounds_how_long_the_old_release_stays_parked(site):
+    """KEEP_PREVIOUS_S=2: the parked master ends by itself; a later rollback boots instead."""
+    assert site.doit("deploy", KEEP_PREVIOUS_S="2").returncode == 0  # setup applies it
+    site.change_code("kept two seconds")
+    result = site.doit("deploy", KEEP_PREVIOUS_S="2")
+    assert "booted beside the old release" in restart_detail(result.stdout)
+    assert len(masters(site)) == 2
+    deadline = time.monotonic() + 10
+    while len(masters(site)) == 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(masters(site)) == 1
+    rollback = site.doit("rollback", KEEP_PREVIOUS_S="2")
+    assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+    assert "booted beside the old release" in restart_detail(rollback.stdout)
+
+
+def test_keep_previous_s_zero_keeps_no_parked_master(site):
+    assert site.doit("deploy", KEEP_PREVIOUS_S="0").returncode == 0
+    site.change_code("kept not at all")
+    result = site.doit("deploy", KEEP_PREVIOUS_S="0")
+    assert "booted beside the old release" in restart_detail(result.stdout)
+    deadline = time.monotonic() + 10  # the old master finishes its requests, then ends
+    while len(masters(site)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(masters(site).values()) == [site.built_release()]
+    assert site.doit("deploy").returncode == 0  # back to the default for what follows
