@@ -185,8 +185,9 @@ def _wake(server):
     import signal
     signal.alarm(0)
     server.parked = False
-    server.num_workers = server.cfg.workers  # forks of the app imported already
-    server.manage_workers()
+    server.num_workers = server.cfg.workers
+    for _ in range(server.num_workers - len(server.WORKERS)):
+        server.spawn_worker()  # a fork of the app imported already (no spawn_workers' pauses)
     _serving(server, again=True)
     try:
         with open(_hand_back_file(os.getpid())) as handed:
