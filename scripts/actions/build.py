@@ -174,14 +174,18 @@ def setup_if_needed_action():
     never provisioned stops it."""
     import sys
 
-    from scripts.deploy.server import Server
-    from scripts.remote import connect
-    from scripts.setup_stamp import next_step, server_verdict
+    from scripts.remote import begin_connecting
     from scripts.targets import deploy_targets, setup_targets
 
     settings = load_settings()
     configured = settings.uses_sandbox or "SETUP_USER" in settings.given
-    targets = list(zip(deploy_targets(settings), setup_targets(settings)))
+    deploy = deploy_targets(settings)
+    # The deploy user's handshakes run while the rest loads (see scripts.remote.MASTERS).
+    begin_connecting(deploy, settings.deploy_parallel)
+    from scripts.deploy.server import Server
+    from scripts.remote import connect
+    from scripts.setup_stamp import next_step, server_verdict
+    targets = list(zip(deploy, setup_targets(settings)))
     for deploy_target, setup_target in targets:
         name = deploy_target.display
         try:
