@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from scripts import TOOL_VERSION
-from scripts.actions import user_errors_fail_task
+from scripts.actions import connect_early, user_errors_fail_task
 from scripts.errors import ToolkitError
 from scripts.settings import load_settings
 
@@ -35,11 +35,16 @@ def sandbox_if_used_action():
 @user_errors_fail_task
 def app_check_action():
     """What `doit deploy` checks before it boots or provisions anything: APP_DIR is a folder
-    holding a deployable app (requirements.txt, wsgi.py), so a mistyped APP_DIR stops at once."""
+    holding a deployable app (requirements.txt, wsgi.py), so a mistyped APP_DIR stops at once.
+    The servers' handshakes start first (when they are known: a sandbox may boot later), to
+    run while this loads the build's modules and lists the app's files."""
+    settings = load_settings()
+    if settings.app_dir.is_dir():  # a mistyped APP_DIR stops before any connection
+        connect_early(settings)
     from scripts.build.package import check_app
     from scripts.build.sources import shipped_files
 
-    app_dir = load_settings().app_dir
+    app_dir = settings.app_dir
     check_app(app_dir, shipped_files(app_dir) if app_dir.is_dir() else [])
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scripts.actions import user_errors_fail_task
+from scripts.actions import connect_early, user_errors_fail_task
 from scripts.errors import ToolkitError
 from scripts.settings import Settings, load_settings
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # annotations only
 
 # dodo.py imports this module for every doit command, `doit list` included: the modules that
 # reach servers (plumbum, requests, the deploy steps) are imported by the actions that use them,
-# after _connect_early, so that loading them overlaps the SSH handshakes.
+# after connect_early, so that loading them overlaps the SSH handshakes.
 
 
 def built_package(settings: Settings) -> tuple[BuildRecord, Path]:
@@ -47,18 +47,6 @@ def public_urls(settings: Settings, targets: list[Target]) -> dict[str, str]:
         from scripts.sandbox import sandbox_from_settings
         return {s.name: s.url for s in sandbox_from_settings(settings).servers()}
     return {t.display: commands.host_url(t.address) for t in targets}
-
-
-def _connect_early(settings: Settings) -> None:
-    """Start the servers' SSH handshakes now, in the background (scripts.remote.MASTERS), so
-    that the action's imports and file reads overlap them. Only a head start: whatever goes
-    wrong here happens again, and is reported as always, where the action connects."""
-    from scripts.remote import begin_connecting
-    from scripts.targets import deploy_targets
-    try:
-        begin_connecting(deploy_targets(settings), settings.deploy_parallel)
-    except Exception:  # noqa: BLE001 - see above
-        pass
 
 
 def _servers(settings: Settings):
@@ -97,7 +85,7 @@ def check_action(in_deploy=False):
     release needs no more checks (ship will change nothing there); `doit check` checks all."""
     settings = load_settings()
     record, package = built_package(settings)
-    _connect_early(settings)
+    connect_early(settings)
     from scripts.build.package import sha256_file, verify_package
     from scripts.deploy.check import check_server
     from scripts.deploy.fleet import run_parallel
@@ -156,7 +144,7 @@ def target_action():
     if settings.dry_run:
         print("DRY_RUN=1: the servers' Python is not asked for")
         return
-    _connect_early(settings)
+    connect_early(settings)
     from scripts.build.target import ServerFacts, record_fleet_target
     from scripts.deploy.fleet import run_parallel
     facts: list[ServerFacts] = []
@@ -191,7 +179,7 @@ def _event(settings: Settings, action: str, result: str, release: str, **details
 def ship_action():
     settings = load_settings()
     record, package = built_package(settings)
-    _connect_early(settings)
+    connect_early(settings)
     from scripts.deploy.fleet import connected, deploy_fleet
     from scripts.notify import Notifier
     notifier = Notifier(settings)
@@ -257,7 +245,7 @@ def verify_action(shipped=None):
         print(f"verify: release {expected} was already live and good; nothing was shipped, so "
               f"there is nothing new to verify (`doit verify` checks it again)")
         return
-    _connect_early(settings)
+    connect_early(settings)
     failed, elsewhere, served = [], [], []
     targets = deploy_targets(settings)
     urls = public_urls(settings, targets)
@@ -357,7 +345,7 @@ def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = 
 @user_errors_fail_task
 def rollback_action():
     settings = load_settings()
-    _connect_early(settings)
+    connect_early(settings)
     from scripts.notify import Notifier
     _roll_back(settings, Notifier(settings))
 
@@ -368,7 +356,7 @@ def restore_action():
     if not settings.restore_backup:
         raise ToolkitError("setting RESTORE_BACKUP is empty: name the backup to restore (`doit "
                            "backups` lists them), e.g. RESTORE_BACKUP=<name> doit restore")
-    _connect_early(settings)
+    connect_early(settings)
     from scripts.deploy.rollback import rollback_server
     for server, reporter in _servers(settings):
         with server:
