@@ -5,6 +5,8 @@ inside actions (scripts/), so `doit list` is instant and never touches a server.
 
 import sys
 
+from doit import create_after
+
 from scripts.actions import build as tasks
 from scripts.actions import day_two
 from scripts.actions import deploy as actions
@@ -30,6 +32,9 @@ def task_sandbox():
     }
 
 
+# The build's creator lists APP_DIR's files (git, the ignore rules) for its file_dep: made only
+# when a run reaches the build (create_after), not on every `doit rollback` or `doit status`.
+@create_after()
 def task_build():
     """Build dist/<app>-<release>.tar.gz from APP_DIR: sources, wheels, manifest (only on change)."""
     return tasks.build_task()
@@ -99,6 +104,7 @@ def task__deploy_target():
     return {**_every_time(actions.target_action), "task_dep": ["setup_if_needed"]}
 
 
+@create_after(executed="_deploy_target")
 def task__deploy_build():
     """The build, after the servers were asked (`doit build` alone asks no server)."""
     # doit starts every ready dependency at once: only a task_dep orders the build after target.

@@ -14,19 +14,26 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from plumbum import SshMachine
-from plumbum.commands.processes import ProcessExecutionError
-from plumbum.machines.session import ShellSession, ShellSessionError
 
 from scripts.errors import ToolkitError
 from scripts.ssh_config import (CONNECT_TIMEOUT_S, SshView, config_file, describe_config,
                                 private_dir)
 
+# plumbum is imported where a session or machine is made, not here: its import takes ~0.1 s
+# (and runs `uname -p`), which the run spends while the master's handshake is under way
+# (MASTERS.start) instead of before it.
+
 # A master left by a run that was killed ends by itself after this long without a session.
 MASTER_IDLE_S = 10
+# A master started or checked this recently still runs: the next session skips `ssh -O check`
+# (a round trip). Were it gone after all, ssh itself falls back to a connection of its own.
+MASTER_CHECKED_S = 1.0
+# At exit, how long a handshake still under way (a run that failed before its first session)
+# may finish, so that it ends as a login and `ssh -O exit`, not as a connection cut mid-login.
+HANDSHAKE_AT_EXIT_S = 3
 # plumbum logs a shell that did not start in time as "Connection to <Popen: ...> timed out";
 # open_session says it in one line of its own.
 logging.getLogger("plumbum.shell").setLevel(logging.CRITICAL)
@@ -97,8 +104,11 @@ def check_key_file(key_file: Path, setting: str = "SSH_KEY_FILE") -> None:
                        f"(malformed); point it at the private half of the key")
 
 
-def connect(target: Target) -> SshMachine:
-    """An open connection, or a ToolkitError that says in one line what went wrong."""
+def connect(target: Target):
+    """An open plumbum SshMachine, or a ToolkitError that says in one line what went wrong."""
+    from plumbum import SshMachine
+    from plumbum.commands.processes import ProcessExecutionError
+
     if target.key_file is not None:
         check_key_file(Path(target.key_file), target.key_setting)
     try:
@@ -118,46 +128,95 @@ class _Masters:
     over it: no second handshake. The master verified the host key strictly when it
     connected; only this user can reach its socket. At exit each master is closed with
     `ssh -O exit`; one whose run was killed ends by itself after MASTER_IDLE_S without a
-    session."""
+    session.
+
+    An action that knows its servers calls `start` first: the handshake then runs while the
+    action loads its modules and reads its files, and the first session waits only for what
+    is left of it."""
 
     def __init__(self):
         self._guard = threading.Lock()
         self._locks: dict[Path, threading.Lock] = {}
         self._started: set[Path] = set()
+        self._starting: dict[Path, subprocess.Popen] = {}  # handshakes under way (start)
+        self._checked: dict[Path, float] = {}  # when each master was last seen running
+
+    @staticmethod
+    def _socket(target: Target) -> Path:
+        key = "\0".join(map(str, (ssh_options(target), target.host, target.port, target.user,
+                                  target.key_file)))
+        return private_dir() / f"m-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+    def _lock(self, socket: Path) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(socket, threading.Lock())
+
+    def start(self, target: Target) -> None:
+        """Begin the target's handshake in the background, unless its master runs or starts
+        already. Nothing is reported here: a problem is socket_for's to say, in its words
+        (the key file is checked there too, while this handshake runs)."""
+        try:
+            socket = self._socket(target)
+            lock = self._lock(socket)
+            if not lock.acquire(blocking=False):
+                return  # a session is connecting it now
+            try:
+                with self._guard:
+                    under_way = socket in self._starting
+                if not under_way and not (socket in self._started and socket.exists()):
+                    process = self._launch(target, socket)
+                    with self._guard:
+                        self._starting[socket] = process
+            finally:
+                lock.release()
+        except (ToolkitError, OSError):
+            return
 
     def socket_for(self, target: Target) -> Path:
         """The control socket of the target's master, started if needed; a ToolkitError in
         ssh's own words (see connection_failed) if it cannot connect."""
-        key = "\0".join(map(str, (ssh_options(target), target.host, target.port, target.user,
-                                  target.key_file)))
-        socket = private_dir() / f"m-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        with self._guard:
-            if not self._started:
-                atexit.register(self.close_all)
-            lock = self._locks.setdefault(socket, threading.Lock())
-        with lock:  # servers connect in parallel; each server's master starts once
-            if socket in self._started and self._alive(socket):
-                return socket
-            socket.unlink(missing_ok=True)  # a master that died (a cut link) left its socket
-            self._started.add(socket)
-            # A file, not a pipe: the master keeps its stderr once in the background.
-            errors_file = socket.with_name(socket.name + ".errors")
-            with open(errors_file, "w") as errors:
-                try:
-                    # It returns once the master listens, in the background (or failed).
-                    started = subprocess.run(
-                        [*ssh_argv(target, "-M", "-N", "-S", str(socket), "-o",
-                                   f"ControlPersist={MASTER_IDLE_S}")],
-                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
-                        timeout=CONNECT_TIMEOUT_S + 5).returncode == 0
-                except subprocess.TimeoutExpired:
-                    started = False
-            if started and socket.exists():
+        if target.key_file is not None:
+            check_key_file(Path(target.key_file), target.key_setting)
+        socket = self._socket(target)
+        with self._lock(socket):  # servers connect in parallel; each server's master starts once
+            with self._guard:
+                process = self._starting.pop(socket, None)
+            if process is None:
+                if socket in self._started and self._runs(socket):
+                    return socket
+                process = self._launch(target, socket)
+            # It returns once the master listens, in the background (or failed).
+            if _wait(process, CONNECT_TIMEOUT_S + 5) == 0 and socket.exists():
+                self._checked[socket] = time.monotonic()
                 return socket
             # As for any failed connection: ssh's words from one plain attempt (the master's
             # own stderr is terser through a bastion), else the master's.
-            said = errors_file.read_text() or "Connection timed out during banner exchange"
+            said = _errors_file(socket).read_text() or \
+                "Connection timed out during banner exchange"
             raise connection_failed(target, RuntimeError(said))
+
+    def _launch(self, target: Target, socket: Path) -> subprocess.Popen:
+        with self._guard:
+            if not self._started:
+                atexit.register(self.close_all)
+            self._started.add(socket)
+        socket.unlink(missing_ok=True)  # a master that died (a cut link) left its socket
+        # A file, not a pipe: the master keeps its stderr once in the background.
+        with open(_errors_file(socket), "w") as errors:
+            return subprocess.Popen(
+                ssh_argv(target, "-M", "-N", "-S", str(socket), "-o",
+                         f"ControlPersist={MASTER_IDLE_S}"),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+
+    def _runs(self, socket: Path) -> bool:
+        if not socket.exists():
+            return False
+        if time.monotonic() - self._checked.get(socket, float("-inf")) < MASTER_CHECKED_S:
+            return True
+        if not self._control(socket, "check"):
+            return False
+        self._checked[socket] = time.monotonic()
+        return True
 
     @staticmethod
     def _control(socket: Path, command: str) -> bool:
@@ -168,26 +227,62 @@ class _Masters:
         except subprocess.TimeoutExpired:
             return False
 
-    def _alive(self, socket: Path) -> bool:
-        return socket.exists() and self._control(socket, "check")
-
     def close_all(self) -> None:
         """End every master of this run (at exit; tests may call it to check nothing stays)."""
         with self._guard:
             started, self._started = set(self._started), set()
+            starting, self._starting = dict(self._starting), {}
+        for process in starting.values():  # let a login under way finish, then end it
+            _wait(process, HANDSHAKE_AT_EXIT_S)
         for socket in started:
             if socket.exists():
                 self._control(socket, "exit")
 
 
+def _errors_file(socket: Path) -> Path:
+    return socket.with_name(socket.name + ".errors")
+
+
+def _wait(process: subprocess.Popen, timeout: float) -> int | None:
+    """The exit status, or None once `timeout` passed (the process is then killed; so it is
+    when the wait is interrupted). A blocking wait: subprocess's own timed wait polls in
+    sleeps of up to 50 ms, which every connection would pay on top of its handshake."""
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        process.kill()
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        status = process.wait()
+    except BaseException:  # Ctrl-C: as subprocess.run, never leave the ssh behind
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        timer.cancel()
+    return None if expired.is_set() else status
+
+
 MASTERS = _Masters()
 
 
-def open_session(target: Target) -> ShellSession:
-    """A shell for the deploy steps, over the run's one connection to the server (see
-    _Masters)."""
-    if target.key_file is not None:
-        check_key_file(Path(target.key_file), target.key_setting)
+def begin_connecting(targets: list[Target], limit: int) -> None:
+    """Start the handshakes of the first `limit` servers (DEPLOY_PARALLEL: those that connect
+    first), so that they run while the task gets ready; see _Masters. The first session needs
+    plumbum: it is loaded now, while they run."""
+    for target in targets[:limit]:
+        MASTERS.start(target)
+    import plumbum.machines.session  # noqa: F401
+
+
+def open_session(target: Target):
+    """A plumbum ShellSession for the deploy steps, over the run's one connection to the
+    server (see _Masters)."""
+    from plumbum.machines.session import ShellSession, ShellSessionError
+
     socket = MASTERS.socket_for(target)
     process = subprocess.Popen([*ssh_argv(target, "-T", "-S", str(socket), "-o",
                                           "ControlMaster=no"), "/bin/sh"],

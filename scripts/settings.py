@@ -4,6 +4,7 @@ typed, frozen object. Every problem becomes one line naming the setting and what
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -554,6 +555,7 @@ def _unreadable_lines(env_file: Path) -> list[str]:
 OTHER_NAMES = frozenset({"SSH_PRIVATE_KEY", "SSH_KNOWN_HOSTS", "SSH_AUTH_SOCK", "ENV_FILE"})
 
 
+@functools.lru_cache(maxsize=None)  # asked for every environment variable on every load
 def meant_setting(name: str) -> str | None:
     """The setting a misspelt name most likely meant (DEPLOY_SEVRER -> DEPLOY_SERVER), if any:
     close in spelling and starting with the same word, so PATH or CI_SERVER never match."""

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -115,10 +116,14 @@ def resolve(host: str, port: int | None, user: str | None, user_config: Path | N
     and `fallback_user` applies where it names no User for this host. A User that only a
     catch-all entry (`Host *`) gives is a person's own login name, not the account that owns
     the releases, so it does not count."""
-    view = _ssh_g(host, port, user, user_config, known_hosts_file, fallback_user)
     if host == UNNAMED_HOST:
-        return view
-    catch_all = resolve(UNNAMED_HOST, None, None, user_config, known_hosts_file, fallback_user)
+        return _ssh_g(host, port, user, user_config, known_hosts_file, fallback_user)
+    # Both `ssh -G` at once: each is a process start of ~15 ms.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        asked = pool.submit(resolve, UNNAMED_HOST, None, None, user_config, known_hosts_file,
+                            fallback_user)
+        view = _ssh_g(host, port, user, user_config, known_hosts_file, fallback_user)
+        catch_all = asked.result()
     own_keys = tuple(key for key in view.identity_files if key not in catch_all.identity_files)
     view = replace(view, own_identity_files=own_keys)
     if user is None and fallback_user and view.user == catch_all.user:

@@ -37,3 +37,15 @@ def user_errors_fail_task(action):
     return wrapper
 
 
+
+
+def connect_early(settings) -> None:
+    """Start the servers' SSH handshakes now, in the background (scripts.remote.MASTERS), so
+    that the action's imports and file reads overlap them. Only a head start: whatever goes
+    wrong here happens again, and is reported as always, where the action connects."""
+    from scripts.remote import begin_connecting
+    from scripts.targets import deploy_targets
+    try:
+        begin_connecting(deploy_targets(settings), settings.deploy_parallel)
+    except Exception:  # noqa: BLE001 - see above
+        pass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from scripts import TOOL_VERSION
-from scripts.actions import user_errors_fail_task
+from scripts.actions import connect_early, user_errors_fail_task
 from scripts.errors import ToolkitError
 from scripts.settings import load_settings
 
@@ -35,11 +35,16 @@ def sandbox_if_used_action():
 @user_errors_fail_task
 def app_check_action():
     """What `doit deploy` checks before it boots or provisions anything: APP_DIR is a folder
-    holding a deployable app (requirements.txt, wsgi.py), so a mistyped APP_DIR stops at once."""
+    holding a deployable app (requirements.txt, wsgi.py), so a mistyped APP_DIR stops at once.
+    The servers' handshakes start first (when they are known: a sandbox may boot later), to
+    run while this loads the build's modules and lists the app's files."""
+    settings = load_settings()
+    if settings.app_dir.is_dir():  # a mistyped APP_DIR stops before any connection
+        connect_early(settings)
     from scripts.build.package import check_app
     from scripts.build.sources import shipped_files
 
-    app_dir = load_settings().app_dir
+    app_dir = settings.app_dir
     check_app(app_dir, shipped_files(app_dir) if app_dir.is_dir() else [])
 
 
@@ -174,14 +179,18 @@ def setup_if_needed_action():
     never provisioned stops it."""
     import sys
 
-    from scripts.deploy.server import Server
-    from scripts.remote import connect
-    from scripts.setup_stamp import next_step, server_verdict
+    from scripts.remote import begin_connecting
     from scripts.targets import deploy_targets, setup_targets
 
     settings = load_settings()
     configured = settings.uses_sandbox or "SETUP_USER" in settings.given
-    targets = list(zip(deploy_targets(settings), setup_targets(settings)))
+    deploy = deploy_targets(settings)
+    # The deploy user's handshakes run while the rest loads (see scripts.remote.MASTERS).
+    begin_connecting(deploy, settings.deploy_parallel)
+    from scripts.deploy.server import Server
+    from scripts.remote import connect
+    from scripts.setup_stamp import next_step, server_verdict
+    targets = list(zip(deploy, setup_targets(settings)))
     for deploy_target, setup_target in targets:
         name = deploy_target.display
         try:

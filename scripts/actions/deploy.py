@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scripts.actions import user_errors_fail_task
+from scripts.actions import connect_early, user_errors_fail_task
 from scripts.errors import ToolkitError
 from scripts.settings import Settings, load_settings
 
@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # annotations only
     from scripts.remote import Target
 
 # dodo.py imports this module for every doit command, `doit list` included: the modules that
-# reach servers (plumbum, requests, the deploy steps) are imported by the actions that use them.
+# reach servers (plumbum, requests, the deploy steps) are imported by the actions that use them,
+# after connect_early, so that loading them overlaps the SSH handshakes.
 
 
 def built_package(settings: Settings) -> tuple[BuildRecord, Path]:
@@ -49,10 +50,12 @@ def public_urls(settings: Settings, targets: list[Target]) -> dict[str, str]:
 
 
 def _servers(settings: Settings):
-    from scripts.deploy.report import Reporter
-    from scripts.deploy.server import Server
+    from scripts.remote import begin_connecting
     from scripts.targets import deploy_targets
     targets = deploy_targets(settings)
+    begin_connecting(targets, settings.deploy_parallel)
+    from scripts.deploy.report import Reporter
+    from scripts.deploy.server import Server
     for target in targets:
         reporter = Reporter(server=target.display, show_server=len(targets) > 1,
                             dry_run=settings.dry_run)
@@ -80,11 +83,12 @@ def _print_results(reporter: Reporter, results: list[tuple[bool, str]]) -> bool:
 def check_action(in_deploy=False):
     """`in_deploy`: part of `doit deploy`, where a server that already serves the built
     release needs no more checks (ship will change nothing there); `doit check` checks all."""
+    settings = load_settings()
+    record, package = built_package(settings)
+    connect_early(settings)
     from scripts.build.package import sha256_file, verify_package
     from scripts.deploy.check import check_server
     from scripts.deploy.fleet import run_parallel
-    settings = load_settings()
-    record, package = built_package(settings)
     if sha256_file(package) != record.sha256:
         raise ToolkitError(f"package {package.name}: its sha256 does not match the build record; "
                            f"rebuild it with `doit build`")
@@ -132,9 +136,6 @@ def _print_setup_state(server, settings, reporter) -> None:
 @user_errors_fail_task
 def target_action():
     """Ask every server for its Python, architecture and glibc; the build ships wheels for them."""
-    from scripts.deploy.fleet import run_parallel
-    from scripts.build.target import ServerFacts, record_fleet_target
-
     settings = load_settings()
     if settings.target_python and settings.target_platform:
         print(f"ok       target Python {settings.target_python} on {settings.target_platform} "
@@ -143,6 +144,9 @@ def target_action():
     if settings.dry_run:
         print("DRY_RUN=1: the servers' Python is not asked for")
         return
+    connect_early(settings)
+    from scripts.build.target import ServerFacts, record_fleet_target
+    from scripts.deploy.fleet import run_parallel
     facts: list[ServerFacts] = []
 
     def ask(server, reporter):
@@ -173,10 +177,11 @@ def _event(settings: Settings, action: str, result: str, release: str, **details
 
 @user_errors_fail_task
 def ship_action():
-    from scripts.deploy.fleet import connected, deploy_fleet
-    from scripts.notify import Notifier
     settings = load_settings()
     record, package = built_package(settings)
+    connect_early(settings)
+    from scripts.deploy.fleet import connected, deploy_fleet
+    from scripts.notify import Notifier
     notifier = Notifier(settings)
     started = time.monotonic()
     if settings.dry_run:
@@ -240,6 +245,7 @@ def verify_action(shipped=None):
         print(f"verify: release {expected} was already live and good; nothing was shipped, so "
               f"there is nothing new to verify (`doit verify` checks it again)")
         return
+    connect_early(settings)
     failed, elsewhere, served = [], [], []
     targets = deploy_targets(settings)
     urls = public_urls(settings, targets)
@@ -338,18 +344,20 @@ def _roll_back(settings: Settings, notifier: Notifier, undo_last_deploy: bool = 
 
 @user_errors_fail_task
 def rollback_action():
-    from scripts.notify import Notifier
     settings = load_settings()
+    connect_early(settings)
+    from scripts.notify import Notifier
     _roll_back(settings, Notifier(settings))
 
 
 @user_errors_fail_task
 def restore_action():
-    from scripts.deploy.rollback import rollback_server
     settings = load_settings()
     if not settings.restore_backup:
         raise ToolkitError("setting RESTORE_BACKUP is empty: name the backup to restore (`doit "
                            "backups` lists them), e.g. RESTORE_BACKUP=<name> doit restore")
+    connect_early(settings)
+    from scripts.deploy.rollback import rollback_server
     for server, reporter in _servers(settings):
         with server:
             outcome = rollback_server(server, settings, reporter, stay_on_current=True)

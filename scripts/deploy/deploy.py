@@ -15,14 +15,17 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from scripts.build.package import BuildRecord
 from scripts.deploy import commands, hooks, maintenance
 from scripts.deploy.lock import who
 from scripts.deploy.report import Reporter
 from scripts.deploy.server import Server
 from scripts.errors import ToolkitError
 from scripts.settings import Settings
+
+if TYPE_CHECKING:  # annotations only: the build's modules (pathspec, tarfile) would
+    from scripts.build.package import BuildRecord  # slow every rollback
 
 
 @dataclass

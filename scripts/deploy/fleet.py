@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from scripts.build.package import BuildRecord
 from scripts.deploy.deploy import (DeployOutcome, finish, go_live, log_entry, log_quietly,
                                    needs_deploy, prepare, switch_back)
 from scripts.deploy.lock import Interrupted, deploy_lock, sigterm_raises
@@ -22,6 +22,9 @@ from scripts.deploy.report import Reporter
 from scripts.deploy.server import Server
 from scripts.errors import ToolkitError
 from scripts.settings import Settings
+
+if TYPE_CHECKING:  # annotations only: the build's modules (pathspec, tarfile) would
+    from scripts.build.package import BuildRecord  # slow every rollback
 
 
 @dataclass

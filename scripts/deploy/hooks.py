@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
@@ -40,6 +39,8 @@ def runner(settings: Settings) -> str:
 
 def shipped(package: Path, release: str) -> frozenset[str]:
     """The server hooks in a package: `deploy-hooks/<name>` files with an executable bit."""
+    import tarfile  # here: a rollback (which imports this module) reads no package
+
     try:
         with tarfile.open(package, "r:gz") as tar:
             names = frozenset(member.name.split("/", 1)[1] for member in tar.getmembers()

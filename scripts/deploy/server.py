@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import functools
 import hashlib
 import json
 import select
@@ -14,8 +15,6 @@ import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-
-from plumbum.machines.session import ShellSessionError
 
 from scripts.errors import ToolkitError
 from scripts.remote import Target, open_channel, open_session
@@ -49,7 +48,8 @@ class Result:
         return (errors or lines or [f"exit status {self.status}"])[-1].removeprefix("error: ")
 
 
-# Connections a finished task left for the next task of this run (see Server.close), by target.
+# Connections a finished task left for the next task of this run (see Server.close), by target:
+# (shell session, serve process or None, serve process not yet greeted or None).
 _IDLE: dict[tuple, list] = {}
 
 
@@ -74,7 +74,8 @@ def _end_serving(process: subprocess.Popen | None, wait: bool = True) -> None:
     process.wait()
 
 
-def _close_quietly(session, served, wait: bool = True) -> None:
+def _close_quietly(session, served, early=None, wait: bool = True) -> None:
+    _end_serving(early, wait=False)
     _end_serving(served, wait)
     try:
         if not wait and session.proc is not None:
@@ -88,8 +89,8 @@ def _close_quietly(session, served, wait: bool = True) -> None:
 def _close_idle() -> None:
     """At exit: the tool processes end by themselves once their channel closes."""
     while _IDLE:
-        for session, served in _IDLE.popitem()[1]:
-            _close_quietly(session, served, wait=False)
+        for session, served, early in _IDLE.popitem()[1]:
+            _close_quietly(session, served, early, wait=False)
 
 
 def _greeted(process) -> bool:
@@ -143,8 +144,12 @@ def _answer(line: bytes) -> Result | str:
 
 
 def tool_path(deploy_path: PurePosixPath) -> PurePosixPath:
-    digest = hashlib.sha256(TOOL_SOURCE.read_bytes()).hexdigest()[:12]
-    return deploy_path / ".deploy-tool" / f"server_tool-{digest}.py"
+    return deploy_path / ".deploy-tool" / f"server_tool-{_tool_digest()}.py"
+
+
+@functools.lru_cache(maxsize=1)  # read once a run, not once per task and server
+def _tool_digest() -> str:
+    return hashlib.sha256(TOOL_SOURCE.read_bytes()).hexdigest()[:12]
 
 
 class Server:
@@ -161,19 +166,29 @@ class Server:
         self.tool = tool_path(deploy_path)
         self.tool_inline = False  # a dry run does not install the tool: it sends it with -c
         self._served = None  # the tool's `serve` process for this connection, once started
+        self._early = None  # a serve process started with the connection, not yet greeted
 
     def __enter__(self) -> "Server":
         idle = _IDLE.get(_connection_key(self.target), [])
         while idle and self.session is None:  # the connection an earlier task of this run left
-            session, served = idle.pop()
+            session, served, early = idle.pop()
             if served is not None and not _still_answers(served):
-                _close_quietly(session, served, wait=False)  # cut, or ended, while parked
+                _close_quietly(session, served, early, wait=False)  # cut, or ended, while parked
             elif session.alive():
-                self.session, self._served = session, served
+                self.session, self._served, self._early = session, served, early
             else:
-                _close_quietly(session, served)
+                _close_quietly(session, served, early)
         if self.session is None:
-            self.session = open_session(self.target)
+            # The serve process starts first, so that the server starts it while it starts the
+            # shell: both are ready about as soon as the shell alone would be.
+            if not self.dry_run:
+                self._early = open_channel(self.target, self._serve_command())
+            try:
+                self.session = open_session(self.target)
+            except BaseException:
+                self._early, early = None, self._early
+                _end_serving(early, wait=False)
+                raise
         self._in_step = True
         return self
 
@@ -189,15 +204,16 @@ class Server:
         """Done with the connection: kept for the next task of this run (`doit deploy` runs
         setup, target, check, ship and verify; each would open a shell and start the tool
         again), unless a call was cut off mid-way; every kept one is closed at exit."""
-        session, served, self.session, self._served = self.session, self._served, None, None
+        session, served, early = self.session, self._served, self._early
+        self.session, self._served, self._early = None, None, None
         if session is None:
             return
         if self._in_step and session.alive():
             if not _IDLE:
                 atexit.register(_close_idle)
-            _IDLE.setdefault(_connection_key(self.target), []).append((session, served))
+            _IDLE.setdefault(_connection_key(self.target), []).append((session, served, early))
             return
-        _close_quietly(session, served)
+        _close_quietly(session, served, early)
 
     # -- running ----------------------------------------------------------------------------
     def run(self, argv: list[str], check: bool = True, what: str = "",
@@ -217,6 +233,8 @@ class Server:
         try:
             return self.session.run(command, retcode=None)
         except BaseException as error:
+            from plumbum.machines.session import ShellSessionError  # loaded with the session
+
             self._in_step = False  # Ctrl-C or a lost link mid-command: never hand it on
             if not isinstance(error, (ShellSessionError, EOFError, OSError)):
                 raise
@@ -241,23 +259,33 @@ class Server:
             raise ToolkitError(f"{self.name}: {subcommand}: unexpected answer "
                                f"{result.stdout[:200]!r}") from None
 
+    def _serve_command(self) -> str:
+        return shlex.join(["python3", "-I", "-S", str(self.tool), "serve"])
+
     def _serve(self):
-        """The server tool's `serve` process (one python3 for every call of this connection),
-        started on first use; None while the tool is not installed (calls then run one
-        python3 each, as before ensure_tool)."""
+        """The server tool's `serve` process (one python3 for every call of this connection):
+        the one started with the connection, or one started now; None while the tool is not
+        installed (calls then run one python3 each, as before ensure_tool)."""
         if self._served is None:
-            process = open_channel(self.target, shlex.join(
-                ["python3", "-I", "-S", str(self.tool), "serve"]))
-            try:
-                greeted = _greeted(process)
-            except BaseException:  # Ctrl-C while it starts
-                _end_serving(process, wait=False)
-                raise
-            if greeted:
-                self._served = process
-            else:
-                _end_serving(process, wait=False)
+            early, self._early = self._early, None
+            if early is not None:  # started before ensure_tool may have installed the tool
+                self._served = self._greeted_or_ended(early)
+            if self._served is None:
+                self._served = self._greeted_or_ended(
+                    open_channel(self.target, self._serve_command()))
         return self._served
+
+    @staticmethod
+    def _greeted_or_ended(process):
+        try:
+            greeted = _greeted(process)
+        except BaseException:  # Ctrl-C while it starts
+            _end_serving(process, wait=False)
+            raise
+        if greeted:
+            return process
+        _end_serving(process, wait=False)
+        return None
 
     def _served_call(self, process, argv: list[str], what: str) -> Result:
         try:
@@ -310,6 +338,11 @@ class Server:
 
     def ensure_tool(self) -> bool:
         """Install this version of the server tool; False when DEPLOY_PATH is missing."""
+        if self._early is not None:  # the serve process started with the connection
+            early, self._early = self._early, None
+            self._served = self._greeted_or_ended(early)
+            if self._served is not None:
+                return True  # it greeted: this version of the tool is installed
         if self.run(["test", "-f", str(self.tool)], check=False, reads=True).status == 0:
             return True
         if self.run(["test", "-d", str(self.deploy_path / "releases")], check=False,

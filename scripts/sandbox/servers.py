@@ -332,11 +332,15 @@ class Sandbox:
                     (server.http_port, 80, "\\,bind=127.0.0.2")]
         listens = ["TCP-LISTEN:{},bind=127.0.0.1"] + (["TCP6-LISTEN:{},bind=[::1]"]
                                                       if server.ipv6 else [])
+        # nodelay on both TCP legs: sshd and ssh set TCP_NODELAY on their sockets, so a real
+        # server answers at once; a relay holding a reply's second packet for the first one's
+        # delayed ACK would add ~40 ms to a shell command that a real server does not.
         for host_port, server_port, source in forwards:
             for listen in (form.format(host_port) for form in listens):
                 pid = processes.spawn_detached(
-                    ["socat", f"{listen},fork,reuseaddr",
-                     f"EXEC:{into_server} TCP\\:127.0.0.1\\:{server_port}{source}"], log_file)
+                    ["socat", f"{listen},fork,reuseaddr,nodelay",
+                     f"EXEC:{into_server} TCP\\:127.0.0.1\\:{server_port}\\,nodelay{source}"],
+                    log_file)
                 server.helpers.append(Helper(pid, listen))
         # apt inside the server: a proxy port on its loopback, bridged to the mirror from the
         # host's network namespace (the nspawn process lives there).

@@ -23,7 +23,9 @@ def test_a_connection_that_dies_before_the_first_command_is_explained_by_ssh(mon
     def dies(*_args, **_kwargs):
         raise failure
 
-    monkeypatch.setattr(remote, "SshMachine", dies)
+    import plumbum  # connect() imports SshMachine from it when it connects
+
+    monkeypatch.setattr(plumbum, "SshMachine", dies)
     target = Target(host="127.0.0.1", port=closed_port(), user="deploy")
     with pytest.raises(ToolkitError) as raised:
         remote.connect(target)
