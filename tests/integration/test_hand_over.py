@@ -23,8 +23,13 @@ def masters(site) -> dict[int, str]:
         listing = admin["ps"]("-e", "-o", "pid=,ppid=,unit=")
         procs = {int(pid): int(ppid) for pid, ppid, unit in
                  (line.split() for line in listing.splitlines()) if unit == f"{UNIT}.service"}
-        return {pid: admin["sudo"]("-n", "readlink", f"/proc/{pid}/cwd").strip()
-                .removeprefix(RELEASES) for pid, ppid in procs.items() if ppid not in procs}
+        found = {}
+        for pid, ppid in procs.items():
+            if ppid not in procs:  # one that ends meanwhile (a master retiring) is left out
+                cwd = admin["sudo"]("-n", "readlink", f"/proc/{pid}/cwd", retcode=None)
+                if cwd.strip():
+                    found[pid] = cwd.strip().removeprefix(RELEASES)
+        return found
 
 
 def main_pid(site) -> int:
