@@ -23,6 +23,11 @@ def systemctl(action: str, unit: str) -> list[str]:
     return ["systemctl", action, unit]
 
 
+def hand_over(unit: str) -> list[str]:
+    """Run with sudo: the one signal sudoers lets deploys send (conf/gunicorn.conf.py)."""
+    return ["systemctl", "kill", "--kill-whom=main", "--signal=SIGURG", unit]
+
+
 def journal(unit: str, lines: int) -> list[str]:
     return ["journalctl", "-u", unit, "--no-pager", "-n", str(lines)]
 

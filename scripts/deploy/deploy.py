@@ -128,10 +128,14 @@ def restart_and_check(server: Server, settings: Settings, release: str) -> str:
     """Put the service onto `current` and require its health: by a hand-over (the old release
     serves until the new one has booted) or a restart (systemd holds the socket, so requests
     wait instead of failing). Says how."""
+    if server.dry_run:
+        # the hand-over; a service that cannot take one restarts (the lines that follow)
+        server.sudo(commands.hand_over(commands.units(settings)["app"]))
     answer = _started_healthy(server, settings, "restart", commands.units(settings)["app"],
                               settings.app_port, release, ("reset-failed", "restart"))
     if answer.get("healthy"):
-        return HOW_IT_WENT_LIVE.get(answer.get("how", "restarted"), "restarted")
+        # A dry run's answer does not say: that depends on the running service.
+        return HOW_IT_WENT_LIVE.get(answer.get("how"), "handed over, or restarted")
     if not answer.get("started"):
         raise ToolkitError(f"{server.name}: restarting the service failed: "
                            f"{answer.get('error')}")

@@ -1060,6 +1060,7 @@ def _handed_over(unit, release, timeout):
     if show.get("ActiveState") != "active" or before in ("", "0") or \
             not _started_with_what_is_there(unit, show):
         return None
+    # As scripts/deploy/commands.py's hand_over (this file runs with the standard library only)
     sent = subprocess.run(["sudo", "-n", "systemctl", "kill", "--kill-whom=main",
                            "--signal=SIGURG", unit], stdin=subprocess.DEVNULL,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
