@@ -131,6 +131,9 @@ def when_ready(server):
         server.previous_master = 0
         server.successor = 0  # the master this one started or woke: it names it main
         server.handing_back = False
+        server.handed_over_by = [old] if old else []  # end before this one: _stop
+        stop = server.handle_term
+        server.handle_term = lambda: _stop(server, stop)
         signal.signal(signal.SIGURG, server.signal)
         server.START_CTX["args"], server.LISTENERS, server.cfg.env_orig  # what it needs
     except (AttributeError, KeyError, TypeError) as error:
@@ -144,6 +147,26 @@ def when_ready(server):
     if _release_of(old) != _release_of(os.getpid()):
         server.previous_master = old
     _signal(old, signal.SIGWINCH)  # ready: the old master names this one main
+
+
+def _stop(server, stop):
+    """SIGTERM (systemd's stop or restart): the masters that handed over to this one end too,
+    each once its workers finished their requests (see on_exit)."""
+    import signal
+    for pid in server.handed_over_by:
+        if _parked_master(pid):
+            _signal(pid, signal.SIGTERM)
+    stop()
+
+
+def on_exit(server):
+    """Wait for the masters that handed over to this one: once the main process has ended,
+    systemd kills what is left of the unit (KillMode=mixed), requests in flight and all."""
+    import time
+    deadline = time.monotonic() + server.cfg.graceful_timeout
+    while any(_parked_master(pid) for pid in getattr(server, "handed_over_by", ())) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def post_fork(server, worker):
@@ -161,6 +184,7 @@ def _park(server):
     if server.parked or not successor or not _release_of(successor):
         return  # no hand-over under way: nobody to name
     _serving(server, successor, again=server.handing_back)
+    server.handed_over_by = []  # not main now: ending them is the successor's job (_stop)
     if server.handing_back or _release_of(successor) == _release_of(os.getpid()):
         server.signal(signal.SIGTERM, None)  # its workers finish their requests first
         return
@@ -208,6 +232,7 @@ def _wake(server):
             newer = int(handed.read())
         os.unlink(_hand_back_file(os.getpid()))
         _signal(newer, signal.SIGWINCH)  # ready: it names this one main again, and retires
+        server.handed_over_by.append(newer)
     except (OSError, ValueError):
         server.log.warning("rolled back, but the master that handed back is unknown")
 

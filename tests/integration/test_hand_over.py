@@ -5,6 +5,7 @@ sandbox server: which process serves, what systemd knows, and that nothing is lo
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -179,3 +180,36 @@ def test_a_worker_cannot_name_the_main_process(site):
         assert main_pid(site) == main
         assert status == f"serving {site.built_release()}"
 
+
+SLOW_ROUTE = """
+
+@bp.get("/slow")
+def slow():
+    import time
+    time.sleep(float(request.args["s"]))
+    return {"slept": request.args["s"]}
+"""
+
+
+def test_a_stop_soon_after_a_hand_over_lets_the_old_masters_requests_finish(site):
+    """The master handed over from still finishes its requests; a `systemctl restart` then
+    must wait for them too: once the main process ends, systemd kills what is left of the
+    unit (KillMode=mixed)."""
+    with site.edited("helpdesk/views.py", lambda text: text + SLOW_ROUTE):
+        assert site.doit("deploy").returncode == 0
+        main = main_pid(site)
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(requests.get, site.url + "slow?s=6", timeout=30)
+            time.sleep(1)  # it runs in a worker of the main master now
+            with site.deploy_user() as deploy:
+                deploy["sudo"]("-n", "systemctl", "kill", "--kill-whom=main", "--signal=SIGURG",
+                               UNIT)  # a hand-over (here: to the same release, as a restore)
+                deadline = time.monotonic() + 10
+                while main_pid(site) == main and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert main_pid(site) != main
+                assert not slow.done()
+                deploy["sudo"]("-n", "systemctl", "restart", UNIT)
+            answer = slow.result()
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"slept": "6"}
