@@ -1409,8 +1409,9 @@ ConditionPathExists=@DEPLOY_PATH@/current
 
 [Service]
 Type=notify
-# A master started by a hand-over (gunicorn.conf.py) tells systemd it is the main process now.
-NotifyAccess=all
+# Only the main process is heard: it names the master it hands over to (gunicorn.conf.py). A
+# worker must not: systemd would watch a process it names without noticing its end.
+NotifyAccess=main
 User=@APP_USER@
 Group=@APP_USER@
 WorkingDirectory=@DEPLOY_PATH@/current
@@ -1529,15 +1530,21 @@ def post_request(worker, req, environ, resp):
 # service's main process (`systemctl kill --kill-whom=main`, conf/sudoers): nothing else, and
 # nothing the deploy or app user writes steers it. The live master then starts a new master on
 # `current` with the same listening socket, in the same unit and sandbox. Once the new one has
-# imported the app it tells systemd it is the main process and parks the old one: the old
-# workers finish their requests and exit, the old master stays, idle, for KEEP_PREVIOUS_S. A
-# rollback to that release within that time wakes it (its workers fork from the app it already
-# imported) and retires the newer one, instead of booting anything. Old and new workers accept
-# from the one socket meanwhile, so no request is refused or cut off.
+# imported the app it tells the old one (SIGWINCH), which tells systemd that the new one is the
+# main process now and parks: the old workers finish their requests and exit, the old master
+# stays, idle, for KEEP_PREVIOUS_S. A rollback to that release within that time wakes it (its
+# workers fork from the app it already imported) and retires the newer one, instead of booting
+# anything. Old and new workers accept from the one socket meanwhile, so no request is refused
+# or cut off. Only the main process may name the next one (NotifyAccess=main): systemd 252
+# watches a main process it did not start without noticing its end, so a worker that named
+# itself, or a child it then reaps, would make root's next stop kill whoever gets that number.
 # SIGURG's default action is to be ignored: a process that does not expect it is not harmed.
 KEEP_PREVIOUS_S = @KEEP_PREVIOUS_S@  # the setting; 0: the old master ends at once
 CURRENT = "@DEPLOY_PATH@/current"
 STARTED_BY = "FLASK_DEPLOY_HANDED_OVER_BY"  # the new master's environment: the old one's pid
+# The new master's NOTIFY_SOCKET, under another name until it is main: gunicorn's own READY=1
+# at its boot would only be refused (and logged) by systemd.
+NOTIFY_LATER = "FLASK_DEPLOY_NOTIFY_SOCKET"
 
 
 def _release_of(pid):
@@ -1574,17 +1581,17 @@ def _signal(pid, number):
 
 
 def _tell_systemd(server, state):
-    """NotifyAccess=all in the unit: any master of the service may say this."""
+    """NotifyAccess=main in the unit: systemd hears the main master only."""
     from gunicorn import systemd
     systemd.sd_notify(state, server.log)
 
 
-def _serving(server, again=False):
-    """This master is the service's main process now; its status names the release (a deploy
-    waits for that, server_tool.py), with " again" when it woke from parked."""
+def _serving(server, successor, again=False):
+    """From the main master: SUCCESSOR is the main process now; the status names its release
+    (a deploy waits for that, server_tool.py), with " again" when it woke from parked."""
     import os
-    release = os.path.basename(_release_of(os.getpid()) or "")
-    _tell_systemd(server, "MAINPID=%d\nSTATUS=serving %s%s" % (os.getpid(), release,
+    release = os.path.basename(_release_of(successor) or "")
+    _tell_systemd(server, "MAINPID=%d\nSTATUS=serving %s%s" % (successor, release,
                                                                " again" if again else ""))
 
 
@@ -1597,12 +1604,19 @@ def when_ready(server):
     import os
     import signal
     old = int(os.environ.pop(STARTED_BY, "0") or 0)
+    if os.environ.get(NOTIFY_LATER):
+        os.environ["NOTIFY_SOCKET"] = os.environ.pop(NOTIFY_LATER)
     try:
         server.SIG_NAMES.setdefault(signal.SIGURG, "urg")
         server.handle_urg = lambda: _switch(server)
         server.handle_winch = lambda: _park(server)
         server.parked = False
         server.previous_master = 0
+        server.successor = 0  # the master this one started or woke: it names it main
+        server.handing_back = False
+        server.handed_over_by = [old] if old else []  # end before this one: _stop
+        stop = server.handle_term
+        server.handle_term = lambda: _stop(server, stop)
         signal.signal(signal.SIGURG, server.signal)
         server.START_CTX["args"], server.LISTENERS, server.cfg.env_orig  # what it needs
     except (AttributeError, KeyError, TypeError) as error:
@@ -1613,12 +1627,29 @@ def when_ready(server):
         return
     if not old:  # started by systemd
         return
-    _serving(server)
-    if _release_of(old) == _release_of(os.getpid()) or not KEEP_PREVIOUS_S:
-        _signal(old, signal.SIGTERM)  # nothing to keep (or the same release: a restore)
-    else:
-        _signal(old, signal.SIGWINCH)
+    if _release_of(old) != _release_of(os.getpid()):
         server.previous_master = old
+    _signal(old, signal.SIGWINCH)  # ready: the old master names this one main
+
+
+def _stop(server, stop):
+    """SIGTERM (systemd's stop or restart): the masters that handed over to this one end too,
+    each once its workers finished their requests (see on_exit)."""
+    import signal
+    for pid in server.handed_over_by:
+        if _parked_master(pid):
+            _signal(pid, signal.SIGTERM)
+    stop()
+
+
+def on_exit(server):
+    """Wait for the masters that handed over to this one: once the main process has ended,
+    systemd kills what is left of the unit (KillMode=mixed), requests in flight and all."""
+    import time
+    deadline = time.monotonic() + server.cfg.graceful_timeout
+    while any(_parked_master(pid) for pid in getattr(server, "handed_over_by", ())) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def post_fork(server, worker):
@@ -1627,9 +1658,19 @@ def post_fork(server, worker):
 
 
 def _park(server):
-    """SIGWINCH from the master that took over: stop the workers gracefully, stay ready."""
+    """SIGWINCH from the master this one started or woke, once it is ready: tell systemd that
+    one is main, then stop the workers gracefully and stay ready (or end: the same release
+    again, a restore; or a rollback to the one that woke)."""
+    import os
     import signal
-    if server.parked:
+    successor, server.successor = server.successor, 0
+    if server.parked or not successor or not _release_of(successor):
+        return  # no hand-over under way: nobody to name
+    _serving(server, successor, again=server.handing_back)
+    server.handed_over_by = []  # not main now: ending them is the successor's job (_stop)
+    if server.handing_back or _release_of(successor) == _release_of(os.getpid()) or \
+            not KEEP_PREVIOUS_S:
+        server.signal(signal.SIGTERM, None)  # its workers finish their requests first
         return
     server.parked = True
     server.num_workers = 0
@@ -1655,6 +1696,7 @@ def _switch(server):
     if previous and _release_of(previous) == target != mine:
         with open(_hand_back_file(previous), "w") as handed:
             handed.write(str(os.getpid()))
+        server.successor, server.handing_back = previous, True
         _signal(previous, signal.SIGURG)  # parked on `current`: it serves again, retires this
         return
     if previous:  # parked on another release: one is kept, never more
@@ -1670,12 +1712,12 @@ def _wake(server):
     server.num_workers = server.cfg.workers
     for _ in range(server.num_workers - len(server.WORKERS)):
         server.spawn_worker()  # a fork of the app imported already (no spawn_workers' pauses)
-    _serving(server, again=True)
     try:
         with open(_hand_back_file(os.getpid())) as handed:
             newer = int(handed.read())
         os.unlink(_hand_back_file(os.getpid()))
-        _signal(newer, signal.SIGTERM)  # its workers finish their requests first
+        _signal(newer, signal.SIGWINCH)  # ready: it names this one main again, and retires
+        server.handed_over_by.append(newer)
     except (OSError, ValueError):
         server.log.warning("rolled back, but the master that handed back is unknown")
 
@@ -1690,25 +1732,34 @@ def _start_master(server, release):
     python = os.path.join(release, ".venv", "bin", "python")
     sockets = [listener.fileno() for listener in server.LISTENERS]
     old = os.getpid()
+    notify = os.environ.get("NOTIFY_SOCKET", "")
+    pid_reader, pid_writer = os.pipe()  # the middle one says the new master's pid
     middle = os.fork()
     if middle == 0:
         try:
-            if os.fork() == 0:
+            new = os.fork()
+            if new == 0:
                 import fcntl
                 spare = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in sockets]
                 for index, fd in enumerate(spare):
                     os.dup2(fd, 3 + index)  # inheritable: it crosses the exec
-                environ = dict(server.cfg.env_orig, LISTEN_PID=str(os.getpid()),
-                               LISTEN_FDS=str(len(spare)), **{STARTED_BY: str(old)})
+                environ = {name: value for name, value in server.cfg.env_orig.items()
+                           if name != "NOTIFY_SOCKET"}
+                environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(spare)),
+                               **{STARTED_BY: str(old), NOTIFY_LATER: notify})
                 os.chdir(release)
                 os.execve(python, [python, os.path.join(release, ".venv", "bin", "gunicorn")]
                           + args, environ)
+            os.write(pid_writer, str(new).encode())
         finally:
             os._exit(0)
+    os.close(pid_writer)
     try:
         os.waitpid(middle, 0)
     except ChildProcessError:  # the arbiter's own SIGCHLD reaping was first
         pass
+    with os.fdopen(pid_reader, "rb") as said:
+        server.successor, server.handing_back = int(said.read() or 0), False
 END_OF_FLASK_DEPLOY_TEMPLATE
       ;;
     hardening.conf)

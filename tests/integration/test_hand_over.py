@@ -5,8 +5,10 @@ sandbox server: which process serves, what systemd knows, and that nothing is lo
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 from scripts.loadgen import Load
 
@@ -149,6 +151,73 @@ def test_a_release_on_another_gunicorn_and_venv_is_handed_over_to_and_back(site)
         assert rollback.returncode == 0, rollback.stdout + rollback.stderr
         assert "woke from parked" in restart_detail(rollback.stdout)
         assert site.served_release() == old
+
+
+# An attacker's code in a worker (a request it exploits): it names itself the main process.
+CLAIMS_MAIN_PID = """
+
+@bp.post("/claim-main-pid")
+def claim_main_pid():
+    import os
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.sendto(b"MAINPID=%d\\nSTATUS=claimed" % os.getpid(), "/run/systemd/notify")
+    return {"pid": os.getpid()}
+"""
+
+
+def test_a_worker_cannot_name_the_main_process(site):
+    """systemd 252 supervises a main process it did not start without noticing its end: were
+    a worker able to name itself (or a child it then reaps), root's next `systemctl stop`
+    would kill whatever process got that number next. Only the main master may say who is
+    main (it hands that on itself); the hand-over still works."""
+    with site.edited("helpdesk/views.py", lambda text: text + CLAIMS_MAIN_PID):
+        assert site.doit("deploy").returncode == 0
+        site.change_code("claims")
+        result = site.doit("deploy")
+        assert "booted beside the old release" in restart_detail(result.stdout)
+        main = main_pid(site)
+        worker = requests.post(site.url + "claim-main-pid", timeout=10).json()["pid"]
+        assert worker != main
+        time.sleep(0.5)  # systemd reads the message
+        with site.admin() as admin:
+            status = admin["systemctl"]("show", "-P", "StatusText", UNIT).strip()
+        assert main_pid(site) == main
+        assert status == f"serving {site.built_release()}"
+
+
+SLOW_ROUTE = """
+
+@bp.get("/slow")
+def slow():
+    import time
+    time.sleep(float(request.args["s"]))
+    return {"slept": request.args["s"]}
+"""
+
+
+def test_a_stop_soon_after_a_hand_over_lets_the_old_masters_requests_finish(site):
+    """The master handed over from still finishes its requests; a `systemctl restart` then
+    must wait for them too: once the main process ends, systemd kills what is left of the
+    unit (KillMode=mixed)."""
+    with site.edited("helpdesk/views.py", lambda text: text + SLOW_ROUTE):
+        assert site.doit("deploy").returncode == 0
+        main = main_pid(site)
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(requests.get, site.url + "slow?s=6", timeout=30)
+            time.sleep(1)  # it runs in a worker of the main master now
+            with site.deploy_user() as deploy:
+                deploy["sudo"]("-n", "systemctl", "kill", "--kill-whom=main", "--signal=SIGURG",
+                               UNIT)  # a hand-over (here: to the same release, as a restore)
+                deadline = time.monotonic() + 10
+                while main_pid(site) == main and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert main_pid(site) != main
+                assert not slow.done()
+                deploy["sudo"]("-n", "systemctl", "restart", UNIT)
+            answer = slow.result()
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"slept": "6"}
 
 
 def test_keep_previous_s_bounds_how_long_the_old_release_stays_parked(site):
