@@ -103,13 +103,15 @@ def _tell_systemd(server, state):
     systemd.sd_notify(state, server.log)
 
 
-def _serving(server, successor, again=False):
+def _serving(server, successor, how):
     """From the main master: SUCCESSOR is the main process now; the status names its release
-    (a deploy waits for that, server_tool.py), with " again" when it woke from parked."""
+    (a deploy waits for that, server_tool.py), then HOW: "again" (it woke from parked),
+    "alone" (this master ends rather than parks) or nothing (this one parks)."""
     import os
     release = os.path.basename(_release_of(successor) or "")
-    _tell_systemd(server, "MAINPID=%d\nSTATUS=serving %s%s" % (successor, release,
-                                                               " again" if again else ""))
+    _tell_systemd(server, "MAINPID=%d\nSTATUS=%s" % (successor,
+                                                     " ".join(filter(None, ["serving", release,
+                                                                            how]))))
 
 
 def _hand_back_file(pid):
@@ -183,10 +185,11 @@ def _park(server):
     successor, server.successor = server.successor, 0
     if server.parked or not successor or not _release_of(successor):
         return  # no hand-over under way: nobody to name
-    _serving(server, successor, again=server.handing_back)
+    ends = server.handing_back or not KEEP_PREVIOUS_S or \
+        _release_of(successor) == _release_of(os.getpid())
+    _serving(server, successor, "again" if server.handing_back else "alone" if ends else "")
     server.handed_over_by = []  # not main now: ending them is the successor's job (_stop)
-    if server.handing_back or _release_of(successor) == _release_of(os.getpid()) or \
-            not KEEP_PREVIOUS_S:
+    if ends:
         server.signal(signal.SIGTERM, None)  # its workers finish their requests first
         return
     server.parked = True

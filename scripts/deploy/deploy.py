@@ -119,6 +119,7 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
 
 HOW_IT_WENT_LIVE = {
     "handed over": "booted beside the old release, which stays parked for a quick rollback",
+    "handed over alone": "booted beside the old release, which then ended",
     "woke": "woke from parked: it was still loaded",
     "restarted": "restarted",
 }

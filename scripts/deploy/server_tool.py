@@ -1049,9 +1049,10 @@ def _started_with_what_is_there(unit, show):
 def _handed_over(unit, release, timeout):
     """Ask the running service to serve `current` (SIGURG to its main process; sudoers allows
     exactly that) and wait until a master of RELEASE is the main process: "handed over" (a new
-    master booted) or "woke" (the parked one of RELEASE serves again). None when the service
-    cannot take a hand-over (not running, started with other settings, or a gunicorn config
-    without it: no answer within a second) or did not finish one in time; then it restarts."""
+    master booted; the old one parked), "handed over alone" (the old one ended) or "woke" (the
+    parked one of RELEASE serves again). None when the service cannot take a hand-over (not
+    running, started with other settings, or a gunicorn config without it: no answer within a
+    second) or did not finish one in time; then it restarts."""
     import subprocess
     import time
     show = _unit_show(unit, "ActiveState", "MainPID", "StatusText", "NeedDaemonReload",
@@ -1074,7 +1075,9 @@ def _handed_over(unit, release, timeout):
         if now.get("ActiveState") != "active":
             return None
         if now.get("MainPID") != before and status.split()[:2] == ["serving", release]:
-            return "woke" if status.endswith(" again") else "handed over"
+            how = status.split()[2:]  # conf/gunicorn.conf.py's _serving
+            return {"again": "woke", "alone": "handed over alone"}.get(" ".join(how),
+                                                                     "handed over")
         if status == show.get("StatusText") and time.monotonic() - started > 1:
             return None  # no answer: the running gunicorn config has no hand-over
     return None
