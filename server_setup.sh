@@ -1524,7 +1524,6 @@ def post_request(worker, req, environ, resp):
         os.close(gate)
 
 
-
 # The hand-over: how a deploy switches releases without a gap, and a rollback in a moment.
 # A deploy points @DEPLOY_PATH@/current at the new release, then root sends SIGURG to the
 # service's main process (`systemctl kill --kill-whom=main`, conf/sudoers): nothing else, and
@@ -1556,9 +1555,10 @@ def _release_of(pid):
         return None
 
 
-def _parked_master(pid):
-    """PID if it still is the master this one parked: it may have ended (KEEP_PREVIOUS_S), and
-    its number gone to another process since. 0 otherwise."""
+def _still_a_master(pid):
+    """PID if it still is another gunicorn master of this service (parked, or handing over):
+    it may have ended (KEEP_PREVIOUS_S), and its number gone to another process since. 0
+    otherwise."""
     import os
     try:
         with open("/proc/%d/stat" % pid) as stat:
@@ -1639,7 +1639,7 @@ def _stop(server, stop):
     each once its workers finished their requests (see on_exit)."""
     import signal
     for pid in server.handed_over_by:
-        if _parked_master(pid):
+        if _still_a_master(pid):
             _signal(pid, signal.SIGTERM)
     stop()
 
@@ -1649,7 +1649,7 @@ def on_exit(server):
     systemd kills what is left of the unit (KillMode=mixed), requests in flight and all."""
     import time
     deadline = time.monotonic() + server.cfg.graceful_timeout
-    while any(_parked_master(pid) for pid in getattr(server, "handed_over_by", ())) and \
+    while any(_still_a_master(pid) for pid in getattr(server, "handed_over_by", ())) and \
             time.monotonic() < deadline:
         time.sleep(0.05)
 
@@ -1693,7 +1693,7 @@ def _switch(server):
         if mine == target:
             _wake(server)
         return
-    previous = _parked_master(server.previous_master) if server.previous_master else 0
+    previous = _still_a_master(server.previous_master) if server.previous_master else 0
     server.previous_master = 0
     _tell_systemd(server, "STATUS=handing over to %s" % os.path.basename(target))
     if previous and _release_of(previous) == target != mine:

@@ -157,6 +157,27 @@ def test_deploy_as_the_deploy_user_only_from_a_fresh_clone(shape, hand_provision
     assert again.returncode == 0 and "ok       provisioned by this server_setup.sh" in again.stdout
 
 
+def test_a_hand_provisioned_server_takes_a_hand_over_and_wakes_the_parked_release(shape,
+                                                                                 hand_provisioned):
+    """The hand-over's one sudo line as server_setup.sh run by hand installed it, used by the
+    deploy user alone from a fresh clone: a code change boots beside, a rollback wakes."""
+    assert shape.doit("deploy").returncode == 0
+    old = shape.served_release()
+    views = shape.clone / "examples" / "helpdesk" / "helpdesk" / "views.py"
+    views.write_text(views.read_text() + "\n# hand-over on a hand-provisioned server\n")
+    try:
+        result = shape.doit("deploy")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "booted beside the old release, which stays parked" in result.stdout
+        assert shape.served_release() != old
+        rollback = shape.doit("rollback")
+        assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+        assert "woke from parked" in rollback.stdout, rollback.stdout
+        assert shape.served_release() == old
+    finally:
+        subprocess.run(["git", "-C", str(shape.clone), "checkout", "--", str(views)], check=True)
+
+
 def test_a_server_behind_the_templates_is_named_in_one_line_and_the_deploy_goes_on(
         shape, hand_provisioned):
     logrotate = shape.clone / "conf" / "logrotate.conf"

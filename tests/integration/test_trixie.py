@@ -69,6 +69,26 @@ def test_a_second_deploy_keeps_the_data_and_builds_nothing_new(trixie):
     assert "kept across deploys" in site.ticket_titles()
 
 
+def test_a_code_change_is_handed_over_and_a_rollback_wakes_the_parked_release(trixie):
+    """The hand-over on systemd 257 and Python 3.13: the new master becomes the main process,
+    the old one parks, and a rollback wakes that very process."""
+    site, _ = trixie
+    old = site.served_release()
+    with site.admin() as machine:
+        parked = int(machine["systemctl"]("show", "-P", "MainPID", "flask-helpdesk"))
+    site.change_code("hand-over on trixie")
+    result = site.doit("deploy", **TRIXIE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "booted beside the old release, which stays parked" in result.stdout, result.stdout
+    assert site.served_release() == site.built_release() != old
+    rollback = site.doit("rollback", **TRIXIE)
+    assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+    assert "woke from parked" in rollback.stdout, rollback.stdout
+    assert site.served_release() == old
+    with site.admin() as machine:
+        assert int(machine["systemctl"]("show", "-P", "MainPID", "flask-helpdesk")) == parked
+
+
 def test_check_names_a_missing_python3_venv(trixie):
     site, _ = trixie
     with site.admin() as machine:
