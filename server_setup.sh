@@ -1544,6 +1544,18 @@ STARTED_BY = "FLASK_DEPLOY_HANDED_OVER_BY"  # the new master's environment: the 
 # The new master's NOTIFY_SOCKET, under another name until it is main: gunicorn's own READY=1
 # at its boot would only be refused (and logged) by systemd.
 NOTIFY_LATER = "FLASK_DEPLOY_NOTIFY_SOCKET"
+# Booted once: a deploy's preflight is a new master in this unit too. The deploy points
+# @DEPLOY_PATH@/candidate at the new release and sends the same signal; the live master starts a
+# master there which serves only the spare port, 127.0.0.1:@PREFLIGHT_PORT@, with one worker,
+# for the deploy's health check. At the switch (`current` points at it, `candidate` is gone, the
+# signal again) it takes the live socket: its workers fork from the app it imported at the
+# preflight, and the hand-over goes on as above. Without the switch it ends (the deploy failed,
+# or was killed: CANDIDATE_WAIT_S). Which release is read from links the deploy user writes,
+# by the app user's own master, as `current` is: root reads none of it.
+CANDIDATE = "@DEPLOY_PATH@/candidate"
+PREFLIGHT_PORT = @PREFLIGHT_PORT@
+CANDIDATE_ENV = "FLASK_DEPLOY_CANDIDATE"  # the new master's environment: boot as a candidate
+CANDIDATE_WAIT_S = 900  # a candidate nobody switched to ends by itself
 
 
 def _release_of(pid):
@@ -1606,8 +1618,10 @@ def when_ready(server):
     import os
     import signal
     old = int(os.environ.pop(STARTED_BY, "0") or 0)
-    if os.environ.get(NOTIFY_LATER):
-        os.environ["NOTIFY_SOCKET"] = os.environ.pop(NOTIFY_LATER)
+    candidate = os.environ.pop(CANDIDATE_ENV, "") == "1"
+    notify = os.environ.pop(NOTIFY_LATER, "")
+    if notify and not candidate:
+        os.environ["NOTIFY_SOCKET"] = notify
     try:
         server.SIG_NAMES.setdefault(signal.SIGURG, "urg")
         server.handle_urg = lambda: _switch(server)
@@ -1616,7 +1630,9 @@ def when_ready(server):
         server.previous_master = 0
         server.successor = 0  # the master this one started or woke: it names it main
         server.handing_back = False
-        server.handed_over_by = [old] if old else []  # end before this one: _stop
+        server.handed_over_by = [old] if old and not candidate else []  # _stop ends them
+        server.candidate = 0  # the candidate this one started for a preflight
+        server.live_listeners = None  # a candidate's, until the switch
         stop = server.handle_term
         server.handle_term = lambda: _stop(server, stop)
         signal.signal(signal.SIGURG, server.signal)
@@ -1629,17 +1645,68 @@ def when_ready(server):
         return
     if not old:  # started by systemd
         return
+    if candidate:
+        _wait_as_candidate(server, old, notify)
+        return
     if _release_of(old) != _release_of(os.getpid()):
         server.previous_master = old
     _signal(old, signal.SIGWINCH)  # ready: the old master names this one main
+
+
+def _wait_as_candidate(server, old, notify):
+    """A candidate serves the spare port alone (one worker) until the switch (_go_live)."""
+    import signal
+    server.live_listeners, server.LISTENERS = server.LISTENERS, [_spare_port(server)]
+    server.num_workers = 1
+    server.started_by, server.notify_later = old, notify
+    signal.signal(signal.SIGALRM, lambda *_: server.signal(signal.SIGTERM, None))
+    signal.alarm(CANDIDATE_WAIT_S)
+
+
+def _spare_port(server):
+    """127.0.0.1:PREFLIGHT_PORT; an ended candidate's worker may hold it a moment longer."""
+    import errno
+    import time
+    from gunicorn import sock
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return sock.TCPSocket(("127.0.0.1", PREFLIGHT_PORT), server.cfg, server.log)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _go_live(server):
+    """SIGURG to a candidate, from the live master at the switch: take the live socket (workers
+    forked from the app imported already, the spare port's worker finishing its request), then
+    tell the old master, which names this one main and parks, as after any hand-over."""
+    import os
+    import signal
+    signal.alarm(0)
+    spare, server.LISTENERS, server.live_listeners = server.LISTENERS, server.live_listeners, None
+    server.kill_workers(signal.SIGTERM)
+    for listener in spare:
+        listener.close()
+    server.num_workers = server.cfg.workers
+    for _ in range(server.num_workers):
+        server.spawn_worker()
+    if server.notify_later:
+        os.environ["NOTIFY_SOCKET"] = server.notify_later
+    old = server.started_by
+    server.handed_over_by = [old]
+    if _release_of(old) != _release_of(os.getpid()):
+        server.previous_master = old
+    _signal(old, signal.SIGWINCH)
 
 
 def _stop(server, stop):
     """SIGTERM (systemd's stop or restart): the masters that handed over to this one end too,
     each once its workers finished their requests (see on_exit)."""
     import signal
-    for pid in server.handed_over_by:
-        if _still_a_master(pid):
+    for pid in server.handed_over_by + [server.candidate]:
+        if pid and _still_a_master(pid):
             _signal(pid, signal.SIGTERM)
     stop()
 
@@ -1683,10 +1750,24 @@ def _park(server):
     signal.alarm(KEEP_PREVIOUS_S)
 
 
+def _wanted_candidate():
+    """The release `candidate` points at, when it is one of this service's releases."""
+    import os
+    if not os.path.islink(CANDIDATE):
+        return None
+    wanted = os.path.realpath(CANDIDATE)
+    releases = os.path.dirname(CURRENT) + "/releases/"
+    return wanted if wanted.startswith(releases) and os.path.isdir(wanted) else None
+
+
 def _switch(server):
-    """SIGURG: serve the release `current` points at, the quickest way there is."""
+    """SIGURG: serve the release `current` points at, the quickest way there is; or boot the
+    one `candidate` points at beside it, for a preflight."""
     import os
     import signal
+    if server.live_listeners is not None:  # a candidate: the switch to it
+        _go_live(server)
+        return
     target = os.path.realpath(CURRENT)
     mine = _release_of(os.getpid())
     if server.parked:  # woken by the master it handed over to: a rollback to this release
@@ -1694,6 +1775,28 @@ def _switch(server):
             _wake(server)
         return
     previous = _still_a_master(server.previous_master) if server.previous_master else 0
+    wanted = _wanted_candidate()
+    had_candidate, server.candidate = server.candidate, 0
+    candidate = _still_a_master(had_candidate) if had_candidate else 0
+    if candidate and not wanted and _release_of(candidate) == target:
+        server.previous_master = 0
+        if previous and previous != candidate:
+            _signal(previous, signal.SIGTERM)  # one parked master is kept, never more
+        _tell_systemd(server, "STATUS=handing over to %s" % os.path.basename(target))
+        server.successor, server.handing_back = candidate, False
+        _signal(candidate, signal.SIGURG)  # it takes the live socket, then says so (SIGWINCH)
+        return
+    if candidate:  # the deploy failed, or wants another one
+        _signal(candidate, signal.SIGTERM)
+    if had_candidate and not wanted and target == mine:  # the deploy failed: that was all
+        _tell_systemd(server, "STATUS=serving %s; preflight ended" % os.path.basename(mine))
+        return
+    if wanted:
+        server.log.info("preflight of %s: booting it beside this one", wanted)
+        server.candidate = _start_master(server, wanted, candidate=True)
+        _tell_systemd(server, "STATUS=preflight of %s: pid %d" % (os.path.basename(wanted),
+                                                                  server.candidate))
+        return
     server.previous_master = 0
     _tell_systemd(server, "STATUS=handing over to %s" % os.path.basename(target))
     if previous and _release_of(previous) == target != mine:
@@ -1725,10 +1828,11 @@ def _wake(server):
         server.log.warning("rolled back, but the master that handed back is unknown")
 
 
-def _start_master(server, release):
+def _start_master(server, release, candidate=False):
     """A new master on RELEASE with this one's sockets (fds 3.., as systemd passes them) and
-    environment. Forked twice, so that it is systemd's own child: systemd then waits for it,
-    and for its requests, when it stops or restarts the service."""
+    environment; a CANDIDATE serves the spare port until the switch. Forked twice, so that it
+    is systemd's own child: systemd then waits for it, and for its requests, when it stops or
+    restarts the service. Its pid; the successor's, unless a candidate."""
     import os
     server.log.info("handing over to %s", release)
     args = server.START_CTX["args"][2:]  # [python, gunicorn, ARGS...]: the same ARGS
@@ -1749,7 +1853,8 @@ def _start_master(server, release):
                 environ = {name: value for name, value in server.cfg.env_orig.items()
                            if name != "NOTIFY_SOCKET"}
                 environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(spare)),
-                               **{STARTED_BY: str(old), NOTIFY_LATER: notify})
+                               **{STARTED_BY: str(old), NOTIFY_LATER: notify,
+                                  CANDIDATE_ENV: "1" if candidate else ""})
                 os.chdir(release)
                 os.execve(python, [python, os.path.join(release, ".venv", "bin", "gunicorn")]
                           + args, environ)
@@ -1762,7 +1867,10 @@ def _start_master(server, release):
     except ChildProcessError:  # the arbiter's own SIGCHLD reaping was first
         pass
     with os.fdopen(pid_reader, "rb") as said:
-        server.successor, server.handing_back = int(said.read() or 0), False
+        new = int(said.read() or 0)
+    if not candidate:
+        server.successor, server.handing_back = new, False
+    return new
 END_OF_FLASK_DEPLOY_TEMPLATE
       ;;
     hardening.conf)

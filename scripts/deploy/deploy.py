@@ -79,35 +79,52 @@ def explain_failure(journal_lines: list[str]) -> str:
     return " | ".join(message for message in messages[-4:] if message.strip()) or "no journal"
 
 
-def journal_tail(server: Server, unit: str) -> str:
-    lines = server.sudo(commands.journal(unit, 30), check=False,
-                        reads=True).stdout.strip().splitlines()
-    return explain_failure(lines)
+def journal_tail(server: Server, unit: str, lines: int = 30, since: str = "") -> str:
+    """Why UNIT's last run failed, from its journal (after the last line holding SINCE, when
+    given: a candidate boots in the live unit, whose journal holds more)."""
+    text = server.sudo(commands.journal(unit, lines), check=False, reads=True).stdout
+    found = text.strip().splitlines()
+    if since:
+        marks = [index for index, line in enumerate(found) if since in line]
+        found = found[marks[-1] + 1:] if marks else found
+    return explain_failure(found)
 
 
-def _started_healthy(server: Server, settings: Settings, subcommand: str, unit: str,
-                     port: int, release: str, dry_run_actions: tuple[str, ...]) -> dict:
-    """One call of the server tool: (re)start UNIT and wait until it answers healthy on PORT
-    with the release. A dry run prints the systemctl commands the tool would run there."""
+def _started_healthy(server: Server, settings: Settings, subcommand: str, units: list[str],
+                     port: int, release: str, dry_run_actions: tuple[str, ...],
+                     *more: str) -> dict:
+    """One call of the server tool: (re)start the app on one of UNITS (the last) and wait
+    until it answers healthy on PORT with the release. A dry run prints the systemctl
+    commands the tool would run there."""
     if server.dry_run:
         for action in dry_run_actions:
-            server.sudo(commands.systemctl(action, unit))
+            server.sudo(commands.systemctl(action, units[-1]))
         return {"started": True, "healthy": True}
-    return server.tool_call(subcommand, unit, commands.health_url(port, settings.health_path),
-                            release, settings.health_timeout_s, reads=False)
+    return server.tool_call(subcommand, str(server.deploy_path), *units,
+                            commands.health_url(port, settings.health_path),
+                            release, settings.health_timeout_s, *more, reads=False)
 
 
-def start_preflight(server: Server, settings: Settings, release: str) -> None:
-    """Run `next` on the spare port and require its health check, then stop it again."""
-    unit = commands.units(settings)["preflight"]
-    answer = _started_healthy(server, settings, "preflight", unit,
+def start_preflight(server: Server, settings: Settings, release: str,
+                    beside: bool = True) -> str:
+    """Boot `next` on the spare port and require its health check: BESIDE the live release
+    when the service can take a hand-over (the candidate then takes over at the switch: one
+    boot per deploy), else in the preflight unit, stopped again. Says where."""
+    units = commands.units(settings)
+    if server.dry_run:  # booted beside the live release; a service that cannot: the unit
+        server.sudo(commands.hand_over(units["app"]))
+    answer = _started_healthy(server, settings, "preflight", [units["app"], units["preflight"]],
                               commands.preflight_port(settings), release,
-                              ("stop", "start", "stop"))
+                              ("stop", "start", "stop"), "1" if beside else "")
     if answer.get("healthy"):
-        return
+        return ("booted beside the live release; it takes over at the switch"
+                if answer.get("how") == "beside" else "in the preflight unit")
     if not answer.get("started"):
+        journal = answer.get("journal") or units["preflight"]
+        lines = 50 if journal == units["app"] else 30  # the counts sudoers allows
         raise ToolkitError(f"{server.name}: release {release} does not start: "
-                           f"{journal_tail(server, unit)}; the old release keeps serving")
+                           f"{journal_tail(server, journal, lines, answer.get('since', ''))}; "
+                           f"the old release keeps serving")
     error = answer.get("error") or ""
     # A 404 is no matter of time: the app has no such route (a newcomer's own app).
     setting = (f"HEALTH_PATH={settings.health_path}: is it a route of the app?"
@@ -120,6 +137,10 @@ def start_preflight(server: Server, settings: Settings, release: str) -> None:
 HOW_IT_WENT_LIVE = {
     "handed over": "booted beside the old release, which stays parked for a quick rollback",
     "handed over alone": "booted beside the old release, which then ended",
+    "took over": "booted beside the old release at the preflight, and took over; the old one "
+                 "stays parked for a quick rollback",
+    "took over alone": "booted beside the old release at the preflight, and took over; the old "
+                       "one then ended",
     "woke": "woke from parked: it was still loaded",
     "restarted": "restarted",
 }
@@ -132,7 +153,7 @@ def restart_and_check(server: Server, settings: Settings, release: str) -> str:
     if server.dry_run:
         # the hand-over; a service that cannot take one restarts (the lines that follow)
         server.sudo(commands.hand_over(commands.units(settings)["app"]))
-    answer = _started_healthy(server, settings, "restart", commands.units(settings)["app"],
+    answer = _started_healthy(server, settings, "restart", [commands.units(settings)["app"]],
                               settings.app_port, release, ("reset-failed", "restart"))
     if answer.get("healthy"):
         # A dry run's answer does not say: that depends on the running service.
@@ -379,9 +400,9 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
     backup_and_migrate(server, settings, release, reporter, facts.get("databases", []), steps)
     hooks.on_server(server, settings, "post-migrate", release, reporter)
     with reporter.step("preflight") as outcome:
-        start_preflight(server, settings, release)
+        where = start_preflight(server, settings, release)
         outcome.detail = (f"{release} healthy on 127.0.0.1:{commands.preflight_port(settings)}"
-                          f"{settings.health_path}")
+                          f"{settings.health_path}, {where}")
     hooks.on_server(server, settings, "pre-switch", release, reporter)
 
 

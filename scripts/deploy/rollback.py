@@ -70,8 +70,10 @@ def rollback_server(server: Server, settings: Settings, reporter: Reporter,
                     # switches back if it fails); that keeps a rollback near one second.
                     outcome.detail = f"{target} went live before; checked after the restart"
                 else:
-                    start_preflight(server, settings, target)
-                    outcome.detail = f"{target} healthy on the spare port"
+                    # Not beside the live release when a backup is restored next: a candidate
+                    # would have opened the database the restore replaces.
+                    where = start_preflight(server, settings, target, beside=not restore)
+                    outcome.detail = f"{target} healthy on the spare port, {where}"
             if restore:
                 with reporter.step("restore") as outcome:
                     backup = str(settings.backup_path / restore)

@@ -10,6 +10,8 @@ Layout (DEPLOY_PATH):
                       app's environment is /etc/<service>/app.env: systemd reads it as root)
   packages/           uploaded packages
   current, next       symlinks to releases/<id> (next: the release being deployed)
+  candidate           symlink to the release a preflight boots beside the live one; removed
+                      at the switch (conf/gunicorn.conf.py)
   good-releases       ids that went live, oldest first (rollback walks it backwards)
   failed-releases     ids that failed verification (ship refuses them unless forced)
   deploy-log.jsonl    one line per deploy or rollback
@@ -856,8 +858,9 @@ def cmd_health(url, expect_release, timeout):
     out(ok=True, release=wait_healthy(url, expect_release, timeout))
 
 
-def wait_healthy(url, expect_release, timeout):
-    """The release url reports once it answers healthy (None: it reports none), or Refusal."""
+def wait_healthy(url, expect_release, timeout, alive=None):
+    """The release url reports once it answers healthy (None: it reports none), or Refusal;
+    also as soon as ALIVE() says the process that would answer has ended."""
     import time
     import urllib.error
     import urllib.request
@@ -895,6 +898,8 @@ def wait_healthy(url, expect_release, timeout):
             last = str(getattr(error, "reason", error))
         if time.monotonic() > deadline:
             raise Refusal("%s did not answer healthy within %ss: %s" % (url, timeout, last))
+        if alive is not None and not alive():
+            raise Refusal("it ended before %s answered healthy: %s" % (url, last))
         # Another release answering: the one handing over is still finishing; it is quick.
         time.sleep(0.02 if last.startswith("it runs release") else 0.1)
 
@@ -970,19 +975,88 @@ def _started_healthy(action, unit, url, release, timeout):
     return {"started": True, "healthy": True}
 
 
-def cmd_preflight(unit, url, release, timeout):
+def cmd_preflight(root, app_unit, unit, url, release, timeout, beside="1"):
+    """The release on the spare port, its health at URL required, in one call. When the
+    running service can take a hand-over (and BESIDE), it boots the release beside the live
+    one, as a candidate that takes over at the switch (conf/gunicorn.conf.py): the app boots
+    once per deploy. Otherwise the release in `next` runs in the preflight UNIT: started,
+    checked, stopped again. The caller reads the journal named in the answer when it did not
+    start."""
+    answer = _preflight_beside(root, app_unit, url, release, timeout) if beside else None
+    if answer is None:
+        _preflight_unit(unit, url, release, timeout)
+    else:
+        out(**answer)
+
+
+def _preflight_beside(root, unit, url, release, timeout):
+    """Point `candidate` at RELEASE and signal the service, whose master boots it on the spare
+    port; then require its health. A failed one is ended again (`candidate` removed, the signal
+    again). None when the service cannot take a hand-over (see _handed_over)."""
+    show = _unit_show(unit, *HAND_OVER_FACTS)
+    if not _can_hand_over(unit, show):
+        return None
+    candidate = path(root, CANDIDATE_LINK)
+    link_atomically(candidate, path("releases", release))
+    pid = _hand_over_signal(unit) == 0 and _candidate_pid(unit, release, show)
+    if not pid:
+        _remove_link(candidate)
+        return None
+    try:
+        wait_healthy(url, release, timeout, alive=lambda: _alive(pid))
+    except Refusal as refusal:
+        started = _alive(pid)
+        _remove_link(candidate)
+        _hand_over_signal(unit)  # the live master ends it
+        return {"started": started, "healthy": False, "error": str(refusal), "how": "beside",
+                "journal": unit, "since": "releases/%s: booting it beside" % release}
+    return {"started": True, "healthy": True, "how": "beside"}
+
+
+def _candidate_pid(unit, release, show):
+    """The pid of the candidate master the service says it booted (its status), within a
+    second; 0 when it does not answer."""
+    import time
+    said = "preflight of %s: pid " % release
+    started = time.monotonic()
+    while time.monotonic() - started < 1:
+        time.sleep(0.01)
+        status = _unit_show(unit, "StatusText").get("StatusText", "")
+        if status.startswith(said) and status[len(said):].isdigit():
+            return int(status[len(said):])
+    return 0
+
+
+def _alive(pid):
+    """Whether PID runs (the app user's: signal 0 is refused, not answered ESRCH)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _remove_link(link):
+    try:
+        os.unlink(link)
+    except FileNotFoundError:
+        pass
+
+
+def _preflight_unit(unit, url, release, timeout):
     """The release in `next` on the spare port (UNIT): started, its health at URL required,
-    stopped again, in one call. The caller reads the unit's journal when it did not start.
-    A healthy preflight is stopped in the background: the deploy goes on to the switch and
-    restart (another unit, another port) while it shuts down, and the next preflight's own
-    first `stop` waits for a stop still under way."""
+    stopped again. A healthy preflight is stopped in the background: the deploy goes on to the
+    switch and restart (another unit, another port) while it shuts down, and the next
+    preflight's own first `stop` waits for a stop still under way."""
     import subprocess
     if _unit_state(unit) not in ("inactive", "failed"):
         _systemctl("stop", unit)  # a leftover of a killed deploy, or the last one stopping
     answer = {"healthy": False}
     try:
         answer = _started_healthy("start", unit, url, release, timeout)
-        out(**answer)
+        out(how="unit", journal=unit, **answer)
     finally:
         if answer["healthy"]:
             subprocess.Popen(["sudo", "-n", "systemctl", "stop", unit], stdin=subprocess.DEVNULL,
@@ -992,14 +1066,14 @@ def cmd_preflight(unit, url, release, timeout):
             _systemctl("stop", unit)
 
 
-def cmd_restart(unit, url, release, timeout):
+def cmd_restart(root, unit, url, release, timeout):
     """Put the app's service onto `current` and require its health at URL, in one call: by a
     hand-over when the running service can take one (conf/gunicorn.conf.py: the old release
     serves until the new one has booted, then stays parked for a rollback), else by a restart
     (its socket holds new connections meanwhile). Failed starts before (a reboot with a broken
     release), and the restarts of deploys and rollbacks seconds apart, must not rate-limit a
     restart (systemd's StartLimitBurst counts every start): reset-failed first."""
-    how = _handed_over(unit, release, timeout)
+    how = _handed_over(root, unit, release, timeout)
     if how:
         try:
             wait_healthy(url, release, timeout)
@@ -1046,27 +1120,41 @@ def _started_with_what_is_there(unit, show):
     return True
 
 
-def _handed_over(unit, release, timeout):
+HAND_OVER_FACTS = ("ActiveState", "MainPID", "StatusText", "NeedDaemonReload",
+                   "ActiveEnterTimestampMonotonic", "FragmentPath", "DropInPaths")
+CANDIDATE_LINK = "candidate"  # the release a preflight boots beside the live one
+
+
+def _can_hand_over(unit, show):
+    """Running, and with what systemd gave it at its start (SHOW: HAND_OVER_FACTS)."""
+    return show.get("ActiveState") == "active" and show.get("MainPID", "0") not in ("", "0") \
+        and _started_with_what_is_there(unit, show)
+
+
+def _hand_over_signal(unit):
+    """As scripts/deploy/commands.py's hand_over (this file runs with the standard library
+    only): the one signal sudoers lets a deploy send. Its exit status."""
+    import subprocess
+    return subprocess.run(["sudo", "-n", "systemctl", "kill", "--kill-whom=main",
+                           "--signal=SIGURG", unit], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+
+
+def _handed_over(root, unit, release, timeout):
     """Ask the running service to serve `current` (SIGURG to its main process; sudoers allows
     exactly that) and wait until a master of RELEASE is the main process: "handed over" (a new
-    master booted; the old one parked), "handed over alone" (the old one ended) or "woke" (the
+    master booted; the old one parked), "took over" (the candidate the preflight booted took
+    the live socket; the old one parked), either "... alone" (the old one ended) or "woke" (the
     parked one of RELEASE serves again). None when the service cannot take a hand-over (not
     running, started with other settings, or a gunicorn config without it: no answer within a
     second) or did not finish one in time; then it restarts."""
-    import subprocess
     import time
-    show = _unit_show(unit, "ActiveState", "MainPID", "StatusText", "NeedDaemonReload",
-                      "ActiveEnterTimestampMonotonic", "FragmentPath", "DropInPaths")
+    _remove_link(path(root, CANDIDATE_LINK))  # a candidate on `current` takes over; others end
+    show = _unit_show(unit, *HAND_OVER_FACTS)
     before = show.get("MainPID", "0")
-    if show.get("ActiveState") != "active" or before in ("", "0") or \
-            not _started_with_what_is_there(unit, show):
+    if not _can_hand_over(unit, show) or _hand_over_signal(unit) != 0:
         return None
-    # As scripts/deploy/commands.py's hand_over (this file runs with the standard library only)
-    sent = subprocess.run(["sudo", "-n", "systemctl", "kill", "--kill-whom=main",
-                           "--signal=SIGURG", unit], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-    if sent != 0:
-        return None
+    took_over = show.get("StatusText", "").startswith("preflight of %s: " % release)
     started = time.monotonic()
     while time.monotonic() - started < float(timeout):
         time.sleep(0.01)
@@ -1075,9 +1163,10 @@ def _handed_over(unit, release, timeout):
         if now.get("ActiveState") != "active":
             return None
         if now.get("MainPID") != before and status.split()[:2] == ["serving", release]:
-            how = status.split()[2:]  # conf/gunicorn.conf.py's _serving
-            return {"again": "woke", "alone": "handed over alone"}.get(" ".join(how),
-                                                                     "handed over")
+            how = " ".join(status.split()[2:])  # conf/gunicorn.conf.py's _serving
+            if how == "again":
+                return "woke"
+            return ("took over" if took_over else "handed over") + (" alone" if how else "")
         if status == show.get("StatusText") and time.monotonic() - started > 1:
             return None  # no answer: the running gunicorn config has no hand-over
     return None

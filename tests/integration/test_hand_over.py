@@ -68,6 +68,77 @@ def test_a_deploy_hands_over_and_parks_the_old_release_which_a_rollback_wakes(si
     assert set(masters(site).values()) <= {old, new}
 
 
+def journal_since(site, unit: str, since: str) -> str:
+    with site.admin() as admin:
+        return admin["sudo"]("-n", "journalctl", "-u", unit, "--since", since, "--no-pager",
+                             "-o", "cat")
+
+
+def server_now(site) -> str:
+    time.sleep(1.1)  # journalctl --since counts whole seconds: nothing earlier in this one
+    with site.admin() as admin:
+        return admin["date"]("+%Y-%m-%d %H:%M:%S").strip()
+
+
+def spare_port_listeners(site) -> str:
+    with site.admin() as admin:
+        return admin["sudo"]("-n", "ss", "-Htln", "sport = :5001").strip()
+
+
+def test_a_deploy_boots_the_app_once_and_that_master_takes_over_at_the_switch(site):
+    assert site.doit("deploy").returncode == 0
+    site.change_code("booted once")
+    since = server_now(site)
+    result = site.doit("deploy")
+    assert result.returncode == 0, result.stdout + result.stderr
+    preflight = next(line for line in result.stdout.splitlines() if " preflight " in line)
+    assert "booted beside the live release" in preflight
+    assert "at the preflight, and took over" in restart_detail(result.stdout)
+    boots = [line for line in journal_since(site, UNIT, since).splitlines()
+             if "Starting gunicorn" in line]
+    assert len(boots) == 1, boots  # one boot: the preflight's master is the live one now
+    assert f"[{main_pid(site)}]" in boots[0]
+    assert "Starting" not in journal_since(site, f"{UNIT}-preflight", since)
+    assert masters(site)[main_pid(site)] == site.built_release()
+    assert spare_port_listeners(site) == ""  # the candidate left the spare port at the switch
+
+
+def test_a_candidate_that_fails_or_is_left_behind_ends_and_never_serves(site):
+    assert site.doit("deploy").returncode == 0
+    good = site.served_release()
+
+    def unhealthy(text: str) -> str:
+        return text.replace('return jsonify(status="ok"',
+                            'return jsonify(status="bad"), 503\n    return jsonify(status="ok"')
+    with site.edited("helpdesk/views.py", unhealthy):
+        failed = site.deploy(HEALTH_TIMEOUT_S="3")
+    assert failed.returncode != 0 and "FAILED   preflight" in failed.stdout
+    broken = site.built_release()
+    deadline = time.monotonic() + 5
+    while broken in masters(site).values() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert broken not in masters(site).values()
+    assert spare_port_listeners(site) == ""
+    assert site.served_release() == good
+    # A deploy killed after its preflight leaves a candidate (the deploy user can make one
+    # just so): the next rollback and deploy end it and go on as usual.
+    with site.deploy_user() as deploy:
+        deploy["ln"]("-sfn", f"releases/{good}", "/var/www/flask_helpdesk/candidate")
+        deploy["sudo"]("-n", "systemctl", "kill", "--kill-whom=main", "--signal=SIGURG", UNIT)
+    deadline = time.monotonic() + 5
+    while not spare_port_listeners(site) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert spare_port_listeners(site), "the candidate was not booted"
+    site.change_code("after a candidate left behind")
+    result = site.doit("deploy")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert site.served_release() == site.built_release()
+    rollback = site.doit("rollback")
+    assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+    assert site.served_release() == good
+    assert spare_port_listeners(site) == ""
+
+
 def test_the_guides_restart_with_a_parked_master_waits_for_requests(site):
     """systemd must know the new master as its own child: else `systemctl restart` kills it
     (and its requests) at once instead of letting it finish."""
@@ -240,7 +311,7 @@ def test_keep_previous_s_zero_keeps_no_parked_master(site):
     assert site.doit("deploy", KEEP_PREVIOUS_S="0").returncode == 0
     site.change_code("kept not at all")
     result = site.doit("deploy", KEEP_PREVIOUS_S="0")
-    assert "booted beside the old release, which then ended" in restart_detail(result.stdout)
+    assert "the old one then ended" in restart_detail(result.stdout)
     deadline = time.monotonic() + 10  # the old master finishes its requests, then ends
     while len(masters(site)) > 1 and time.monotonic() < deadline:
         time.sleep(0.2)

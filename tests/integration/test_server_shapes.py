@@ -168,7 +168,7 @@ def test_a_hand_provisioned_server_takes_a_hand_over_and_wakes_the_parked_releas
     try:
         result = shape.doit("deploy")
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "booted beside the old release, which stays parked" in result.stdout
+        assert "stays parked for a quick rollback" in result.stdout
         assert shape.served_release() != old
         rollback = shape.doit("rollback")
         assert rollback.returncode == 0, rollback.stdout + rollback.stderr

@@ -79,7 +79,7 @@ def test_a_code_change_is_handed_over_and_a_rollback_wakes_the_parked_release(tr
     site.change_code("hand-over on trixie")
     result = site.doit("deploy", **TRIXIE)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "booted beside the old release, which stays parked" in result.stdout, result.stdout
+    assert "stays parked for a quick rollback" in result.stdout, result.stdout
     assert site.served_release() == site.built_release() != old
     rollback = site.doit("rollback", **TRIXIE)
     assert rollback.returncode == 0, rollback.stdout + rollback.stderr

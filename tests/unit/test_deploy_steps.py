@@ -234,11 +234,11 @@ def test_rollback_to_a_good_release_is_gated_by_its_health_after_the_restart():
 def test_a_rollback_checks_the_health_path_the_old_release_was_deployed_with():
     server = FakeServer({"set-next": {"health_path": "/ping"}})
     rollback_server(server, SETTINGS, Reporter(log=lambda *_: None))
-    urls = [args[2] for args in server.tool_args if args[0] == "restart"]
+    urls = [args[3] for args in server.tool_args if args[0] == "restart"]
     assert urls and all(url.endswith(":5000/ping") for url in urls), urls
     before = FakeServer({"set-next": {"health_path": None}})  # deployed before it was kept
     rollback_server(before, SETTINGS, Reporter(log=lambda *_: None))
-    assert [args[2] for args in before.tool_args if args[0] == "restart"][-1].endswith("/healthz")
+    assert [args[3] for args in before.tool_args if args[0] == "restart"][-1].endswith("/healthz")
 
 
 def test_a_deploy_keeps_its_health_path_with_the_release(package):

@@ -631,12 +631,15 @@ def fake_sudo(tmp_path, monkeypatch):
 @pytest.mark.parametrize("unit, health, started, healthy", [
     ("good", "/healthz", True, True), ("good", "wrong release", True, False),
     ("bad", "/healthz", False, False)])
-def test_preflight_is_stopped_whatever_happened(fake_sudo, unit, health, started, healthy):
+def test_preflight_is_stopped_whatever_happened(fake_sudo, root, unit, health, started,
+                                                healthy):
     server = HTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/healthz"
     try:
-        answer = tool("preflight", unit, url, "r1" if health == "/healthz" else "r2", 0.3)
+        # no such app unit running here: nothing to boot beside, so the preflight unit
+        answer = tool("preflight", root, "app", unit, url,
+                      "r1" if health == "/healthz" else "r2", 0.3)
     finally:
         server.shutdown()
     assert (answer["started"], answer["healthy"]) == (started, healthy)
@@ -648,15 +651,15 @@ def test_preflight_is_stopped_whatever_happened(fake_sudo, unit, health, started
         f"-n systemctl stop {unit}", f"-n systemctl start {unit}", f"-n systemctl stop {unit}"]
 
 
-def test_restart_resets_failures_restarts_and_requires_health(fake_sudo):
+def test_restart_resets_failures_restarts_and_requires_health(fake_sudo, root):
     server = HTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/healthz"
     try:
         # no such unit running here: nothing to hand over to, so a restart
-        assert tool("restart", "app", url, "r1", 1) == {"started": True, "healthy": True,
-                                                          "how": "restarted"}
-        assert tool("restart", "app", url, "r2", 0.3)["healthy"] is False
+        assert tool("restart", root, "app", url, "r1", 1) == {"started": True, "healthy": True,
+                                                                "how": "restarted"}
+        assert tool("restart", root, "app", url, "r2", 0.3)["healthy"] is False
     finally:
         server.shutdown()
     assert fake_sudo.read_text().splitlines()[:2] == ["-n systemctl reset-failed app",
