@@ -1721,6 +1721,30 @@ def on_exit(server):
         time.sleep(0.05)
 
 
+def worker_exit(server, worker):
+    """A worker ends without Python's teardown of the app it shares with its master: freeing
+    every object copies the pages it shares (~70 ms of CPU a worker here, and each deploy ends
+    three). Its atexit handlers still run (logging's flush among them); a worker that still
+    runs threads of its own, or ends another way than sys.exit, ends as usual."""
+    import atexit
+    import os
+    import sys
+    import threading
+    leaving = sys.exc_info()[1]  # called in the finally of gunicorn's exit from the worker
+    if os.getpid() != worker.pid or not isinstance(leaving, SystemExit) or \
+            threading.active_count() > 1:
+        return
+    code = leaving.code
+    status = code if isinstance(code, int) else 0 if code is None else 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 def post_fork(server, worker):
     import signal
     signal.signal(signal.SIGURG, signal.SIG_DFL)  # workers leave hand-overs to their master

@@ -139,6 +139,27 @@ def test_a_candidate_that_fails_or_is_left_behind_ends_and_never_serves(site):
     assert spare_port_listeners(site) == ""
 
 
+AT_EXIT = """
+import atexit, os
+atexit.register(lambda: open(os.path.join(app.instance_path, "ended-%d" % os.getpid()), "w").close())
+"""
+
+
+def test_a_worker_that_ends_runs_the_apps_atexit_handlers(site):
+    """Workers end without Python's teardown (gunicorn.conf.py's worker_exit), but what the app
+    registered to run at exit still runs: here it leaves a file named after the worker."""
+    with site.edited("wsgi.py", lambda text: text + AT_EXIT):
+        assert site.deploy().returncode == 0
+        with site.admin() as admin:
+            workers = admin["pgrep"]("-P", main_pid(site)).split()
+        site.change_code("the workers that registered it end")
+        assert site.deploy().returncode == 0
+    assert workers
+    with site.admin() as admin:
+        left = admin["sudo"]("-n", "ls", "/var/lib/flask-helpdesk/instance").split()
+    assert {f"ended-{pid}" for pid in workers} <= set(left), left
+
+
 def test_the_guides_restart_with_a_parked_master_waits_for_requests(site):
     """systemd must know the new master as its own child: else `systemctl restart` kills it
     (and its requests) at once instead of letting it finish."""
