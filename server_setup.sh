@@ -1810,6 +1810,11 @@ def _switch(server):
         server.successor, server.handing_back = candidate, False
         _signal(candidate, signal.SIGURG)  # it takes the live socket, then says so (SIGWINCH)
         return
+    if candidate and _release_of(candidate) == wanted:  # a deploy again, after one was cut
+        server.candidate = candidate
+        _tell_systemd(server, "STATUS=preflight of %s: pid %d" % (os.path.basename(wanted),
+                                                                  candidate))
+        return
     if candidate:  # the deploy failed, or wants another one
         _signal(candidate, signal.SIGTERM)
     if had_candidate and not wanted and target == mine:  # the deploy failed: that was all

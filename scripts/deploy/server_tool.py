@@ -1015,15 +1015,18 @@ def _preflight_beside(root, unit, url, release, timeout):
 
 def _candidate_pid(unit, release, show):
     """The pid of the candidate master the service says it booted (its status), within a
-    second; 0 when it does not answer."""
+    second; 0 when it does not answer. The status before the signal (SHOW) counts only while
+    its candidate runs: the master keeps that one (a deploy of the same release, cut short)."""
     import time
     said = "preflight of %s: pid " % release
     started = time.monotonic()
     while time.monotonic() - started < 1:
         time.sleep(0.01)
         status = _unit_show(unit, "StatusText").get("StatusText", "")
-        if status.startswith(said) and status[len(said):].isdigit():
-            return int(status[len(said):])
+        pid = status[len(said):]
+        if status.startswith(said) and pid.isdigit() and \
+                (status != show.get("StatusText") or _alive(int(pid))):
+            return int(pid)
     return 0
 
 
