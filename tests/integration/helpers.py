@@ -76,3 +76,10 @@ def outside_probe(init_pid: int):
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
         subprocess.run(["nsenter", "-t", str(init_pid), "-n", "ip", "link", "del", server_side],
                        capture_output=True)
+
+
+def health_answers_503(views: str) -> str:
+    """An edit of the bundled app's helpdesk/views.py: its health check answers 503, what a
+    starting app may answer (waited out for HEALTH_TIMEOUT_S)."""
+    return views.replace('return jsonify(status="ok"',
+                         'return jsonify(status="bad"), 503\n    return jsonify(status="ok"')

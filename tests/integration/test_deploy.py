@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from scripts.deploy.lock import machine_identity
+from tests.integration.helpers import health_answers_503
 
 pytestmark = pytest.mark.integration
 
@@ -156,11 +157,7 @@ def test_a_release_that_cannot_import_never_serves(site):
 
 def test_a_release_with_a_failing_health_check_never_serves(site):
     before = site.served_release()
-
-    def unhealthy(good: str) -> str:
-        return good.replace('return jsonify(status="ok"',
-                            'return jsonify(status="bad"), 503\n    return jsonify(status="ok"')
-    with site.edited("helpdesk/views.py", unhealthy):
+    with site.edited("helpdesk/views.py", health_answers_503):
         # 503 is what a starting app may answer: it is waited out, for HEALTH_TIMEOUT_S.
         result = site.deploy(HEALTH_TIMEOUT_S="5")
     assert result.returncode != 0

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from scripts.loadgen import Load
+from tests.integration.helpers import health_answers_503
 
 pytestmark = pytest.mark.integration
 
@@ -106,11 +107,7 @@ def test_a_deploy_boots_the_app_once_and_that_master_takes_over_at_the_switch(si
 def test_a_candidate_that_fails_or_is_left_behind_ends_and_never_serves(site):
     assert site.doit("deploy").returncode == 0
     good = site.served_release()
-
-    def unhealthy(text: str) -> str:
-        return text.replace('return jsonify(status="ok"',
-                            'return jsonify(status="bad"), 503\n    return jsonify(status="ok"')
-    with site.edited("helpdesk/views.py", unhealthy):
+    with site.edited("helpdesk/views.py", health_answers_503):
         failed = site.deploy(HEALTH_TIMEOUT_S="3")
     assert failed.returncode != 0 and "FAILED   preflight" in failed.stdout
     broken = site.built_release()
