@@ -125,7 +125,8 @@ def task__deploy_ship():
 def task__deploy_verify():
     """verify, once ship finished."""
     return {**_every_time(actions.verify_action), "task_dep": ["_deploy_ship"],
-            "getargs": {"shipped": ("_deploy_ship", "shipped")}}
+            "getargs": {"shipped": ("_deploy_ship", "shipped"),
+                        "nginx_valid": ("_deploy_check", "nginx_valid")}}
 
 
 def task_rollback():

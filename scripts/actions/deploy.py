@@ -82,12 +82,14 @@ def _print_results(reporter: Reporter, results: list[tuple[bool, str]]) -> bool:
 @user_errors_fail_task
 def check_action(in_deploy=False):
     """`in_deploy`: part of `doit deploy`, where a server that already serves the built
-    release needs no more checks (ship will change nothing there); `doit check` checks all."""
+    release needs no more checks (ship will change nothing there); `doit check` checks all.
+    Its value `nginx_valid`: the servers where `sudo nginx -t` passed (verify of the same
+    `doit deploy` does not run it again)."""
     settings = load_settings()
     record, package = built_package(settings)
     connect_early(settings)
     from scripts.build.package import sha256_file, verify_package
-    from scripts.deploy.check import check_server
+    from scripts.deploy.check import NGINX_VALID, check_server
     from scripts.deploy.fleet import run_parallel
     if sha256_file(package) != record.sha256:
         raise ToolkitError(f"package {package.name}: its sha256 does not match the build record; "
@@ -101,11 +103,14 @@ def check_action(in_deploy=False):
             raise ToolkitError(f"setting MIGRATIONS_PATHS: {item} is not in the package; name "
                                f"the app's migrations, or leave it empty to always migrate")
     verdicts: list[bool] = []
+    nginx_valid: list[str] = []
 
     def check_one(server, reporter):
         with server:
             results = check_server(server, settings, manifest, stop_if_live=in_deploy)
             verdicts.append(_print_results(reporter, results))
+            if (True, NGINX_VALID) in results:
+                nginx_valid.append(server.name)
             _print_setup_state(server, settings, reporter)
     # Every server is checked before any changes: an unreachable one fails the whole check.
     errors = run_parallel([lambda pair=pair: check_one(*pair) for pair in _servers(settings)],
@@ -118,6 +123,7 @@ def check_action(in_deploy=False):
         first = next((str(e) for e in errors if e), "see FAILED above")
         raise ToolkitError(f"pre-deploy checks failed ({first.splitlines()[0]}); nothing was "
                            f"changed")
+    return {"nginx_valid": sorted(nginx_valid)}
 
 
 def _print_setup_state(server, settings, reporter) -> None:
@@ -232,8 +238,10 @@ def ship_action():
 
 
 @user_errors_fail_task
-def verify_action(shipped=None):
-    """`shipped`: in `doit deploy`, whether its ship changed any server (None: `doit verify`)."""
+def verify_action(shipped=None, nginx_valid=()):
+    """`shipped`: in `doit deploy`, whether its ship changed any server (None: `doit verify`);
+    `nginx_valid`: the servers where that deploy's check passed `sudo nginx -t` (`doit verify`
+    alone runs it everywhere)."""
     from scripts.build.package import BuildRecord, record_path
     from scripts.deploy.verify import verify_server
     from scripts.notify import Notifier
@@ -265,7 +273,8 @@ def verify_action(shipped=None):
                 continue
             release = current if settings.dry_run else expected or current
             served.append(release or "none")
-            results = verify_server(server, settings, release, urls.get(server.name, ""))
+            results = verify_server(server, settings, release, urls.get(server.name, ""),
+                                    nginx_checked=server.name in (nginx_valid or ()))
             if not _print_results(reporter, results):
                 failed.append(server)
     if elsewhere:

@@ -1,5 +1,5 @@
 """The deployment package: a deterministic tar.gz of the app's shipped files, its wheels and a
-manifest. Same sources, same bytes: sorted entries, fixed times and owners, a bare gzip header.
+manifest. Same sources, same bytes: sorted entries, fixed times and owners, bare gzip headers.
 
 Layout inside:  <app files...>   wheels/*.whl   manifest.json
 Next to it, dist/<app>.json (the build record) names the newest package for later tasks."""
@@ -29,6 +29,10 @@ MANIFEST_NAME = "manifest.json"
 WHEELS_DIR = "wheels"
 REQUIREMENTS = "requirements.txt"
 GZIP_LEVEL = 6
+# Wheels are zip files, compressed already: deflating them again gains ~0.5% and costs most of
+# a build's CPU (~35 ms for a 0.9 MB package here). They go in a gzip member of their own that
+# stores them as they are.
+STORED = 0
 PACKAGES_KEPT = 3
 
 
@@ -149,15 +153,51 @@ def write_package(destination: Path, app_dir: Path, manifest: dict, wheels: list
                for entry in manifest["files"]]
     members += [(f"{WHEELS_DIR}/{wheel.name}", wheel, 0o644) for wheel in wheels]
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    with open(destination, "wb") as raw, \
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                          compresslevel=GZIP_LEVEL) as zipped, \
+    with open(destination, "wb") as raw, _GzipMembers(raw) as zipped, \
             tarfile.open(fileobj=zipped, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name, source, mode in sorted(members):
+            zipped.level = STORED if name.startswith(f"{WHEELS_DIR}/") else GZIP_LEVEL
             with open(source, "rb") as stream:
                 tar.addfile(_tar_info(name, source.stat().st_size, mode, mtime), stream)
+        zipped.level = GZIP_LEVEL
         tar.addfile(_tar_info(MANIFEST_NAME, len(manifest_bytes), 0o644, mtime),
                     io.BytesIO(manifest_bytes))
+
+
+class _GzipMembers:
+    """A write-only file of one gzip stream whose compression level may change between
+    writes (set `level`): each change starts another gzip member, with a bare header. A
+    stream of several members is one file to every gzip reader (RFC 1952; Python's gzip and
+    tarfile, GNU tar), and the same writes give the same bytes."""
+
+    def __init__(self, raw, level: int = GZIP_LEVEL):
+        self.raw, self.level = raw, level
+        self._member: gzip.GzipFile | None = None
+        self._member_level = level
+        self._written = 0
+
+    def write(self, data) -> int:
+        if self._member is None or self._member_level != self.level:
+            self._end_member()
+            self._member = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw, mtime=0,
+                                         compresslevel=self.level)
+            self._member_level = self.level
+        self._written += len(data)
+        return self._member.write(data)
+
+    def tell(self) -> int:  # tarfile asks where the archive starts
+        return self._written
+
+    def _end_member(self) -> None:
+        if self._member is not None:
+            self._member.close()  # its trailer; the file itself stays open
+            self._member = None
+
+    def __enter__(self) -> "_GzipMembers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._end_member()
 
 
 def size_report(manifest: dict) -> list[str]:

@@ -22,6 +22,10 @@ def required_sudo(settings: Settings) -> list[str]:
             "/usr/sbin/nginx -t"]
 
 
+# check's line when `sudo nginx -t` passed: `doit deploy` hands the servers that said it to
+# verify, whose guide check would run the same command again (ship changes no nginx file).
+NGINX_VALID = "nginx configuration valid"
+
 REBUILD = ("run `doit deploy` (it builds for what the servers report) or `doit target build`, "
            "or set TARGET_PYTHON and TARGET_PLATFORM and rebuild")
 
@@ -90,7 +94,7 @@ def check_server(server: Server, settings: Settings, manifest: dict,
     else:
         results.append((True, f"{server.target.user} has the sudo rights deploys need"))
     nginx = server.sudo(["nginx", "-t"], check=False, reads=True)
-    results.append((nginx.status == 0, "nginx configuration valid" if nginx.status == 0 else
+    results.append((nginx.status == 0, NGINX_VALID if nginx.status == 0 else
                     f"`nginx -t` fails: {nginx.error_line}; fix nginx before deploying"))
     results += https.check_results(server, settings)
     need = needed_mb(manifest, settings)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
 import tarfile
+import zlib
 
 import pytest
 
@@ -73,6 +75,35 @@ def test_package_has_manifest_wheels_and_the_app(project):
     assert manifest["target"] == {"python": "3.11", "platform": manifest["target"]["platform"]}
     assert {"build_time", "tool", "requirements_sha256", "files", "wheels"} <= set(manifest)
     assert all(len(entry["sha256"]) == 64 for entry in manifest["files"])
+
+
+def gzip_members(data: bytes) -> list[tuple[int, bytes]]:
+    """The gzip members of a file: each one's deflate block type (0: stored as is) and what it
+    holds, decompressed."""
+    found = []
+    while data:
+        # A bare header (no name, no extra fields) is 10 bytes; the first block's type is in
+        # bits 1-2 of the byte after it.
+        block_type = (data[10] >> 1) & 0b11
+        unpacker = zlib.decompressobj(wbits=31)
+        found.append((block_type, unpacker.decompress(data)))
+        data = unpacker.unused_data
+    return found
+
+
+def test_wheels_are_stored_as_they_are_and_the_app_deflated(project):
+    """Wheels are zip files already: deflating them again would gain ~0.5% for most of the
+    build's CPU. They sit in a gzip member of their own that stores them; one file for every
+    gzip reader."""
+    assert project.build().returncode == 0
+    package = project.package()
+    members = gzip_members(package.read_bytes())
+    wheel = next(n for n in tarfile.open(package).getnames() if n.startswith("wheels/"))
+    stored = [held for block_type, held in members if block_type == 0]
+    assert len(stored) == 1 and wheel.encode() in stored[0]
+    assert all(b"helpdesk/views.py" not in held for held in stored)  # the app: deflated
+    assert b"".join(held for _, held in members) == gzip.decompress(package.read_bytes())
+    verify_package(package)
 
 
 def make_bloated(app_dir):

@@ -287,6 +287,20 @@ def test_the_guides_commands_work_as_written_for_the_deploy_user(site):
     assert requests.get(site.url, timeout=10).ok
 
 
+def test_a_deploys_verify_takes_nginx_t_from_its_check_and_verify_alone_runs_it(site):
+    """`sudo nginx -t` runs once per `doit deploy` (in check; ship changes no nginx file);
+    `doit verify` alone still runs every guide command."""
+    site.change_code("nginx -t once")
+    deployed = site.doit("deploy")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "ok       nginx configuration valid" in deployed.stdout
+    assert "ok       guide: sudo nginx -t: passed in this deploy's check" in deployed.stdout
+    alone = site.doit("verify")
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    assert "ok       guide: sudo nginx -t\n" in alone.stdout
+    assert "passed in this deploy's check" not in alone.stdout
+
+
 def test_sigterm_mid_deploy_releases_the_lock_and_keeps_the_old_release(site):
     before = site.served_release()
     site.change_code("terminated")

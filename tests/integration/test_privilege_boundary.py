@@ -297,8 +297,10 @@ def test_r14_root_never_runs_the_server_tool_deploy_can_rewrite(armed):
     with armed.deploy_user() as deploy:
         _, tool = run(deploy, f"ls {DEPLOY_PATH}/.deploy-tool/*.py")
         tool = tool.split()[0]
+        # Its bytecode removed too (the serve process runs that): the next run compiles the
+        # rewritten source again, as the deploy user.
         status, output = run(deploy, f"""
-            cp {tool} /tmp/tool.real && cat > {tool} <<'EOF'
+            cp {tool} /tmp/tool.real && rm -f {tool}c && cat > {tool} <<'EOF'
 import os, runpy, sys
 open("/tmp/tool-ran-as-%d" % os.getuid(), "w").close()
 sys.argv[0] = "/tmp/tool.real"
@@ -309,7 +311,7 @@ EOF""")
             results = [armed.doit(*task) for task in
                        (("setup",), ("status",), ("logs",), ("backups",), ("rollback",))]
         finally:
-            run(deploy, f"cp /tmp/tool.real {tool}")
+            run(deploy, f"cp /tmp/tool.real {tool} && rm -f {tool}c")
     assert all(result.returncode == 0 for result in results), results[-1].stderr
     with armed.admin() as admin:
         _, markers = run(admin, "ls /tmp/tool-ran-as-*")

@@ -152,3 +152,33 @@ def test_a_link_cut_between_two_tasks_of_a_deploy_is_one_ssh_line_and_the_next_w
     again = site.doit("deploy")
     assert again.returncode == 0, again.stdout + again.stderr
     assert site.served_release() == site.built_release()
+
+
+def test_the_serve_process_runs_bytecode_the_servers_python_compiled(site):
+    """The server tool's source is compiled once, by the server's python3, when it is
+    installed: with the source unreadable a deploy still works, so no run reads it. Bytecode
+    that does not load (another python3's, after an upgrade) is written again."""
+    assert site.doit("deploy").returncode == 0
+    tools = "/var/www/flask_helpdesk/.deploy-tool"
+    with site.deploy_user() as deploy:
+        source = deploy["sh"]("-c", f"ls {tools}/server_tool-*.py").split()[-1]
+        magic = "import importlib.util, sys; sys.stdout.write(importlib.util.MAGIC_NUMBER.hex())"
+        wanted = deploy["python3"]("-c", magic)
+        deploy["sh"]("-c", f"printf 'xxxx' | dd of={source}c bs=4 count=1 conv=notrunc "
+                           f"status=none")
+    site.change_code("bytecode of another python")
+    assert site.doit("deploy").returncode == 0  # it compiled the bytecode again
+    try:
+        with site.deploy_user() as deploy:
+            deploy["chmod"]("000", source)
+        site.change_code("the source unreadable")
+        result = site.doit("deploy")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert site.served_release() == site.built_release()
+    finally:
+        with site.deploy_user() as deploy:
+            deploy["chmod"]("644", source)
+    with site.deploy_user() as deploy:
+        written = deploy["python3"]("-c", f"import sys; sys.stdout.write(open('{source}c', "
+                                          f"'rb').read(4).hex())")
+    assert written == wanted

@@ -4,7 +4,10 @@ script that prints, or a hostile server's answers. Real servers: tests/integrati
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import py_compile
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +29,7 @@ def far_end(tmp_path, monkeypatch):
     server = Server(Target("here", 22, "deploy"), PurePosixPath(tmp_path / "app"))
     Path(server.tool).parent.mkdir(parents=True)
     shutil.copy(TOOL_SOURCE, server.tool)
+    py_compile.compile(str(server.tool), str(server.compiled), doraise=True)
     started = []
 
     def open_channel(target, command):
@@ -54,6 +58,67 @@ def test_a_login_script_printing_before_the_tool_starts_does_not_shift_the_answe
     assert list(first) == ["free_mb"] and first["free_mb"][str(tmp_path)] > 0
     assert second["layout"] is False and "releases" in second
     assert len(far_end.started) == 1  # one serve process answered both
+
+
+class LocalShell:
+    """The connection's shell session, as a local sh: ensure_tool's commands really run."""
+    proc = None
+
+    def __init__(self):
+        self.commands = []
+
+    def run(self, command, retcode=None):
+        self.commands.append(command)
+        if command.startswith("python3 "):
+            command = shlex.quote(sys.executable) + command.removeprefix("python3")
+        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+        return done.returncode, done.stdout, done.stderr
+
+    def alive(self):
+        return True
+
+
+def installing(far_end):
+    """far_end with nothing installed yet, its serve process started with the connection
+    (as __enter__ starts it), and a local shell for ensure_tool's commands."""
+    Path(far_end.tool).unlink()
+    Path(far_end.compiled).unlink()
+    (Path(far_end.deploy_path) / "releases").mkdir()
+    far_end.session = LocalShell()
+    far_end._early = server_module.open_channel(far_end.target, far_end._serve_command())
+    return far_end
+
+
+def test_the_tool_is_installed_with_its_bytecode_and_served_from_it(far_end, tmp_path):
+    """python3 compiles a script named on its command line on every start (~30 ms of the
+    server's CPU each): the serve process runs bytecode the server's python3 wrote once."""
+    server = installing(far_end)
+    assert server.ensure_tool()
+    compiled = Path(server.compiled)
+    assert compiled.read_bytes()[:4] == importlib.util.MAGIC_NUMBER
+    assert compiled.stat().st_mode & 0o777 == 0o644  # as the source: the app user reads it
+    assert server.tool_call("disk", str(tmp_path))["free_mb"][str(tmp_path)] > 0
+    # The early serve process found no tool; the one that answered runs the bytecode.
+    assert len(server.started) == 2 and server._served is server.started[1]
+    assert str(server.compiled) in server._serve_command()
+    assert not any(str(server.tool) in command and command.startswith("python3 -I -S /")
+                   for command in server.session.commands)  # no call ran the source
+
+
+def test_bytecode_of_another_python_is_compiled_again_and_served(far_end, tmp_path):
+    """The server's python3 upgraded since the tool was installed: its old bytecode does not
+    load, so it is written again and the run still has its one serve process."""
+    server = installing(far_end)
+    server.ensure_tool()
+    server._stop_serving()
+    compiled = Path(server.compiled)
+    compiled.write_bytes(b"\0\0\r\n" + compiled.read_bytes()[4:])  # no Python's magic
+    server._early = server_module.open_channel(server.target, server._serve_command())
+    assert server.ensure_tool()
+    assert compiled.read_bytes()[:4] == importlib.util.MAGIC_NUMBER
+    assert server.tool_call("probe", str(server.deploy_path))["layout"] is False
+    assert server._served is server.started[-1] and server.started[-2].poll() is not None
+    assert sum("py_compile" in command for command in server.session.commands) == 2
 
 
 HOSTILE = r"""

@@ -501,6 +501,62 @@ def test_health_takes_a_plain_2xx_answer_that_names_no_release(monkeypatch, body
         server.shutdown()
 
 
+class Redirecting(BaseHTTPRequestHandler):
+    """/healthz moves to /healthz/ (a route with a trailing slash), which answers the JSON."""
+
+    def do_GET(self):
+        if self.path == "/healthz":
+            self.send_response(308)
+            self.send_header("Location", "/healthz/")
+            self.end_headers()
+            return
+        body = json.dumps({"release": "r1"}).encode()
+        self.send_response(200 if self.path == "/healthz/" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_health_follows_a_redirect_as_urllib_did():
+    server = HTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/healthz"
+        assert tool("health", url, "r1", 2) == {"ok": True, "release": "r1"}
+    finally:
+        server.shutdown()
+
+
+HEALTH_IN_A_FRESH_TOOL = """
+import runpy, sys
+sys.argv = [sys.argv[1], "health", sys.argv[2], "r1", "2"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as leaving:
+    assert not leaving.code, leaving.code
+print(sorted(name for name in ("http.client", "urllib.request", "email.parser")
+             if name in sys.modules))
+"""
+
+
+def test_a_health_check_loads_no_http_client():
+    """probe, preflight, restart and verify all ask for health: importing http.client (and
+    email's parser) would cost each run of the tool ~18 ms of the server's CPU."""
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/healthz"
+        loaded = subprocess.run([sys.executable, "-I", "-S", "-c", HEALTH_IN_A_FRESH_TOOL,
+                                 str(TOOL), url], capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.splitlines()[-1] == "[]"
+
+
 def test_deploy_log_keeps_one_json_line_per_entry(root):
     for number in range(3):
         tool("log", root, json.dumps({"release": f"r{number}"}))

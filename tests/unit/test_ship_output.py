@@ -66,7 +66,7 @@ def test_a_dry_run_verify_names_the_release_that_serves(monkeypatch, tmp_path, c
     monkeypatch.setattr(actions, "public_urls", lambda s, t: {"web": "http://127.0.0.1:8080/"})
     monkeypatch.setattr(actions, "_servers",
                         lambda s: [(_Serving(), Reporter(server="web", log=print))])
-    monkeypatch.setattr("scripts.deploy.verify.verify_server", lambda *a: [])
+    monkeypatch.setattr("scripts.deploy.verify.verify_server", lambda *a, **kw: [])
     monkeypatch.setattr(actions, "_print_results", lambda reporter, results: True)
     assert actions.verify_action() is True
     captured = capsys.readouterr()
