@@ -230,29 +230,43 @@ def _stop(server, stop):
 
 def on_exit(server):
     """Wait for the masters that handed over to this one: once the main process has ended,
-    systemd kills what is left of the unit (KillMode=mixed), requests in flight and all."""
+    systemd kills what is left of the unit (KillMode=mixed), requests in flight and all. Then
+    end as a worker does (_end_without_teardown): a parked master ends in every deploy."""
+    import sys
     import time
     deadline = time.monotonic() + server.cfg.graceful_timeout
     while any(_still_a_master(pid) for pid in getattr(server, "handed_over_by", ())) and \
             time.monotonic() < deadline:
         time.sleep(0.05)
+    leaving = sys.exc_info()[1]  # gunicorn halts in the except of its main loop
+    if isinstance(leaving, (StopIteration, KeyboardInterrupt)):  # a stop: status 0
+        _end_without_teardown(0)
+    elif isinstance(getattr(leaving, "exit_status", None), int):  # HaltServer's own status
+        _end_without_teardown(leaving.exit_status)
 
 
 def worker_exit(server, worker):
     """A worker ends without Python's teardown of the app it shares with its master: freeing
     every object copies the pages it shares (~70 ms of CPU a worker here, and each deploy ends
-    three). Its atexit handlers still run (logging's flush among them); a worker that still
-    runs threads of its own, or ends another way than sys.exit, ends as usual."""
+    three). A worker that ends another way than sys.exit ends as usual."""
+    import os
+    import sys
+    leaving = sys.exc_info()[1]  # called in the finally of gunicorn's exit from the worker
+    if os.getpid() == worker.pid and isinstance(leaving, SystemExit):
+        code = leaving.code
+        _end_without_teardown(code if isinstance(code, int) else 0 if code is None else 1)
+
+
+def _end_without_teardown(status):
+    """Exit with STATUS after the atexit handlers (logging's flush among them), skipping the
+    teardown of every module and object; unless threads of the app's own still run, whose end
+    the usual exit would wait for."""
     import atexit
     import os
     import sys
     import threading
-    leaving = sys.exc_info()[1]  # called in the finally of gunicorn's exit from the worker
-    if os.getpid() != worker.pid or not isinstance(leaving, SystemExit) or \
-            threading.active_count() > 1:
+    if threading.active_count() > 1:
         return
-    code = leaving.code
-    status = code if isinstance(code, int) else 0 if code is None else 1
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
