@@ -1,0 +1,123 @@
+"""Attacks on the boot-once preflight (conf/gunicorn.conf.py's candidate master), and the ways
+a user's deploys get cut or interleaved with it: what the deploy user or the app's own code
+(www-data) can make of the `candidate` link and the hand-over signal, and what a candidate or
+a preflight unit left behind does to the next deploy, rollback or restore."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from tests.integration.test_data import deploy_backups
+from tests.integration.test_hand_over import (UNIT, main_pid, masters, restart_detail,
+                                              spare_port_listeners)
+
+pytestmark = pytest.mark.integration
+
+CANDIDATE = "/var/www/flask_helpdesk/candidate"
+
+
+def status(site) -> str:
+    with site.admin() as admin:
+        return admin["systemctl"]("show", "-P", "StatusText", UNIT).strip()
+
+
+def leave_candidate(site, release: str) -> int:
+    """What a deploy killed after its preflight leaves (the deploy user can make one just so):
+    a candidate master of RELEASE on the spare port. Its pid."""
+    with site.deploy_user() as deploy:
+        deploy["ln"]("-sfn", f"releases/{release}", CANDIDATE)
+        deploy["sudo"]("-n", "systemctl", "kill", "--kill-whom=main", "--signal=SIGURG", UNIT)
+    deadline = time.monotonic() + 10
+    while not spare_port_listeners(site) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    said = status(site)
+    assert said.startswith(f"preflight of {release}: pid "), said
+    return int(said.rpartition(" ")[2])
+
+
+def wait_until_gone(site, pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while pid in masters(site) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid not in masters(site)
+
+
+def test_a_restore_with_a_candidate_left_behind_hands_over_at_once(site):
+    """A killed deploy left a candidate of another release; `doit restore` then hands the live
+    release over to itself (so that the app reopens the restored database). The candidate must
+    end, and the hand-over go on: not a wait of HEALTH_TIMEOUT_S and a restart."""
+    assert site.doit("deploy").returncode == 0
+    first = site.served_release()
+    site.change_code("restore with a candidate")
+    assert site.doit("deploy").returncode == 0
+    live = site.served_release()
+    candidate = leave_candidate(site, first)
+    backups = deploy_backups(site.doit("backups").stdout)
+    assert backups
+    started = time.monotonic()
+    restore = site.doit("restore", RESTORE_BACKUP=backups[-1], HEALTH_TIMEOUT_S="20")
+    took = time.monotonic() - started
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    assert "booted beside the old release" in restart_detail(restore.stdout), restore.stdout
+    assert took < 15, f"the restore took {took:.1f} s"
+    wait_until_gone(site, candidate)
+    assert spare_port_listeners(site) == ""
+    assert site.served_release() == live
+
+
+def test_a_preflight_unit_left_running_does_not_block_the_next_deploy(site):
+    """A killed `doit rollback` or restore preflight (or the deploy user) leaves the preflight
+    unit serving `next` on the spare port: the next deploy's candidate needs that port."""
+    assert site.doit("deploy").returncode == 0
+    with site.deploy_user() as deploy:
+        deploy["sudo"]("-n", "systemctl", "start", f"{UNIT}-preflight")
+    assert spare_port_listeners(site)
+    site.change_code("after a preflight unit left running")
+    result = site.doit("deploy")
+    assert result.returncode == 0, result.stdout + result.stderr
+    preflight = next(line for line in result.stdout.splitlines() if " preflight " in line)
+    assert "booted beside the live release" in preflight, preflight
+    assert site.served_release() == site.built_release()
+    with site.admin() as admin:
+        state = admin["systemctl"]("is-active", f"{UNIT}-preflight", retcode=None).strip()
+    assert state == "inactive"
+
+
+# The app's own code (a request it exploits, as www-data): a signal to any process of its user.
+SIGNALS = """
+
+@bp.post("/signal-urg")
+def signal_urg():
+    import os
+    import signal
+    os.kill(int(request.args["pid"]), signal.SIGURG)
+    return {"signalled": request.args["pid"]}
+"""
+
+
+def test_the_apps_own_signal_never_puts_a_candidate_live(site):
+    """A candidate takes the live socket on SIGURG, which its live master sends at the switch;
+    but any process of the app's user may send it that signal too. A candidate that answered
+    no health check, whose release `current` does not name, must not serve a live request."""
+    with site.edited("helpdesk/views.py", lambda text: text + SIGNALS):
+        assert site.doit("deploy").returncode == 0
+        first = site.served_release()
+        site.change_code("signals")
+        assert site.doit("deploy").returncode == 0
+    live = site.served_release()
+    candidate = leave_candidate(site, first)
+    response = requests.post(site.url + "signal-urg", params={"pid": candidate}, timeout=10)
+    assert response.status_code == 200, response.text
+    time.sleep(1)
+    served = {site.served_release() for _ in range(40)}
+    assert served == {live}, served
+    assert main_pid(site) in masters(site) and masters(site)[main_pid(site)] == live
+    # What a failed preflight does still ends it.
+    with site.deploy_user() as deploy:
+        deploy["rm"]("-f", CANDIDATE)
+        deploy["sudo"]("-n", "systemctl", "kill", "--kill-whom=main", "--signal=SIGURG", UNIT)
+    wait_until_gone(site, candidate)
+    assert spare_port_listeners(site) == ""
