@@ -982,6 +982,10 @@ def cmd_preflight(root, app_unit, unit, url, release, timeout, beside="1"):
     once per deploy. Otherwise the release in `next` runs in the preflight UNIT: started,
     checked, stopped again. The caller reads the journal named in the answer when it did not
     start."""
+    if _unit_state(unit) not in ("inactive", "failed"):
+        # A leftover of a killed deploy or rollback, or the last one stopping: it holds the
+        # spare port, which a candidate needs as much as the unit does.
+        _systemctl("stop", unit)
     answer = _preflight_beside(root, app_unit, url, release, timeout) if beside else None
     if answer is None:
         _preflight_unit(unit, url, release, timeout)
@@ -1054,8 +1058,6 @@ def _preflight_unit(unit, url, release, timeout):
     switch and restart (another unit, another port) while it shuts down, and the next
     preflight's own first `stop` waits for a stop still under way."""
     import subprocess
-    if _unit_state(unit) not in ("inactive", "failed"):
-        _systemctl("stop", unit)  # a leftover of a killed deploy, or the last one stopping
     answer = {"healthy": False}
     try:
         answer = _started_healthy("start", unit, url, release, timeout)
@@ -1087,6 +1089,18 @@ def cmd_restart(root, unit, url, release, timeout):
         return
     _systemctl("reset-failed", unit)
     out(how="restarted", **_started_healthy("restart", unit, url, release, timeout))
+
+
+def _next_status(unit, status):
+    """UNIT's status once it is another than STATUS (STATUS after a second without)."""
+    import time
+    started = time.monotonic()
+    while time.monotonic() - started < 1:
+        time.sleep(0.01)
+        now = _unit_show(unit, "StatusText").get("StatusText", "")
+        if now != status:
+            return now
+    return status
 
 
 def _unit_show(unit, *names):
@@ -1157,7 +1171,15 @@ def _handed_over(root, unit, release, timeout):
     before = show.get("MainPID", "0")
     if not _can_hand_over(unit, show) or _hand_over_signal(unit) != 0:
         return None
-    took_over = show.get("StatusText", "").startswith("preflight of %s: " % release)
+    said = show.get("StatusText", "")
+    took_over = said.startswith("preflight of %s: " % release)
+    if said.startswith("preflight of ") and not took_over and \
+            _next_status(unit, said).endswith("; preflight ended"):
+        # A killed deploy's candidate of another release: the signal ended it and, `current`
+        # being the live release (a restore), did nothing more, as after a failed preflight.
+        # The hand-over is the next signal.
+        if _hand_over_signal(unit) != 0:
+            return None
     started = time.monotonic()
     while time.monotonic() - started < float(timeout):
         time.sleep(0.01)
