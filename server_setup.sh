@@ -1790,7 +1790,12 @@ def _switch(server):
     import os
     import signal
     if server.live_listeners is not None:  # a candidate: the switch to it
-        _go_live(server)
+        # Only once the deploy switched: any process of the app's user may send this signal,
+        # and none of them may put a release live before `current` names it.
+        if os.path.realpath(CURRENT) == _release_of(os.getpid()) and not _wanted_candidate():
+            _go_live(server)
+        else:
+            server.log.warning("SIGURG before the switch to this candidate: ignored")
         return
     target = os.path.realpath(CURRENT)
     mine = _release_of(os.getpid())
