@@ -5,12 +5,15 @@ a preflight unit left behind does to the next deploy, rollback or restore."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 import requests
 
-from tests.integration.test_data import deploy_backups
+from scripts.loadgen import Load
+from tests.integration.helpers import health_answers_503
+from tests.integration.test_data import deploy_backups, titles_in_backup
 from tests.integration.test_hand_over import (UNIT, main_pid, masters, restart_detail,
                                               spare_port_listeners)
 
@@ -121,3 +124,59 @@ def test_the_apps_own_signal_never_puts_a_candidate_live(site):
         deploy["sudo"]("-n", "systemctl", "kill", "--kill-whom=main", "--signal=SIGURG", UNIT)
     wait_until_gone(site, candidate)
     assert spare_port_listeners(site) == ""
+
+
+def test_a_candidate_link_outside_the_releases_boots_nothing_from_there(site):
+    """The deploy user writes `candidate`: pointed outside releases/ (directly, through `..`,
+    or through a link planted in releases/), the live master boots nothing from it."""
+    assert site.doit("deploy").returncode == 0
+    live = site.served_release()
+    with site.deploy_user() as deploy:
+        deploy["ln"]("-sfn", "/var/www/flask_helpdesk/shared", "/var/www/flask_helpdesk/"
+                     "releases/planted")
+        try:
+            for target in ("/usr", "releases/../shared", "releases/planted"):
+                deploy["ln"]("-sfn", target, CANDIDATE)
+                deploy["sudo"]("-n", "systemctl", "kill", "--kill-whom=main",
+                               "--signal=SIGURG", UNIT)
+                time.sleep(1)
+                assert spare_port_listeners(site) == "", target
+                assert set(masters(site).values()) == {live}, (target, masters(site))
+                assert not status(site).startswith("preflight of"), status(site)
+        finally:
+            deploy["rm"]("-f", CANDIDATE, "/var/www/flask_helpdesk/releases/planted")
+    assert site.served_release() == live
+
+
+def test_reads_and_writes_lose_nothing_around_a_candidate(site):
+    """Under steady reads and writes: a deploy whose candidate takes over, a failed preflight
+    (its candidate ends), a candidate left behind and a restore beside it, then a deploy of
+    another release. Nothing refused, nothing cut off, no acknowledged write lost."""
+    assert site.doit("deploy").returncode == 0
+    reads = Load(site.url + "healthz", rate_per_s=20, max_requests=3000, max_seconds=180)
+    writes = Load(site.url + "api/tickets", rate_per_s=20, max_requests=3000, max_seconds=180,
+                  writes="candidate")
+    with reads, writes:
+        first = site.served_release()
+        site.change_code("under load: taken over")
+        taken = site.doit("deploy")
+        assert taken.returncode == 0, taken.stdout + taken.stderr
+        assert "at the preflight, and took over" in restart_detail(taken.stdout)
+        with site.edited("helpdesk/views.py", health_answers_503):
+            failed = site.doit("deploy", HEALTH_TIMEOUT_S="3")
+        assert failed.returncode != 0 and "FAILED   preflight" in failed.stdout
+        leave_candidate(site, first)
+        backups = deploy_backups(site.doit("backups").stdout)
+        restore = site.doit("restore", RESTORE_BACKUP=backups[-1])
+        assert restore.returncode == 0, restore.stdout + restore.stderr
+        site.change_code("under load: after the restore")
+        after = site.doit("deploy")
+        assert after.returncode == 0, after.stdout + after.stderr
+    assert reads.report.failures == [] and writes.report.failures == [], (
+        reads.report.failures[:5], writes.report.failures[:5])
+    assert reads.report.sent > 50 and len(writes.report.acknowledged) > 50
+    # The restore put back an older database: what it overwrote is in its safety backup.
+    safety = re.search(r"the database it overwrote is saved in (\S+)", restore.stdout).group(1)
+    kept = set(site.ticket_titles()) | titles_in_backup(site, safety)
+    assert [t for t in writes.report.acknowledged if t not in kept] == []
+    assert site.served_release() == site.built_release()
