@@ -180,3 +180,27 @@ def test_reads_and_writes_lose_nothing_around_a_candidate(site):
     kept = set(site.ticket_titles()) | titles_in_backup(site, safety)
     assert [t for t in writes.report.acknowledged if t not in kept] == []
     assert site.served_release() == site.built_release()
+
+
+def test_a_deploy_that_fails_after_its_preflight_ends_its_candidate(site):
+    """A pre-switch hook that fails ends the deploy after a healthy preflight: its candidate
+    must not stay on the spare port, a whole app in memory, for CANDIDATE_WAIT_S."""
+    assert site.doit("deploy").returncode == 0
+    live = site.served_release()
+    hooks = site.app_dir / "deploy-hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "pre-switch").write_text("#!/bin/sh\nexit 4\n")
+    (hooks / "pre-switch").chmod(0o755)
+    try:
+        failed = site.doit("deploy")
+    finally:
+        (hooks / "pre-switch").unlink()
+    assert failed.returncode != 0 and "FAILED   pre-switch" in failed.stdout, failed.stdout
+    assert "booted beside the live release" in failed.stdout
+    broken = site.built_release()
+    deadline = time.monotonic() + 5
+    while broken in masters(site).values() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert broken not in masters(site).values(), masters(site)
+    assert spare_port_listeners(site) == ""
+    assert site.served_release() == live
