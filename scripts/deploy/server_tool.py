@@ -1017,6 +1017,21 @@ def _preflight_beside(root, unit, url, release, timeout):
     return {"started": True, "healthy": True, "how": "beside"}
 
 
+def cmd_end_candidate(root, unit):
+    """A deploy that failed after its preflight (a pre-switch hook): the candidate it booted
+    beside the live release ends now, not after CANDIDATE_WAIT_S (conf/gunicorn.conf.py). With
+    `candidate` gone and `current` unchanged, the signal ends it and does nothing else; without
+    a candidate in the status no signal (it would hand the live release over to itself)."""
+    candidate = path(root, CANDIDATE_LINK)
+    if not os.path.islink(candidate):
+        out(changed=False)
+        return
+    _remove_link(candidate)
+    if _unit_show(unit, "StatusText").get("StatusText", "").startswith("preflight of "):
+        _hand_over_signal(unit)
+    out(changed=True)
+
+
 def _candidate_pid(unit, release, show):
     """The pid of the candidate master the service says it booted (its status), within a
     second; 0 when it does not answer. The status before the signal (SHOW) counts only while
@@ -1367,6 +1382,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
     "verify": cmd_verify, "preflight": cmd_preflight, "restart": cmd_restart,
+    "end-candidate": cmd_end_candidate,
     "prepare": cmd_prepare, "serve": cmd_serve,
 }
 
