@@ -204,3 +204,39 @@ def test_a_deploy_that_fails_after_its_preflight_ends_its_candidate(site):
     assert broken not in masters(site).values(), masters(site)
     assert spare_port_listeners(site) == ""
     assert site.served_release() == live
+
+
+# An app that appends to a file it keeps open and never flushes: CPython flushes such a file
+# when the process ends the usual way.
+AUDIT_LOG = """
+
+AUDIT = []
+
+
+@bp.post("/audit")
+def audit():
+    import os
+    if not AUDIT:
+        AUDIT.append(open(os.path.join(current_app.instance_path, "audit.log"), "a"))
+    AUDIT[0].write(request.args["line"] + "\\n")
+    return {"written": request.args["line"]}, 201
+"""
+
+
+def test_what_a_worker_wrote_to_a_file_it_kept_open_survives_its_end(site):
+    """Workers end with os._exit after the atexit handlers (gunicorn.conf.py's worker_exit):
+    lines an app acknowledged but left in an open file's buffer must still reach the file
+    when the worker ends (here: the deploy after them retires the old workers)."""
+    with site.edited("helpdesk/views.py", lambda text: text + AUDIT_LOG):
+        assert site.doit("deploy").returncode == 0
+        lines = [f"audit {number}" for number in range(20)]
+        for line in lines:
+            response = requests.post(site.url + "audit", params={"line": line}, timeout=10)
+            assert response.status_code == 201, response.text
+        site.change_code("the workers that wrote it end")
+        assert site.doit("deploy").returncode == 0
+    time.sleep(1)  # the old workers finish
+    with site.admin() as admin:
+        written = admin["sudo"]("-n", "cat", "/var/lib/flask-helpdesk/instance/audit.log",
+                                retcode=None).splitlines()
+    assert sorted(written) == sorted(lines), written
