@@ -1737,10 +1737,20 @@ def worker_exit(server, worker):
     code = leaving.code
     status = code if isinstance(code, int) else 0 if code is None else 1
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    # Files the app left open (and unflushed) are flushed by the teardown this skips: written
+    # lines it acknowledged would be lost. Text first: flushing one fills its buffer below.
+    # (~5 ms here, not ~70: the kinds of object are few, an isinstance per object is not cheap)
+    import gc
+    import io
+    objects = gc.get_objects()
+    kinds = {kind for kind in set(map(type, objects))
+             if issubclass(kind, (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom))}
+    streams = [item for item in objects if type(item) in kinds]
+    for stream in sorted(streams, key=lambda item: not isinstance(item, io.TextIOBase)):
         try:
-            stream.flush()
-        except (OSError, ValueError):
+            if not stream.closed:
+                stream.flush()
+        except (OSError, ValueError, AttributeError):
             pass
     os._exit(status)
 
