@@ -41,6 +41,15 @@ def leave_candidate(site, release: str) -> int:
     return int(said.rpartition(" ")[2])
 
 
+def two_releases(site, marker: str) -> tuple[str, str]:
+    """Two deploys: the release of the first, and the one now live."""
+    assert site.doit("deploy").returncode == 0
+    first = site.served_release()
+    site.change_code(marker)
+    assert site.doit("deploy").returncode == 0
+    return first, site.served_release()
+
+
 def wait_until_gone(site, pid: int) -> None:
     deadline = time.monotonic() + 10
     while pid in masters(site) and time.monotonic() < deadline:
@@ -52,11 +61,7 @@ def test_a_restore_with_a_candidate_left_behind_hands_over_at_once(site):
     """A killed deploy left a candidate of another release; `doit restore` then hands the live
     release over to itself (so that the app reopens the restored database). The candidate must
     end, and the hand-over go on: not a wait of HEALTH_TIMEOUT_S and a restart."""
-    assert site.doit("deploy").returncode == 0
-    first = site.served_release()
-    site.change_code("restore with a candidate")
-    assert site.doit("deploy").returncode == 0
-    live = site.served_release()
+    first, live = two_releases(site, "restore with a candidate")
     candidate = leave_candidate(site, first)
     backups = deploy_backups(site.doit("backups").stdout)
     assert backups
@@ -106,11 +111,7 @@ def test_the_apps_own_signal_never_puts_a_candidate_live(site):
     but any process of the app's user may send it that signal too. A candidate that answered
     no health check, whose release `current` does not name, must not serve a live request."""
     with site.edited("helpdesk/views.py", lambda text: text + SIGNALS):
-        assert site.doit("deploy").returncode == 0
-        first = site.served_release()
-        site.change_code("signals")
-        assert site.doit("deploy").returncode == 0
-    live = site.served_release()
+        first, live = two_releases(site, "signals")
     candidate = leave_candidate(site, first)
     response = requests.post(site.url + "signal-urg", params={"pid": candidate}, timeout=10)
     assert response.status_code == 200, response.text
