@@ -12,7 +12,10 @@ import pytest
 import requests
 
 from scripts.loadgen import Load
+from scripts.remote import Target, connect
+from tests.conftest import new_sandbox
 from tests.integration.helpers import health_answers_503
+from tests.integration.site import Site
 from tests.integration.test_data import deploy_backups, titles_in_backup
 from tests.integration.test_hand_over import (UNIT, main_pid, masters, restart_detail,
                                               spare_port_listeners)
@@ -241,3 +244,54 @@ def test_what_a_worker_wrote_to_a_file_it_kept_open_survives_its_end(site):
         written = admin["sudo"]("-n", "cat", "/var/lib/flask-helpdesk/instance/audit.log",
                                 retcode=None).splitlines()
     assert sorted(written) == sorted(lines), written
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, provisioned_layer, wheel_cache):
+    work = tmp_path_factory.mktemp("pair")
+    sandbox = new_sandbox(work / "sandbox")
+    try:  # torn down whatever happens
+        sandbox.up(2, layer=provisioned_layer)
+        yield Site(work, sandbox, wheel_cache)
+    finally:
+        sandbox.down()
+
+
+FAIL_HERE = "/etc/fail-this-pre-switch"  # made by the test on one server; the app user reads /etc
+
+
+def admin_of(site, server) -> Target:
+    return Target(server.host, server.ssh_port, "admin", site.sandbox.key_file,
+                  site.sandbox.known_hosts_file)
+
+
+def test_a_rollout_that_stops_before_the_switch_ends_every_candidate(pair):
+    """Two servers: the first fails its pre-switch hook, so no server switches; the candidate
+    the second one booted at its healthy preflight must end too, not hold its spare port and a
+    whole app for CANDIDATE_WAIT_S."""
+    assert pair.deploy().returncode == 0
+    before = [requests.get(s.url + "healthz", timeout=10).json()["release"]
+              for s in pair.sandbox.servers()]
+    first, second = pair.sandbox.servers()
+    hooks = pair.app_dir / "deploy-hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "pre-switch").write_text(f"#!/bin/sh\n[ ! -e {FAIL_HERE} ] || exit 4\n")
+    (hooks / "pre-switch").chmod(0o755)
+    with connect(admin_of(pair, first)) as machine:
+        machine["sudo"]("-n", "touch", FAIL_HERE)
+        try:
+            pair.change_code("a rollout that stops")
+            failed = pair.doit("deploy")
+        finally:
+            (hooks / "pre-switch").unlink()
+            machine["sudo"]("-n", "rm", FAIL_HERE)
+    assert failed.returncode != 0 and "FAILED   pre-switch" in failed.stdout, failed.stdout
+    assert any(line.startswith(f"{second.name}: ") and "booted beside the live release" in line
+               for line in failed.stdout.splitlines()), failed.stdout
+    deadline = time.monotonic() + 5
+    with connect(admin_of(pair, second)) as machine:
+        while machine["ss"]("-Htln", "sport = :5001").strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert machine["ss"]("-Htln", "sport = :5001").strip() == ""
+    assert [requests.get(s.url + "healthz", timeout=10).json()["release"]
+            for s in pair.sandbox.servers()] == before
