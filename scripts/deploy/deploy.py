@@ -407,12 +407,18 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
     try:
         hooks.on_server(server, settings, "pre-switch", release, reporter)
     except ToolkitError:
-        # The candidate the preflight booted would hold the spare port and a whole app for
-        # CANDIDATE_WAIT_S: it ends now (nothing to end after a preflight in its own unit).
-        with contextlib.suppress(ToolkitError):  # the hook's error is the one to tell
-            server.tool_call("end-candidate", str(server.deploy_path),
-                             commands.units(settings)["app"])
+        end_candidate(server, settings)
         raise
+
+
+def end_candidate(server: Server, settings: Settings) -> None:
+    """After a healthy preflight, a deploy that will not switch: the candidate the preflight
+    booted would hold the spare port and a whole app for CANDIDATE_WAIT_S; it ends now
+    (nothing to end after a preflight in its own unit). Quietly: the error that stopped the
+    deploy is the one to tell."""
+    with contextlib.suppress(ToolkitError):
+        server.tool_call("end-candidate", str(server.deploy_path),
+                         commands.units(settings)["app"])
 
 
 def go_live(server: Server, settings: Settings, release: str, reporter: Reporter) -> None:
