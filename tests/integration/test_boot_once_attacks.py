@@ -295,3 +295,64 @@ def test_a_rollout_that_stops_before_the_switch_ends_every_candidate(pair):
         assert machine["ss"]("-Htln", "sport = :5001").strip() == ""
     assert [requests.get(s.url + "healthz", timeout=10).json()["release"]
             for s in pair.sandbox.servers()] == before
+
+
+SLOW_HERE = "/etc/slow-this-pre-switch"  # made by the test; the app user reads /etc
+
+
+def test_a_deploy_cancelled_after_its_preflight_is_finished_by_the_next_with_that_candidate(
+        site):
+    """CI cancels a deploy (SIGTERM) during its pre-switch hook: its candidate stays, and the
+    same deploy run again keeps it (no second boot) and it takes over; no lock is left."""
+    assert site.doit("deploy").returncode == 0
+    hooks = site.app_dir / "deploy-hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "pre-switch").write_text(f"#!/bin/sh\n[ ! -e {SLOW_HERE} ] || sleep 20\n")
+    (hooks / "pre-switch").chmod(0o755)
+    try:
+        with site.admin() as admin:
+            admin["sudo"]("-n", "touch", SLOW_HERE)
+        site.change_code("cancelled after its preflight")
+        deploy = site.start_doit("deploy")
+        output = []
+        for line in deploy.stdout:
+            output.append(line)
+            if " preflight " in line:
+                deploy.terminate()
+                break
+        output += deploy.stdout.readlines()
+        deploy.wait(timeout=60)
+        assert deploy.returncode != 0, "".join(output)
+        release = site.built_release()
+        said = status(site)
+        assert said.startswith(f"preflight of {release}: pid "), said
+        candidate = int(said.rpartition(" ")[2])
+        with site.admin() as admin:
+            admin["sudo"]("-n", "rm", SLOW_HERE)
+        again = site.doit("deploy")
+    finally:
+        (hooks / "pre-switch").unlink()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "at the preflight, and took over" in restart_detail(again.stdout)
+    assert main_pid(site) == candidate  # the very master the cancelled deploy booted
+    assert site.served_release() == release
+    assert "lock     held" not in site.doit("status").stdout
+
+
+def test_the_guides_reload_of_a_master_that_was_a_candidate_refuses_nothing(site):
+    """`systemctl reload` (HUP) of the main master, which booted as a candidate and took over:
+    it keeps serving the live socket, under steady reads."""
+    site.change_code("reloaded after taking over")
+    taken = site.doit("deploy")
+    assert "at the preflight, and took over" in restart_detail(taken.stdout)
+    main = main_pid(site)
+    reads = Load(site.url + "healthz", rate_per_s=20, max_requests=400, max_seconds=8)
+    with reads:
+        time.sleep(1)
+        with site.deploy_user() as deploy:
+            deploy["sudo"]("-n", "systemctl", "reload", UNIT)
+        time.sleep(3)
+    assert reads.report.failures == [] and reads.report.sent > 50
+    assert main_pid(site) == main
+    assert set(reads.report.releases) == {site.built_release()}
+    assert spare_port_listeners(site) == ""
