@@ -356,3 +356,22 @@ def test_the_guides_reload_of_a_master_that_was_a_candidate_refuses_nothing(site
     assert main_pid(site) == main
     assert set(reads.report.releases) == {site.built_release()}
     assert spare_port_listeners(site) == ""
+
+
+def test_a_restore_after_a_deploy_cut_between_switch_and_restart(site):
+    """A deploy cut right after its switch: `current` names a release that never went live,
+    whose candidate still holds the spare port. `doit restore` runs that release's preflight
+    in the preflight unit, on the same port."""
+    first, live = two_releases(site, "cut between switch and restart")
+    with site.deploy_user() as deploy:
+        deploy["ln"]("-sfn", f"releases/{first}", CANDIDATE)
+        deploy["sudo"]("-n", "systemctl", "kill", "--kill-whom=main", "--signal=SIGURG", UNIT)
+        time.sleep(2)
+        # `first` went live before; drop it from the good ones, as a release never live
+        deploy["sh"]("-c", f"cd /var/www/flask_helpdesk && grep -vx {first} good-releases "
+                           f"> good.tmp; mv good.tmp good-releases && "
+                           f"ln -sfn releases/{first} current.tmp && mv -T current.tmp current")
+    backups = deploy_backups(site.doit("backups").stdout)
+    restore = site.doit("restore", RESTORE_BACKUP=backups[-1])
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    assert site.served_release() == first
