@@ -334,6 +334,11 @@ def _switch(server):
     wanted = _wanted_candidate()
     had_candidate, server.candidate = server.candidate, 0
     candidate = _still_a_master(had_candidate) if had_candidate else 0
+    if os.path.islink(CANDIDATE) and not wanted:  # names no release: end one, nothing more
+        if candidate:  # (a restore's preflight needs the spare port; `current` may be its)
+            _signal(candidate, signal.SIGTERM)
+        _tell_systemd(server, "STATUS=serving %s; preflight ended" % os.path.basename(mine))
+        return
     if candidate and not wanted and _release_of(candidate) == target:
         server.previous_master = 0
         if previous and previous != candidate:

@@ -988,6 +988,7 @@ def cmd_preflight(root, app_unit, unit, url, release, timeout, beside="1"):
         _systemctl("stop", unit)
     answer = _preflight_beside(root, app_unit, url, release, timeout) if beside else None
     if answer is None:
+        _end_a_candidate(root, app_unit)
         _preflight_unit(unit, url, release, timeout)
     else:
         out(**answer)
@@ -1018,18 +1019,32 @@ def _preflight_beside(root, unit, url, release, timeout):
 
 
 def cmd_end_candidate(root, unit):
-    """A deploy that failed after its preflight (a pre-switch hook): the candidate it booted
-    beside the live release ends now, not after CANDIDATE_WAIT_S (conf/gunicorn.conf.py). With
-    `candidate` gone and `current` unchanged, the signal ends it and does nothing else; without
-    a candidate in the status no signal (it would hand the live release over to itself)."""
+    """A deploy that will not switch after its preflight (a pre-switch hook failed, a rollout
+    stopped): the candidate it booted ends now, not after CANDIDATE_WAIT_S
+    (conf/gunicorn.conf.py)."""
     candidate = path(root, CANDIDATE_LINK)
-    if not os.path.islink(candidate):
-        out(changed=False)
-        return
-    _remove_link(candidate)
-    if _unit_show(unit, "StatusText").get("StatusText", "").startswith("preflight of "):
-        _hand_over_signal(unit)
-    out(changed=True)
+    had = os.path.islink(candidate)
+    out(changed=_end_a_candidate(root, unit) or had)
+
+
+def _end_a_candidate(root, unit):
+    """End the candidate the service's status names, if any (whether it did): `candidate`
+    pointing at no release asks the live master to end it and do nothing else, even when
+    `current` names its release (a deploy cut after its switch; a plain signal would put it
+    live). Without a candidate in the status no signal: it would hand the live release over
+    to itself."""
+    said = _unit_show(unit, "StatusText").get("StatusText", "")
+    candidate = path(root, CANDIDATE_LINK)
+    if not said.startswith("preflight of "):
+        _remove_link(candidate)
+        return False
+    link_atomically(candidate, "ended")
+    try:
+        if _hand_over_signal(unit) == 0:
+            _next_status(unit, said)
+    finally:
+        _remove_link(candidate)
+    return True
 
 
 def _candidate_pid(unit, release, show):
