@@ -7,6 +7,7 @@ app's requests held, so the restore loses nothing the app acknowledged)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -403,7 +404,21 @@ def prepare(server: Server, settings: Settings, record: BuildRecord, package: Pa
         where = start_preflight(server, settings, release)
         outcome.detail = (f"{release} healthy on 127.0.0.1:{commands.preflight_port(settings)}"
                           f"{settings.health_path}, {where}")
-    hooks.on_server(server, settings, "pre-switch", release, reporter)
+    try:
+        hooks.on_server(server, settings, "pre-switch", release, reporter)
+    except ToolkitError:
+        end_candidate(server, settings)
+        raise
+
+
+def end_candidate(server: Server, settings: Settings) -> None:
+    """After a healthy preflight, a deploy that will not switch: the candidate the preflight
+    booted would hold the spare port and a whole app for CANDIDATE_WAIT_S; it ends now
+    (nothing to end after a preflight in its own unit). Quietly: the error that stopped the
+    deploy is the one to tell."""
+    with contextlib.suppress(ToolkitError):
+        server.tool_call("end-candidate", str(server.deploy_path),
+                         commands.units(settings)["app"])
 
 
 def go_live(server: Server, settings: Settings, release: str, reporter: Reporter) -> None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scripts.deploy.deploy import (DeployOutcome, finish, go_live, log_entry, log_quietly,
-                                   needs_deploy, prepare, switch_back)
+from scripts.deploy.deploy import (DeployOutcome, end_candidate, finish, go_live, log_entry,
+                                   log_quietly, needs_deploy, prepare, switch_back)
 from scripts.deploy.lock import Interrupted, deploy_lock, sigterm_raises
 from scripts.deploy.report import Reporter
 from scripts.deploy.server import Server
@@ -58,6 +58,12 @@ def run_parallel(jobs: list, limit: int) -> list[BaseException | None]:
         return [attempt(jobs[0])]
     with ThreadPoolExecutor(max_workers=max(1, min(limit, len(jobs)))) as pool:
         return list(pool.map(attempt, jobs))
+
+
+def _end_candidates(members: list, settings: Settings) -> None:
+    """Members that prepared but will not switch (see deploy.py's end_candidate)."""
+    run_parallel([lambda m=m: end_candidate(m.server, settings) for m in members],
+                 settings.deploy_parallel)
 
 
 def _first_error(members: list, errors: list) -> None:
@@ -160,6 +166,8 @@ def _roll_out(members: list[Member], settings: Settings, record: BuildRecord,
     errors = run_parallel([lambda m=m: prepare(m.server, settings, record, package, m.reporter,
                                                m.package_present)
                            for m in members], settings.deploy_parallel)
+    if any(errors):  # no server switches: the candidates the others booted end too
+        _end_candidates([m for m, error in zip(members, errors) if error is None], settings)
     _first_error(members, errors)
     switched: list[Member] = []
     in_flight: list[Member] = []
@@ -175,6 +183,7 @@ def _roll_out(members: list[Member], settings: Settings, record: BuildRecord,
             if failed:
                 for member in switched:
                     _return(member, settings, "the rollout stopped")
+                _end_candidates(members[members.index(batch[-1]) + 1:], settings)
                 member, error = failed[0]
                 raise ToolkitError(f"rollout stopped at {member.server.name}: {error}; "
                                    f"{len(switched)} server(s) that had switched are back on "

@@ -1028,8 +1028,13 @@ def cmd_preflight(root, app_unit, unit, url, release, timeout, beside="1"):
     once per deploy. Otherwise the release in `next` runs in the preflight UNIT: started,
     checked, stopped again. The caller reads the journal named in the answer when it did not
     start."""
+    if _unit_state(unit) not in ("inactive", "failed"):
+        # A leftover of a killed deploy or rollback, or the last one stopping: it holds the
+        # spare port, which a candidate needs as much as the unit does.
+        _systemctl("stop", unit)
     answer = _preflight_beside(root, app_unit, url, release, timeout) if beside else None
     if answer is None:
+        _end_a_candidate(root, app_unit)
         _preflight_unit(unit, url, release, timeout)
     else:
         out(**answer)
@@ -1057,6 +1062,35 @@ def _preflight_beside(root, unit, url, release, timeout):
         return {"started": started, "healthy": False, "error": str(refusal), "how": "beside",
                 "journal": unit, "since": "releases/%s: booting it beside" % release}
     return {"started": True, "healthy": True, "how": "beside"}
+
+
+def cmd_end_candidate(root, unit):
+    """A deploy that will not switch after its preflight (a pre-switch hook failed, a rollout
+    stopped): the candidate it booted ends now, not after CANDIDATE_WAIT_S
+    (conf/gunicorn.conf.py)."""
+    candidate = path(root, CANDIDATE_LINK)
+    had = os.path.islink(candidate)
+    out(changed=_end_a_candidate(root, unit) or had)
+
+
+def _end_a_candidate(root, unit):
+    """End the candidate the service's status names, if any (whether it did): `candidate`
+    pointing at no release asks the live master to end it and do nothing else, even when
+    `current` names its release (a deploy cut after its switch; a plain signal would put it
+    live). Without a candidate in the status no signal: it would hand the live release over
+    to itself."""
+    said = _unit_show(unit, "StatusText").get("StatusText", "")
+    candidate = path(root, CANDIDATE_LINK)
+    if not said.startswith("preflight of "):
+        _remove_link(candidate)
+        return False
+    link_atomically(candidate, "ended")
+    try:
+        if _hand_over_signal(unit) == 0:
+            _next_status(unit, said)
+    finally:
+        _remove_link(candidate)
+    return True
 
 
 def _candidate_pid(unit, release, show):
@@ -1100,8 +1134,6 @@ def _preflight_unit(unit, url, release, timeout):
     switch and restart (another unit, another port) while it shuts down, and the next
     preflight's own first `stop` waits for a stop still under way."""
     import subprocess
-    if _unit_state(unit) not in ("inactive", "failed"):
-        _systemctl("stop", unit)  # a leftover of a killed deploy, or the last one stopping
     answer = {"healthy": False}
     try:
         answer = _started_healthy("start", unit, url, release, timeout)
@@ -1133,6 +1165,18 @@ def cmd_restart(root, unit, url, release, timeout):
         return
     _systemctl("reset-failed", unit)
     out(how="restarted", **_started_healthy("restart", unit, url, release, timeout))
+
+
+def _next_status(unit, status):
+    """UNIT's status once it is another than STATUS (STATUS after a second without)."""
+    import time
+    started = time.monotonic()
+    while time.monotonic() - started < 1:
+        time.sleep(0.01)
+        now = _unit_show(unit, "StatusText").get("StatusText", "")
+        if now != status:
+            return now
+    return status
 
 
 def _unit_show(unit, *names):
@@ -1203,7 +1247,15 @@ def _handed_over(root, unit, release, timeout):
     before = show.get("MainPID", "0")
     if not _can_hand_over(unit, show) or _hand_over_signal(unit) != 0:
         return None
-    took_over = show.get("StatusText", "").startswith("preflight of %s: " % release)
+    said = show.get("StatusText", "")
+    took_over = said.startswith("preflight of %s: " % release)
+    if said.startswith("preflight of ") and not took_over and \
+            _next_status(unit, said).endswith("; preflight ended"):
+        # A killed deploy's candidate of another release: the signal ended it and, `current`
+        # being the live release (a restore), did nothing more, as after a failed preflight.
+        # The hand-over is the next signal.
+        if _hand_over_signal(unit) != 0:
+            return None
     started = time.monotonic()
     while time.monotonic() - started < float(timeout):
         time.sleep(0.02)  # each look is a systemctl (~6 ms of CPU); a take-over takes ~40 ms
@@ -1391,6 +1443,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "finish": cmd_finish, "log": cmd_log, "history": cmd_history, "disk": cmd_disk,
     "verify": cmd_verify, "preflight": cmd_preflight, "restart": cmd_restart,
+    "end-candidate": cmd_end_candidate,
     "prepare": cmd_prepare, "serve": cmd_serve,
 }
 
