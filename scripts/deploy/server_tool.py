@@ -1267,7 +1267,9 @@ def _handed_over(root, unit, release, timeout):
             how = " ".join(status.split()[2:])  # conf/gunicorn.conf.py's _serving
             if how == "again":
                 return "woke"
-            return ("took over" if took_over else "handed over") + (" alone" if how else "")
+            pid = said.rpartition(" ")[2]
+            took = took_over and pid.isdigit() and _alive(int(pid))  # else a fresh one booted
+            return ("took over" if took else "handed over") + (" alone" if how else "")
         if status == show.get("StatusText") and time.monotonic() - started > 1:
             return None  # no answer: the running gunicorn config has no hand-over
     return None
