@@ -1049,8 +1049,7 @@ def _preflight_beside(root, unit, show, url, release, timeout):
         wait_healthy(url, release, timeout, alive=lambda: _alive(pid))
     except Refusal as refusal:
         started = _alive(pid)
-        _remove_link(candidate)
-        _hand_over_signal(unit)  # the live master ends it
+        _end_a_candidate(root, unit)
         return {"started": started, "healthy": False, "error": str(refusal), "how": "beside",
                 "journal": unit, "since": "releases/%s: booting it beside" % release}
     return {"started": True, "healthy": True, "how": "beside"}
@@ -1089,17 +1088,14 @@ def _candidate_pid(unit, release, show):
     """The pid of the candidate master the service says it booted (its status), within a
     second; 0 when it does not answer. The status before the signal (SHOW) counts only while
     its candidate runs: the master keeps that one (a deploy of the same release, cut short)."""
-    import time
     said = "preflight of %s: pid " % release
-    started = time.monotonic()
-    while time.monotonic() - started < 1:
-        time.sleep(0.01)
-        status = _unit_show(unit, "StatusText").get("StatusText", "")
+
+    def names_one(status):
         pid = status[len(said):]
-        if status.startswith(said) and pid.isdigit() and \
-                (status != show.get("StatusText") or _alive(int(pid))):
-            return int(pid)
-    return 0
+        return status.startswith(said) and pid.isdigit() and \
+            (status != show.get("StatusText") or _alive(int(pid)))
+    status = _status_when(unit, names_one)
+    return int(status[len(said):]) if status else 0
 
 
 def _alive(pid):
@@ -1161,14 +1157,20 @@ def cmd_restart(root, unit, url, release, timeout):
 
 def _next_status(unit, status):
     """UNIT's status once it is another than STATUS (STATUS after a second without)."""
+    return _status_when(unit, lambda now: now != status) or status
+
+
+def _status_when(unit, accept):
+    """UNIT's status (systemd's StatusText, which the live master sets) once ACCEPT(status),
+    looked at every 10 ms for a second; None when it never was."""
     import time
     started = time.monotonic()
     while time.monotonic() - started < 1:
         time.sleep(0.01)
-        now = _unit_show(unit, "StatusText").get("StatusText", "")
-        if now != status:
-            return now
-    return status
+        status = _unit_show(unit, "StatusText").get("StatusText", "")
+        if accept(status):
+            return status
+    return None
 
 
 def _unit_show(unit, *names):
